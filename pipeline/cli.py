@@ -1,11 +1,11 @@
 """``pipeline``: the one command line of the project.
 
-    pipeline run stage=<name> [preset=<name>] [key=value ...]
-    pipeline stages
-    pipeline validate <token dataset> [images=<image source>]
-    pipeline inspect <token dataset> [out=<dir>]
-    pipeline export <pretrain checkpoint> [out=<file>]
-    pipeline report <run dir>
+pipeline run stage=<name> [preset=<name>] [key=value ...]
+pipeline stages
+pipeline validate <token dataset> [images=<image source>]
+pipeline inspect <token dataset> [out=<dir>]
+pipeline export <pretrain checkpoint> [out=<file>]
+pipeline report <run dir>
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from pipeline.stages import STAGES, get_stage
 # Tool commands: name -> ("module:function", help). Each function takes the argv after the name
 # and returns a process exit code.
 TOOLS: dict[str, tuple[str, str]] = {
-    "validate": ("shards.validate:main", "check a token dataset: checksums, counts, ranges, alignment"),
+    "validate": (
+        "shards.validate:main",
+        "check a token dataset: checksums, counts, ranges, alignment",
+    ),
     "inspect": ("shards.inspect:main", "summarise a token dataset and draw token maps"),
     "export": ("pretrain.export:main", "export a pretrain checkpoint as a timm-loadable backbone"),
     "report": ("pipeline.report:main", "write an HTML report of a run directory"),
@@ -87,7 +90,9 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         print("stages: " + ", ".join(STAGES))

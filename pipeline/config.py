@@ -32,10 +32,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if "=" not in arg:
             raise ConfigError(f"expected key=value, got {arg!r}")
         dotted, raw = arg.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        value = _parse_value(raw)
         node = out
         *parents, leaf = dotted.strip().split(".")
         for part in parents:
@@ -44,6 +41,20 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"{dotted}: {part} is set both as a value and as a group")
         node[leaf] = value
     return out
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML scalars and lists, with numbers like ``2e-4`` (which YAML 1.1 leaves as text)."""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -72,9 +83,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if unknown:
         key = unknown[0]
         near = difflib.get_close_matches(key, list(fields), n=1)
-        hint = f" Did you mean {prefix}{near[0]!r}?" if near else ""
+        hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
         raise ConfigError(
-            f"unknown config key {prefix}{key!r}.{hint} Valid keys here: {', '.join(sorted(fields))}"
+            f"unknown config key '{prefix}{key}'.{hint} Valid keys here: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, value in values.items():
@@ -113,7 +124,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if origin is tuple:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [_parse_value(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
         args = get_args(tp)
@@ -121,7 +132,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{key} needs {len(args)} values, got {len(value)}: {value!r}")
-        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -8,8 +8,9 @@ A run function takes the frozen config and returns a small dict summary the CLI 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,48 @@ def _load(target: str) -> Any:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("pack", "shards.pack:PackConfig", "shards.pack:pack",
-              "write WebDataset image shards from a folder of images"),
-        Stage("vqkd", "tokenize_corpus.config:VQKDConfig", "tokenize_corpus.train:vqkd",
-              "stage 1: train a VQ-KD visual tokenizer by distilling a teacher"),
-        Stage("tokenize", "tokenize_corpus.job:TokenizeConfig", "tokenize_corpus.job:tokenize",
-              "stage 2: tokenize image shards at K view seeds on Dask into a token dataset"),
-        Stage("pretrain", "pretrain.config:PretrainConfig", "pretrain.train:pretrain",
-              "stage 3: pretrain BEiT v2 from precomputed tokens (or targets=online)"),
-        Stage("linprobe", "pretrain.linprobe:LinprobeConfig", "pretrain.linprobe:linprobe",
-              "evaluate a backbone with a linear classifier on frozen features"),
-        Stage("finetune", "pretrain.finetune:FinetuneConfig", "pretrain.finetune:finetune",
-              "fine-tune a backbone end to end with layer-wise lr decay"),
-        Stage("all", "pipeline.demo:AllConfig", "pipeline.demo:run_all",
-              "every stage in order on one corpus (preset=demo: the README's demo)"),
+        Stage(
+            "pack",
+            "shards.pack:PackConfig",
+            "shards.pack:pack",
+            "write WebDataset image shards from a folder of images",
+        ),
+        Stage(
+            "vqkd",
+            "tokenize_corpus.config:VQKDConfig",
+            "tokenize_corpus.train:vqkd",
+            "stage 1: train a VQ-KD visual tokenizer by distilling a teacher",
+        ),
+        Stage(
+            "tokenize",
+            "tokenize_corpus.job:TokenizeConfig",
+            "tokenize_corpus.job:tokenize",
+            "stage 2: tokenize image shards at K view seeds on Dask into a token dataset",
+        ),
+        Stage(
+            "pretrain",
+            "pretrain.config:PretrainConfig",
+            "pretrain.train:pretrain",
+            "stage 3: pretrain BEiT v2 from precomputed tokens (or targets=online)",
+        ),
+        Stage(
+            "linprobe",
+            "pretrain.linprobe:LinprobeConfig",
+            "pretrain.linprobe:linprobe",
+            "evaluate a backbone with a linear classifier on frozen features",
+        ),
+        Stage(
+            "finetune",
+            "pretrain.finetune:FinetuneConfig",
+            "pretrain.finetune:finetune",
+            "fine-tune a backbone end to end with layer-wise lr decay",
+        ),
+        Stage(
+            "all",
+            "pipeline.demo:AllConfig",
+            "pipeline.demo:run_all",
+            "every stage in order on one corpus (preset=demo: the README's demo)",
+        ),
     ]
 }
 
