@@ -1,0 +1,68 @@
+"""Bytes on disk per token of the token dataset formats (issue 3 targets: Parquet <= 1.8, WebDataset <= 2.3).
+
+A realistic shard: 256 images, K=4 seeds, N=196 tokens (14x14 grid), codebook 8192, tokens drawn
+from a Zipf-like distribution (p ~ 1/(rank+20)), plus a uniform draw as the worst case (13 bits =
+1.625 bytes is its floor). Bytes include the view parameters, keys, labels and file overheads.
+
+    .venv/bin/python benchmarks/bench_token_bytes.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "shards"))
+from token_helpers import fake_rows  # noqa: E402
+
+from shards.writer import write_shard  # noqa: E402
+
+CODEBOOK, NUM_TOKENS, SEEDS, IMAGES = 8192, 196, (0, 1, 2, 3), 256
+
+
+def measure(name: str, probs: np.ndarray | None) -> dict:
+    """Write one shard with both formats and return bytes/token per format."""
+    rows = fake_rows(0, IMAGES, SEEDS, NUM_TOKENS, CODEBOOK, probs)
+    tokens = IMAGES * len(SEEDS) * NUM_TOKENS
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        receipt = write_shard(
+            out,
+            0,
+            1,
+            "images/shard-000000.tar",
+            SEEDS,
+            rows,
+            [],
+            ("parquet", "webdataset"),
+            tokenizer={"codebook_size": CODEBOOK, "grid": [14, 14], "fingerprint": "0" * 64},
+        )
+        seconds = time.perf_counter() - start
+    sizes: dict[str, int] = {}
+    for entry in receipt["files"]:
+        sizes[entry["format"]] = sizes.get(entry["format"], 0) + entry["size"]
+    result = {fmt: size / tokens for fmt, size in sizes.items()}
+    if probs is not None:
+        entropy = float(-(probs * np.log2(probs)).sum())
+    else:
+        entropy = float(np.log2(CODEBOOK))
+    print(
+        f"{name:8s} entropy {entropy / 8:.3f} B/token | parquet {result['parquet']:.3f} B/token | "
+        f"webdataset {result['webdataset']:.3f} B/token | write {seconds:.2f} s"
+    )
+    return result
+
+
+def main() -> None:
+    ranks = np.arange(CODEBOOK, dtype=np.float64)
+    zipf = 1.0 / (ranks + 20.0)
+    measure("zipf", zipf / zipf.sum())
+    measure("uniform", None)
+
+
+if __name__ == "__main__":
+    main()

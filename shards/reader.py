@@ -1,0 +1,245 @@
+"""Open a token dataset and read its shards back as TokenRows, checking it before anything is yielded.
+
+Stage 3 calls ``open_token_dataset(path).check(...)`` with its tokenizer and model facts; a dataset
+made for another tokenizer, codebook or patch grid is refused with both values named (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from shards import schema
+from shards.manifest import dataset_fs, join, read_json
+from shards.writer import TokenRow
+
+
+class TokenDatasetMismatch(ValueError):
+    """The token dataset does not match the tokenizer / model / schema it is used with."""
+
+
+class MissingShards(FileNotFoundError):
+    """Shards of the token dataset are not there (the tokenize run failed or did not finish)."""
+
+
+def open_token_dataset(path: str) -> TokenDataset:
+    """Open the token dataset at ``path`` (local or fsspec URL) from its manifest.json."""
+    fs, root = dataset_fs(path)
+    manifest_file = join(root, schema.MANIFEST_NAME)
+    if not fs.exists(manifest_file):
+        raise FileNotFoundError(
+            f"no {schema.MANIFEST_NAME} in token dataset {path}; the tokenize stage writes it at the "
+            "end: rerun `pipeline run stage=tokenize` with the same out_dir to finish it"
+        )
+    return TokenDataset(path, read_json(fs, manifest_file))
+
+
+class TokenDataset:
+    """A token dataset: manifest facts plus per-shard reads (Parquet or WebDataset)."""
+
+    def __init__(self, path: str, manifest: dict) -> None:
+        version = manifest.get("schema_version")
+        if version != schema.SCHEMA_VERSION:
+            raise TokenDatasetMismatch(
+                f"token dataset {path} has schema version {version}, this code reads version "
+                f"{schema.SCHEMA_VERSION}; regenerate it with `pipeline run stage=tokenize` or use "
+                "the matching version of this project"
+            )
+        self.path = str(path)
+        self.manifest = manifest
+        self.num_shards: int = int(manifest["num_shards"])
+        self.seeds: tuple[int, ...] = tuple(int(s) for s in manifest["seeds"])
+        self.num_tokens: int = int(manifest["num_tokens"])
+        self.codebook_size: int = int(manifest["codebook_size"])
+        grid = manifest.get("grid")
+        self.grid: tuple[int, int] | None = (int(grid[0]), int(grid[1])) if grid else None
+        self.fingerprint: str | None = manifest.get("fingerprint")
+        self.image_size: int | None = (manifest.get("tokenizer") or {}).get("image_size")
+        self.receipts: dict[int, dict] = {
+            int(r["shard_index"]): r for r in manifest.get("shards", [])
+        }
+        self.missing_shards: list[int] = [
+            i for i in range(self.num_shards) if i not in self.receipts
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenDataset({self.path!r}, shards={self.num_shards}, seeds={self.seeds}, "
+            f"tokens={self.num_tokens}, codebook={self.codebook_size})"
+        )
+
+    def check(
+        self,
+        *,
+        codebook_size: int,
+        grid: tuple[int, int],
+        image_size: int,
+        fingerprint: str | None = None,
+    ) -> None:
+        """Refuse a dataset made for another codebook, patch grid, image size or tokenizer.
+
+        Raises TokenDatasetMismatch naming both values and what to do.
+        """
+        fix = (
+            "tokenize the images again with the matching tokenizer, or configure the model to match"
+        )
+        if int(codebook_size) != self.codebook_size:
+            raise TokenDatasetMismatch(
+                f"codebook size mismatch: token dataset {self.path} has codebook_size={self.codebook_size}, "
+                f"the model head expects codebook_size={codebook_size}; set the model's vocab_size to "
+                f"{self.codebook_size} or {fix}"
+            )
+        if self.grid is not None and tuple(int(g) for g in grid) != self.grid:
+            raise TokenDatasetMismatch(
+                f"patch grid mismatch: token dataset {self.path} has grid={list(self.grid)} "
+                f"({self.num_tokens} tokens), the model has grid={list(grid)}; {fix}"
+            )
+        if self.grid is None and int(grid[0]) * int(grid[1]) != self.num_tokens:
+            raise TokenDatasetMismatch(
+                f"token count mismatch: token dataset {self.path} has {self.num_tokens} tokens per view, "
+                f"the model's grid {list(grid)} has {int(grid[0]) * int(grid[1])}; {fix}"
+            )
+        if self.image_size is not None and int(image_size) != int(self.image_size):
+            raise TokenDatasetMismatch(
+                f"image size mismatch: token dataset {self.path} has image_size={self.image_size}, "
+                f"the model has image_size={image_size}; {fix}"
+            )
+        if (
+            fingerprint is not None
+            and self.fingerprint is not None
+            and fingerprint != self.fingerprint
+        ):
+            raise TokenDatasetMismatch(
+                f"tokenizer mismatch: token dataset {self.path} was made with tokenizer fingerprint "
+                f"{self.fingerprint}, this run's tokenizer has fingerprint {fingerprint}; {fix}"
+            )
+
+    def receipt(self, i: int) -> dict:
+        """The receipt of shard ``i``; MissingShards when the shard was never finished."""
+        if not 0 <= i < self.num_shards:
+            raise IndexError(
+                f"shard {i} out of range: token dataset {self.path} has {self.num_shards} shards"
+            )
+        if i in self.receipts:
+            return self.receipts[i]
+        raise MissingShards(
+            f"token dataset {self.path} is missing shards {self.missing_shards} (of {self.num_shards}); "
+            "rerun `pipeline run stage=tokenize` with the same out_dir to finish them"
+        )
+
+    def files(self, i: int, fmt: str) -> list[dict]:
+        """The receipt entries of shard ``i`` in format ``fmt``."""
+        return [e for e in self.receipt(i)["files"] if e["format"] == fmt]
+
+    def read_shard(self, i: int, fmt: str | None = None) -> dict[str, TokenRow]:
+        """Shard ``i`` as key -> TokenRow (all seeds, dataset seed order), keys in image-shard order.
+
+        fmt: "webdataset" or "parquet"; by default the WebDataset tar (one file for all seeds)
+        when the dataset has it, else Parquet.
+        """
+        receipt = self.receipt(i)
+        formats = {e["format"] for e in receipt["files"]}
+        if fmt is None:
+            fmt = (
+                schema.FORMAT_WEBDATASET
+                if schema.FORMAT_WEBDATASET in formats
+                else schema.FORMAT_PARQUET
+            )
+        if fmt not in formats:
+            raise ValueError(
+                f"token dataset {self.path} has no {fmt} files (it has {sorted(formats)})"
+            )
+        fs, root = dataset_fs(self.path)
+        try:
+            if fmt == schema.FORMAT_PARQUET:
+                return self._read_parquet(fs, root, self.files(i, fmt))
+            return self._read_wds(fs, join(root, self.files(i, fmt)[0]["path"]))
+        except FileNotFoundError as err:
+            raise MissingShards(
+                f"token dataset {self.path}: shard {i} has a receipt but its file is missing ({err}); "
+                "run `pipeline validate` on it and rerun `pipeline run stage=tokenize` to redo the shard"
+            ) from err
+
+    def _check_footer(self, path: str, metadata: dict[bytes, bytes] | None) -> None:
+        metadata = metadata or {}
+        version = metadata.get(schema.META_SCHEMA_VERSION, b"?").decode()
+        if version != str(schema.SCHEMA_VERSION):
+            raise TokenDatasetMismatch(
+                f"{path} has schema version {version}, this code reads version {schema.SCHEMA_VERSION}; "
+                "regenerate the token dataset with `pipeline run stage=tokenize`"
+            )
+        fingerprint = metadata.get(schema.META_FINGERPRINT)
+        if (
+            fingerprint is not None
+            and self.fingerprint
+            and fingerprint.decode() != self.fingerprint
+        ):
+            raise TokenDatasetMismatch(
+                f"{path} was made with tokenizer {fingerprint.decode()}, the manifest says "
+                f"{self.fingerprint}; the directory mixes two runs: tokenize it again into a fresh out_dir"
+            )
+
+    def _read_parquet(self, fs, root: str, entries: Sequence[dict]) -> dict[str, TokenRow]:
+        by_seed = {int(e["seed"]): e for e in entries}
+        rows: dict[str, TokenRow] = {}
+        tokens_by_seed = []
+        for position, seed in enumerate(self.seeds):
+            path = join(root, by_seed[seed]["path"])
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+            self._check_footer(path, table.schema.metadata)
+            columns = table.to_pydict()
+            keys = columns[schema.KEY]
+            if position == 0:
+                for j, key in enumerate(keys):
+                    rows[key] = TokenRow(
+                        key=key, label=int(columns[schema.LABEL][j]), views=[], tokens=np.empty(0)
+                    )
+            elif keys != list(rows):
+                raise TokenDatasetMismatch(
+                    f"{path} has other keys than seed {self.seeds[0]}'s file of the same shard"
+                )
+            names = [n for n in columns if n in (schema.SEED, *schema.VIEW_COLUMNS)]
+            for j, key in enumerate(keys):
+                rows[key].views.append(schema.row_to_view({n: columns[n][j] for n in names}))
+            flat = table.column(schema.TOKENS).combine_chunks().flatten().to_numpy()
+            tokens_by_seed.append(flat.reshape(len(keys), self.num_tokens))  # [R, N]
+        stacked = np.stack(tokens_by_seed, axis=1) if tokens_by_seed else None  # [R, K, N]
+        for j, row in enumerate(rows.values()):
+            row.tokens = np.ascontiguousarray(stacked[j], dtype=np.uint16)
+        return rows
+
+    def _read_wds(self, fs, path: str) -> dict[str, TokenRow]:
+        # The tar is read here with tarfile (member names are only split, never used as paths).
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)
+                stem = base[-1]
+                key_tail, _, ext = stem.partition(".")
+                key = f"{base[0]}/{key_tail}" if len(base) == 2 else key_tail
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        rows: dict[str, TokenRow] = {}
+        for key, members in samples.items():
+            tokens = np.load(io.BytesIO(members[schema.WDS_TOKENS]), allow_pickle=False)
+            views = schema.views_from_json(json.loads(members[schema.WDS_VIEWS]))
+            if tuple(v.seed for v in views) != self.seeds or tokens.shape != (
+                len(self.seeds),
+                self.num_tokens,
+            ):
+                raise TokenDatasetMismatch(
+                    f"{path}: sample {key!r} has seeds {[v.seed for v in views]} and tokens {tokens.shape}, "
+                    f"the manifest says seeds {list(self.seeds)} x {self.num_tokens} tokens"
+                )
+            label = int(members[schema.WDS_LABEL].decode())
+            rows[key] = TokenRow(key=key, label=label, views=views, tokens=tokens.astype(np.uint16))
+        return rows

@@ -1,0 +1,202 @@
+"""`pipeline validate DIR [images=<source>] [shard_size=<n>]`: check a token dataset end to end.
+
+Checks: manifest and schema version; every shard has a receipt; every file's size and sha256
+against its receipt; Parquet footers (schema version, fingerprint) and row counts; token range
+< codebook size; every seed present for every key (same keys, same order in each seed's file);
+Parquet and WebDataset agree (keys, labels, tokens, views); with ``images=`` the token keys follow
+the image shard's keys in order, minus the images the receipt lists as skipped (DESIGN §3).
+Prints every problem found and returns 1 when there is any, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from shards import schema
+from shards.manifest import dataset_fs, join, read_json, read_receipts
+from shards.reader import TokenDataset, TokenDatasetMismatch
+
+log = logging.getLogger(__name__)
+
+USAGE = "usage: pipeline validate DIR [images=<image source>] [shard_size=<n>] [checksum=false]"
+
+
+def parse_args(argv: Sequence[str], allowed: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """``DIR key=value ...`` -> (DIR, options); unknown keys raise SystemExit with the usage."""
+    positional = [a for a in argv if "=" not in a]
+    options = dict(a.split("=", 1) for a in argv if "=" in a)
+    unknown = sorted(set(options) - set(allowed))
+    if len(positional) != 1 or unknown:
+        what = f"unknown option(s) {unknown}; " if unknown else ""
+        raise SystemExit(f"{what}choose from {list(allowed)}\n{USAGE}")
+    return positional[0], options
+
+
+def image_alignment(
+    token_keys: Sequence[str], image_keys: Sequence[str], skipped: set[str]
+) -> list[str]:
+    """Problems when ``token_keys`` is not ``image_keys`` in order minus skipped images."""
+    problems = []
+    j = 0
+    for key in image_keys:
+        if j < len(token_keys) and token_keys[j] == key:
+            j += 1
+        elif key not in skipped:
+            problems.append(f"image {key!r} has no tokens and is not listed as skipped")
+    if j < len(token_keys):
+        problems.append(
+            f"token key {token_keys[j]!r} (row {j}) does not follow the image shard's key order"
+        )
+    return problems
+
+
+def check_shard(ds: TokenDataset, receipt: dict, checksum: bool) -> list[str]:
+    """Every problem of one shard's files (sizes, checksums, footers, counts, ranges, agreement)."""
+    fs, root = dataset_fs(ds.path)
+    i = receipt["shard_index"]
+    problems = []
+    for entry in receipt["files"]:
+        path = join(root, entry["path"])
+        if not fs.exists(path):
+            problems.append(f"shard {i}: file {entry['path']} is missing")
+            continue
+        size = fs.size(path)
+        if size != entry["size"]:
+            problems.append(
+                f"shard {i}: {entry['path']} is {size} bytes, its receipt says {entry['size']}"
+            )
+        elif checksum and hashlib.sha256(fs.cat_file(path)).hexdigest() != entry["sha256"]:
+            problems.append(
+                f"shard {i}: {entry['path']} sha256 differs from its receipt (corrupted)"
+            )
+    if problems:
+        return problems
+    formats = sorted({e["format"] for e in receipt["files"]})
+    if sorted(
+        {e["seed"] for e in receipt["files"] if e["format"] == schema.FORMAT_PARQUET}
+    ) not in (
+        [],
+        sorted(ds.seeds),
+    ):
+        problems.append(f"shard {i}: Parquet files do not cover seeds {list(ds.seeds)}")
+        return problems
+    read = {}
+    for fmt in formats:
+        try:
+            read[fmt] = ds.read_shard(i, fmt)
+        except (TokenDatasetMismatch, KeyError, ValueError, OSError) as err:
+            problems.append(f"shard {i}: cannot read {fmt}: {err}")
+    for fmt, rows in read.items():
+        if len(rows) != receipt["rows"]:
+            problems.append(
+                f"shard {i}: {fmt} has {len(rows)} rows, its receipt says {receipt['rows']}"
+            )
+        for row in rows.values():
+            top = int(row.tokens.max()) if row.tokens.size else 0
+            if top >= ds.codebook_size:
+                problems.append(
+                    f"shard {i}: {fmt} key {row.key!r} has token {top} >= codebook size {ds.codebook_size}"
+                )
+                break
+    if len(read) == 2:
+        parquet, wds = read[schema.FORMAT_PARQUET], read[schema.FORMAT_WEBDATASET]
+        if list(parquet) != list(wds):
+            problems.append(f"shard {i}: Parquet and WebDataset keys differ (or differ in order)")
+        else:
+            for key, row in parquet.items():
+                other = wds[key]
+                if row.label != other.label or row.views != other.views:
+                    problems.append(
+                        f"shard {i}: key {key!r}: Parquet and WebDataset labels/views differ"
+                    )
+                    break
+                if not np.array_equal(row.tokens, other.tokens):
+                    problems.append(f"shard {i}: key {key!r}: Parquet and WebDataset tokens differ")
+                    break
+    return problems
+
+
+def check_images(ds: TokenDataset, images: str, shard_size: int) -> list[str]:
+    """Alignment of token shard i with image shard i (same keys, same order, minus skips)."""
+    from shards.images import BadShard, iter_shard, list_shards
+
+    image_shards = list_shards(images, shard_size=shard_size)
+    problems = []
+    if len(image_shards) != ds.num_shards:
+        problems.append(
+            f"images {images} have {len(image_shards)} shards, the token dataset {ds.num_shards}"
+        )
+    for shard in image_shards[: ds.num_shards]:
+        if shard.index not in ds.receipts:
+            continue
+        receipt = ds.receipts[shard.index]
+        try:
+            image_keys = [record.key for record in iter_shard(shard)]
+        except BadShard as err:
+            problems.append(f"image shard {shard.index} ({shard.url}) is unreadable: {err}")
+            continue
+        token_keys = list(ds.read_shard(shard.index))
+        skipped = {key for key, _ in receipt["skipped"]}
+        problems += [
+            f"shard {shard.index}: {p}" for p in image_alignment(token_keys, image_keys, skipped)
+        ]
+    return problems
+
+
+def validate(
+    path: str, images: str | None = None, shard_size: int | None = None, checksum: bool = True
+) -> list[str]:
+    """Every problem of the token dataset at ``path``; an empty list means it is valid."""
+    fs, root = dataset_fs(path)
+    manifest_file = join(root, schema.MANIFEST_NAME)
+    if not fs.exists(manifest_file):
+        return [f"no {schema.MANIFEST_NAME} in {path}: the tokenize run did not finish"]
+    try:
+        ds = TokenDataset(path, read_json(fs, manifest_file))
+    except (TokenDatasetMismatch, KeyError, TypeError, ValueError) as err:
+        return [f"manifest: {err}"]
+    problems = []
+    on_disk = {r["shard_index"]: r for r in read_receipts(path)}
+    for i in ds.missing_shards:
+        problems.append(f"shard {i}: no receipt in the manifest (the shard failed or never ran)")
+    for i, receipt in sorted(ds.receipts.items()):
+        if i not in on_disk:
+            problems.append(f"shard {i}: receipt file {schema.receipt_path(i)} is missing")
+        elif on_disk[i] != receipt:
+            problems.append(f"shard {i}: receipt file differs from the manifest's copy")
+        if receipt.get("schema_version") != schema.SCHEMA_VERSION:
+            problems.append(
+                f"shard {i}: receipt has schema version {receipt.get('schema_version')}"
+            )
+            continue
+        problems += check_shard(ds, receipt, checksum)
+    if images:
+        source = ds.manifest.get("images")
+        recorded = source.get("shard_size") if isinstance(source, dict) else None
+        size = shard_size or int(recorded or 256)
+        problems += check_images(ds, images, size)
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: print the problems (or a one-line OK) and return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path, options = parse_args(argv, ("images", "shard_size", "checksum"))
+    problems = validate(
+        path,
+        images=options.get("images"),
+        shard_size=int(options["shard_size"]) if "shard_size" in options else None,
+        checksum=options.get("checksum", "true").lower() not in ("0", "false", "no"),
+    )
+    for problem in problems:
+        print(f"PROBLEM {problem}")
+    if problems:
+        print(f"{path}: {len(problems)} problem(s)")
+        return 1
+    print(f"{path}: OK")
+    return 0

@@ -1,0 +1,300 @@
+"""Write one image shard's tokens as Parquet + WebDataset files, then its receipt (DESIGN §3-§4).
+
+Every file is built in memory (a shard is small: 256 images x 4 seeds x 196 tokens is 400 KB of
+uint16) so its sha256 and size are known before it is published, and published atomically:
+
+- local disk: write a temporary file beside the target, fsync, ``os.replace``;
+- object stores (``s3://``...), which have no rename: PUT the final objects (each PUT is atomic),
+  then the receipt LAST. The receipt is what marks a shard done, so a crash in between leaves a
+  shard that the next run redoes.
+
+Bytes are deterministic (no timestamps, fixed tar/gzip headers, sorted JSON, rows in image-shard
+order), so two runs of the same job give byte-identical files.
+
+Encodings, measured with ``benchmarks/bench_token_bytes.py`` (N=196, K=4, 256 images per shard):
+
+- Parquet tokens use BYTE_STREAM_SPLIT + zstd rather than a dictionary: a dictionary of up to
+  8192 uint16 tokens costs 32 KB per file, ~0.65 byte/token on a 256-image shard, which alone
+  breaks the 1.8 bytes/token target; split byte planes compress to about the entropy. The
+  low-cardinality columns (label, seed, size, interpolation, jitter order, flip) are dictionary
+  encoded; everything is zstd.
+- WebDataset shards are gzip'd tars (``tokens-<i>.tar.gz``, which ``webdataset`` reads natively):
+  a plain tar spends a 512-byte header per member plus padding to 512 bytes, ~4.6 bytes/token for
+  3 members holding 784 tokens, far above the 2.3 target; gzip removes the headers and padding.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards import card, schema
+from shards.manifest import build_manifest, dataset_fs, dumps, is_local, join, read_receipt
+
+if TYPE_CHECKING:
+    import fsspec
+
+    from shards.views import ViewParams
+
+log = logging.getLogger(__name__)
+
+ZSTD_LEVEL = 19  # 22 measured no smaller; a 50K-token file takes milliseconds at 19
+GZIP_LEVEL = 9
+
+
+@dataclass
+class TokenRow:
+    """One image's tokens at every seed, with the views they were computed from."""
+
+    key: str
+    label: int
+    views: list[ViewParams]  # one per seed, in the dataset's seed order
+    tokens: np.ndarray  # uint16 [K, N], row-major over the patch grid
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_rows(
+    rows: Sequence[TokenRow], seeds: Sequence[int], num_tokens: int, codebook_size: int | None
+) -> None:
+    """Refuse rows that would make an inconsistent shard, naming the row and what is wrong."""
+    seen: set[str] = set()
+    for row in rows:
+        if not row.key or "." in row.key:
+            # WebDataset splits a member name at the key's first dot: a dotted key would break it.
+            raise ValueError(f"token row key {row.key!r} is empty or contains '.'; keys must not")
+        if row.key in seen:
+            raise ValueError(
+                f"duplicate key {row.key!r} in one shard; record duplicates as skipped"
+            )
+        seen.add(row.key)
+        tokens = np.asarray(row.tokens)
+        if tokens.shape != (len(seeds), num_tokens):
+            raise ValueError(
+                f"tokens of {row.key!r} have shape {tokens.shape}, expected "
+                f"[seeds={len(seeds)}, tokens={num_tokens}]"
+            )
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= (codebook_size or 65536)):
+            raise ValueError(
+                f"tokens of {row.key!r} span [{tokens.min()}, {tokens.max()}], outside "
+                f"[0, {codebook_size or 65536})"
+            )
+        view_seeds = [int(v.seed) for v in row.views]
+        if view_seeds != [int(s) for s in seeds]:
+            raise ValueError(
+                f"views of {row.key!r} have seeds {view_seeds}, expected {list(seeds)}"
+            )
+
+
+def parquet_bytes(
+    rows: Sequence[TokenRow], seed_position: int, num_tokens: int, metadata: dict[bytes, bytes]
+) -> bytes:
+    """The Parquet file of one seed (``seed_position`` indexes the row's views/tokens)."""
+    table_schema = schema.arrow_schema(num_tokens, metadata)
+    columns: dict[str, list] = {name: [] for name in schema.COLUMNS if name != schema.TOKENS}
+    for row in rows:
+        columns[schema.KEY].append(row.key)
+        columns[schema.LABEL].append(int(row.label))
+        for name, value in schema.view_to_row(row.views[seed_position]).items():
+            columns[name].append(value)
+    tokens = (
+        np.stack([np.asarray(r.tokens[seed_position]) for r in rows])
+        if rows
+        else np.zeros((0, num_tokens))
+    )
+    flat = pa.array(tokens.astype(np.uint16).reshape(-1), type=pa.uint16())  # [R * N]
+    arrays = []
+    for field in table_schema:
+        if field.name == schema.TOKENS:
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, num_tokens))
+        else:
+            arrays.append(pa.array(columns[field.name], type=field.type))
+    table = pa.Table.from_arrays(arrays, schema=table_schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        compression="zstd",
+        compression_level=ZSTD_LEVEL,
+        use_dictionary=list(schema.DICTIONARY_COLUMNS),
+        use_byte_stream_split=[schema.TOKENS_LEAF],
+        write_statistics=[schema.KEY, schema.LABEL, schema.SEED],
+    )
+    return sink.getvalue().to_pybytes()
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def wds_bytes(rows: Sequence[TokenRow]) -> bytes:
+    """The gzip'd WebDataset tar of one shard: per image ``.tokens.npy`` [K, N], ``.views.json``, ``.cls``."""
+    raw = io.BytesIO()
+    # filename="" and mtime=0 keep the gzip header free of run-specific bytes.
+    with (
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for row in rows:
+            npy = io.BytesIO()
+            np.save(npy, np.ascontiguousarray(row.tokens, dtype="<u2"), allow_pickle=False)
+            views = json.dumps(schema.views_to_json(row.views), separators=(",", ":"))
+            _tar_member(tar, f"{row.key}.{schema.WDS_TOKENS}", npy.getvalue())
+            _tar_member(tar, f"{row.key}.{schema.WDS_VIEWS}", views.encode())
+            _tar_member(tar, f"{row.key}.{schema.WDS_LABEL}", str(int(row.label)).encode())
+    return raw.getvalue()
+
+
+def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Make ``data`` appear at ``path`` all at once (see the module docstring)."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_shard(
+    out_dir: str,
+    shard_index: int,
+    num_shards: int,
+    image_shard_url: str,
+    seeds: tuple[int, ...],
+    rows: list[TokenRow],
+    skipped: list[tuple[str, str]],
+    formats: tuple[str, ...] = schema.FORMATS,
+    *,
+    tokenizer: dict | None = None,
+    num_tokens: int | None = None,
+    image_shard_info: dict | None = None,
+) -> dict:
+    """Write every file of image shard ``shard_index``, then its receipt; return the receipt.
+
+    rows: in image-shard order (never sorted: token shard i aligns with image shard i).
+    skipped: (key, reason) of each image that produced no row.
+    tokenizer: Tokenizer.describe() (fingerprint, codebook_size, grid); stored in every file's
+        footer and used to range-check tokens.
+    num_tokens: tokens per view, needed only when ``rows`` is empty and ``tokenizer`` has no grid.
+    image_shard_info: extra facts about the image shard for the receipt (size, sha256, ...).
+    """
+    unknown = set(formats) - set(schema.FORMATS)
+    if unknown:
+        raise ValueError(
+            f"unknown token formats {sorted(unknown)}; choose from {list(schema.FORMATS)}"
+        )
+    tokenizer = tokenizer or {}
+    grid = tokenizer.get("grid")
+    if rows:
+        num_tokens = int(np.asarray(rows[0].tokens).shape[-1])
+    elif num_tokens is None and grid:
+        num_tokens = int(grid[0]) * int(grid[1])
+    if num_tokens is None:
+        raise ValueError("write_shard got no rows: pass num_tokens= or tokenizer= with a grid")
+    codebook_size = tokenizer.get("codebook_size")
+    _check_rows(rows, seeds, num_tokens, codebook_size)
+
+    fs, root = dataset_fs(out_dir)
+    receipt_file = join(root, schema.receipt_path(shard_index))
+    # A redo first withdraws the old receipt: until the new one lands the shard is not done.
+    if fs.exists(receipt_file):
+        fs.rm(receipt_file)
+    metadata = schema.schema_metadata(num_tokens, codebook_size, grid, tokenizer.get("fingerprint"))
+    outputs: list[tuple[dict, bytes]] = []
+    if schema.FORMAT_PARQUET in formats:
+        for position, seed in enumerate(seeds):
+            data = parquet_bytes(rows, position, num_tokens, metadata)
+            entry = {"format": schema.FORMAT_PARQUET, "seed": int(seed), "rows": len(rows)}
+            outputs.append(
+                ({"path": schema.parquet_path(seed, shard_index, num_shards), **entry}, data)
+            )
+    if schema.FORMAT_WEBDATASET in formats:
+        entry = {"format": schema.FORMAT_WEBDATASET, "seed": None, "rows": len(rows)}
+        outputs.append(({"path": schema.wds_path(shard_index), **entry}, wds_bytes(rows)))
+    files = []
+    for entry, data in outputs:
+        publish(fs, join(root, entry["path"]), data)
+        files.append({**entry, "size": len(data), "sha256": _sha256(data)})
+    receipt = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "shard_index": int(shard_index),
+        "num_shards": int(num_shards),
+        "image_shard": {
+            "url": str(image_shard_url),
+            "index": int(shard_index),
+            **(image_shard_info or {}),
+        },
+        "seeds": [int(s) for s in seeds],
+        "num_tokens": num_tokens,
+        "rows": len(rows),
+        "skipped": [[str(k), str(r)] for k, r in skipped],
+        "files": files,
+    }
+    publish(fs, receipt_file, dumps(receipt))
+    log.debug("shard %d: %d rows, %d skipped", shard_index, len(rows), len(skipped))
+    return receipt
+
+
+def shard_done(out_dir: str, shard_index: int, checksum: bool = False) -> bool:
+    """Whether image shard ``shard_index`` is done: its receipt exists and its files match it.
+
+    Sizes are always compared; ``checksum=True`` also re-hashes every file (slower).
+    """
+    receipt = read_receipt(out_dir, shard_index)
+    if receipt is None or receipt.get("schema_version") != schema.SCHEMA_VERSION:
+        return False
+    fs, root = dataset_fs(out_dir)
+    for entry in receipt["files"]:
+        path = join(root, entry["path"])
+        try:
+            if fs.size(path) != entry["size"]:
+                return False
+        except FileNotFoundError:
+            return False
+        if checksum and _sha256(fs.cat_file(path)) != entry["sha256"]:
+            return False
+    return True
+
+
+def write_manifest(out_dir: str, receipts: list[dict], info: dict) -> dict:
+    """Write manifest.json (assembled from ``receipts`` + the job's ``info``) and the README.md card.
+
+    See ``shards.manifest.build_manifest`` for what ``info`` holds. Returns the manifest.
+    """
+    fs, root = dataset_fs(out_dir)
+    manifest = build_manifest(receipts, info)
+    publish(fs, join(root, schema.CARD_NAME), card.render_card(manifest).encode("utf-8"))
+    publish(fs, join(root, schema.MANIFEST_NAME), dumps(manifest))
+    return manifest

@@ -1,0 +1,77 @@
+"""open_token_dataset / TokenDataset: round trips in both formats, checks, missing shards."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shards import schema
+from shards.reader import MissingShards, TokenDatasetMismatch, open_token_dataset
+
+_spec = importlib.util.spec_from_file_location(
+    "token_helpers", Path(__file__).with_name("token_helpers.py")
+)
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_round_trip(tmp_path, fmt):
+    helpers.make_dataset(tmp_path)
+    ds = open_token_dataset(str(tmp_path))
+    assert ds.num_shards == 3 and ds.seeds == helpers.SEEDS and ds.num_tokens == 16
+    assert ds.codebook_size == helpers.CODEBOOK
+    for i in range(3):
+        expected = helpers.fake_rows(i, 5)
+        got = ds.read_shard(i, fmt)
+        assert list(got) == [r.key for r in expected]  # image-shard order kept
+        for row in expected:
+            back = got[row.key]
+            assert back.label == row.label and back.views == row.views
+            assert back.tokens.dtype == np.uint16 and np.array_equal(back.tokens, row.tokens)
+
+
+def test_check_names_both_values(tmp_path):
+    helpers.make_dataset(tmp_path)
+    ds = open_token_dataset(str(tmp_path))
+    ds.check(codebook_size=16, grid=(4, 4), image_size=32, fingerprint="f" * 64)
+    with pytest.raises(TokenDatasetMismatch, match=r"codebook_size=16.*codebook_size=8192"):
+        ds.check(codebook_size=8192, grid=(4, 4), image_size=32)
+    with pytest.raises(TokenDatasetMismatch, match=r"grid=\[4, 4\].*grid=\[14, 14\]"):
+        ds.check(codebook_size=16, grid=(14, 14), image_size=32)
+    with pytest.raises(TokenDatasetMismatch, match=r"image_size=32.*image_size=224"):
+        ds.check(codebook_size=16, grid=(4, 4), image_size=224)
+    with pytest.raises(TokenDatasetMismatch, match=r"f{64}.*0{64}"):
+        ds.check(codebook_size=16, grid=(4, 4), image_size=32, fingerprint="0" * 64)
+
+
+def test_missing_shard_is_named(tmp_path):
+    manifest = helpers.make_dataset(tmp_path)
+    from shards.writer import write_manifest
+
+    write_manifest(
+        str(tmp_path), [r for r in manifest["shards"] if r["shard_index"] != 1], manifest
+    )
+    ds = open_token_dataset(str(tmp_path))
+    assert ds.missing_shards == [1]
+    ds.read_shard(0)
+    with pytest.raises(MissingShards, match=r"missing shards \[1\]"):
+        ds.read_shard(1)
+    (tmp_path / schema.wds_path(2)).unlink()
+    with pytest.raises(MissingShards, match="shard 2"):
+        ds.read_shard(2)
+
+
+def test_refuses_other_schema_version(tmp_path):
+    import json
+
+    helpers.make_dataset(tmp_path)
+    manifest_file = tmp_path / schema.MANIFEST_NAME
+    manifest = json.loads(manifest_file.read_text())
+    manifest["schema_version"] = 99
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(TokenDatasetMismatch, match="schema version 99"):
+        open_token_dataset(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        open_token_dataset(str(tmp_path / "nothing"))

@@ -1,0 +1,48 @@
+"""The token dataset schema: pinned columns/dtypes, ViewParams round trips, layout names."""
+
+import importlib.util
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from shards import schema
+
+_spec = importlib.util.spec_from_file_location(
+    "token_helpers", Path(__file__).with_name("token_helpers.py")
+)
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+
+def test_schema_is_pinned():
+    s = schema.arrow_schema(196)
+    assert tuple(s.names) == schema.COLUMNS
+    assert s.field(schema.TOKENS).type == pa.list_(pa.uint16(), 196)
+    assert s.field(schema.LABEL).type == pa.int32() and s.field(schema.SEED).type == pa.int32()
+    assert s.field(schema.BRIGHTNESS).type == pa.float64()  # exact factors, see arrow_schema
+    assert s.field(schema.FLIP).type == pa.bool_()
+    assert schema.SCHEMA_VERSION == 1
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_view_row_round_trip(seed):
+    import numpy as np
+
+    view = helpers.fake_view(np.random.default_rng(seed), seed)
+    assert schema.row_to_view(schema.view_to_row(view)) == view
+    assert schema.views_from_json(schema.views_to_json([view, view])) == [view, view]
+
+
+def test_jitter_order_strings():
+    assert schema.jitter_order_to_str((0, 2, 1)) == "0,2,1"
+    assert schema.jitter_order_from_str("0,2,1") == (0, 2, 1)
+    assert schema.jitter_order_from_str("") == () and schema.jitter_order_to_str(()) == ""
+
+
+def test_layout_names():
+    assert schema.parquet_path(2, 3, 10) == "parquet/seed=2/train-00003-of-00010.parquet"
+    assert schema.wds_path(3) == "wds/tokens-000003.tar.gz"
+    assert schema.receipt_path(3) == "receipts/shard-000003.json"
+    meta = schema.schema_metadata(16, 8192, (4, 4), "ab")
+    assert meta[schema.META_SCHEMA_VERSION] == b"1" and meta[schema.META_GRID] == b"[4, 4]"

@@ -1,0 +1,118 @@
+"""`pipeline validate`: passes on a good dataset, names each kind of damage, checks image alignment."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from shards import schema
+from shards.validate import image_alignment, main
+
+_spec = importlib.util.spec_from_file_location(
+    "token_helpers", Path(__file__).with_name("token_helpers.py")
+)
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    helpers.make_dataset(tmp_path)
+    return tmp_path
+
+
+def test_good_dataset_passes(dataset, capsys):
+    assert main([str(dataset)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_corrupted_file(dataset, capsys):
+    path = dataset / schema.parquet_path(1, 0, 3)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert main([str(dataset)]) == 1
+    assert "parquet/seed=1/train-00000-of-00003.parquet sha256 differs" in capsys.readouterr().out
+
+
+def test_out_of_range_token(dataset, capsys):
+    # Rewrite shard 2 with a token == codebook size, then restore the manifest's codebook claim.
+    from shards.writer import write_manifest, write_shard
+
+    rows = helpers.fake_rows(2, 5)
+    rows[3].tokens[1, 7] = helpers.CODEBOOK
+    big = {**helpers.TOKENIZER, "codebook_size": 65536}
+    receipt = write_shard(
+        str(dataset), 2, 3, "images/shard-000002.tar", helpers.SEEDS, rows, [], tokenizer=big
+    )
+    manifest = json.loads((dataset / schema.MANIFEST_NAME).read_text())
+    receipts = [r for r in manifest["shards"] if r["shard_index"] != 2] + [receipt]
+    write_manifest(str(dataset), receipts, manifest)
+    assert main([str(dataset)]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "c2/img_0003" in out
+        and f"token {helpers.CODEBOOK} >= codebook size {helpers.CODEBOOK}" in out
+    )
+
+
+def test_missing_receipt_and_file(dataset, capsys):
+    (dataset / schema.receipt_path(1)).unlink()
+    (dataset / schema.wds_path(2)).unlink()
+    assert main([str(dataset)]) == 1
+    out = capsys.readouterr().out
+    assert "receipt file receipts/shard-000001.json is missing" in out
+    assert "wds/tokens-000002.tar.gz is missing" in out
+
+
+def _replace_parquet(dataset, rows):
+    """Rewrite shard 0's Parquet files from ``rows`` while keeping its old WebDataset tar."""
+    from shards.manifest import dumps
+    from shards.writer import write_manifest, write_shard
+
+    manifest = json.loads((dataset / schema.MANIFEST_NAME).read_text())
+    old = manifest["shards"][0]
+    receipt = write_shard(
+        str(dataset),
+        0,
+        3,
+        old["image_shard"]["url"],
+        helpers.SEEDS,
+        rows,
+        [],
+        ("parquet",),
+        tokenizer=helpers.TOKENIZER,
+    )
+    receipt["files"] += [e for e in old["files"] if e["format"] == "webdataset"]
+    (dataset / schema.receipt_path(0)).write_bytes(dumps(receipt))
+    write_manifest(str(dataset), [receipt, *manifest["shards"][1:]], manifest)
+
+
+def test_parquet_and_webdataset_disagree(dataset, capsys):
+    rows = helpers.fake_rows(0, 5)
+    rows[2].tokens[0] = (rows[2].tokens[0] + 1) % helpers.CODEBOOK
+    _replace_parquet(dataset, rows)
+    assert main([str(dataset)]) == 1
+    assert "key 'c0/img_0002': Parquet and WebDataset tokens differ" in capsys.readouterr().out
+
+
+def test_row_count_differs(dataset, capsys):
+    _replace_parquet(dataset, helpers.fake_rows(0, 5)[:4])
+    assert main([str(dataset)]) == 1
+    out = capsys.readouterr().out
+    assert "shard 0: webdataset has 5 rows, its receipt says 4" in out
+    assert "keys differ" in out
+
+
+def test_image_alignment_rules():
+    assert image_alignment(["a", "c"], ["a", "b", "c"], {"b"}) == []
+    assert "'b' has no tokens" in image_alignment(["a", "c"], ["a", "b", "c"], set())[0]
+    assert "does not follow" in image_alignment(["c", "a"], ["a", "c"], set())[-1]
+    # a duplicate key: the second copy is the skipped one
+    assert image_alignment(["a", "b"], ["a", "a", "b"], {"a"}) == []
+
+
+def test_unknown_option_is_refused(dataset):
+    with pytest.raises(SystemExit, match="unknown option"):
+        main([str(dataset), "imagez=x"])
