@@ -1,0 +1,164 @@
+"""The run report: every section from a tiny synthetic run, graceful gaps, a real browser render."""
+
+import json
+import shutil
+import subprocess
+from dataclasses import asdict
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.demo_corpus import build_demo_corpus
+from pipeline.report import main, write_report
+from pretrain.model import BEiTConfig, BEiTv2
+from shards.decode import decode_image
+from shards.images import iter_shard, list_shards
+from shards.views import AugConfig, sample_view
+from shards.writer import TokenRow, write_manifest, write_shard
+
+CHROMIUM = Path("/usr/bin/chromium")
+SECTIONS = ("timings", "curves", "codebook", "token-maps", "mim", "linprobe", "files")
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.imgs = set(), []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "img":
+            self.imgs.append(attrs.get("src", ""))
+
+
+def _parse(text):
+    parser = _Collect()
+    parser.feed(text)
+    return parser
+
+
+def _tiny_run(run: Path) -> None:
+    """A run folder with every stage's outputs, made without running the stages."""
+    images = run / "corpus"
+    build_demo_corpus(images, n_images=8, size=40, classes=("stripes", "disks"))
+    shard = list_shards(str(images), shard_size=8)[0]
+    aug, seeds, grid, vocab = AugConfig(size=32), (0, 1), (4, 4), 16
+    rng = np.random.default_rng(0)
+    rows = []
+    for rec in iter_shard(shard):
+        im = decode_image(rec.data)
+        views = [sample_view(aug, rec.key, s, im.width, im.height) for s in seeds]
+        rows.append(
+            TokenRow(rec.key, rec.label, views, rng.integers(0, vocab, (2, 16), dtype=np.uint16))
+        )
+    tok = {"fingerprint": "0" * 64, "codebook_size": vocab, "grid": list(grid), "image_size": 32}
+    receipt = write_shard(str(run / "tokenize"), 0, 1, shard.url, seeds, rows, [], tokenizer=tok)
+    info = {
+        "tokenizer": tok,
+        "seeds": list(seeds),
+        "images": {"source": str(images), "shard_size": 8},
+    }
+    write_manifest(str(run / "tokenize"), [receipt], info)
+
+    mcfg = BEiTConfig(
+        image_size=32,
+        patch_size=8,
+        width=32,
+        depth=1,
+        heads=2,
+        vocab_size=vocab,
+        head_layers=1,
+        head_from_layer=1,
+    )
+    (run / "pretrain").mkdir()
+    torch.save(
+        {"model": BEiTv2(mcfg).state_dict(), "config": {"model": asdict(mcfg)}},
+        run / "pretrain" / "checkpoint.pth",
+    )
+    lines = [
+        {"kind": "step", "epoch": 0, "step": i, "loss": 5 - i / 10, "mim_acc": i / 100}
+        for i in range(5)
+    ]
+    (run / "pretrain" / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    (run / "vqkd").mkdir()
+    lines = [
+        {"step": i, "loss": 1 / (i + 1), "rec_cosine": i / 5, "usage": 0.5 + i / 10}
+        for i in range(5)
+    ]
+    (run / "vqkd" / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    (run / "linprobe" / "pretrained").mkdir(parents=True)
+    (run / "linprobe" / "pretrained" / "results.json").write_text(
+        json.dumps({"top1": 50.0, "top5": 90.0, "backbone": "x.pth", "pool": "cls"})
+    )
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "seconds": 12.0,
+                "stages": {
+                    "pack": {"seconds": 1.0, "status": "ok", "command": "pipeline run stage=pack"}
+                },
+            }
+        )
+    )
+
+
+def test_every_section_from_a_tiny_run(tmp_path):
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    _tiny_run(run)
+    page = write_report(run)
+    text = page.read_text()
+    parsed = _parse(text)
+    assert set(SECTIONS) <= parsed.ids
+    assert "Not available" not in text, text[text.find("Not available") - 200 :][:400]
+    assert len(parsed.imgs) >= 5
+    for src in parsed.imgs:
+        assert (page.parent / src).is_file(), src
+
+
+def test_missing_stages_are_named_and_cli(tmp_path, capsys):
+    run = tmp_path / "empty"
+    (run / "pack").mkdir(parents=True)
+    assert main([str(run)]) == 0
+    text = (run / "report" / "index.html").read_text()
+    assert "Missing: vqkd, tokenize, pretrain" in text
+    assert "Not available" in text and set(SECTIONS) <= _parse(text).ids
+    assert main([str(tmp_path / "nope")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed")
+def test_renders_in_headless_chromium(tmp_path):
+    run = tmp_path / "run"
+    _tiny_run(run)
+    page = write_report(run)
+    shot = tmp_path / "shot.png"
+    common = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,2000",
+    ]
+    url = page.as_uri()
+    subprocess.run(
+        [*common, f"--screenshot={shot}", url], check=True, timeout=120, capture_output=True
+    )
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    dom = subprocess.run(
+        [*common, "--dump-dom", url], check=True, timeout=120, capture_output=True, text=True
+    ).stdout
+    parsed = _parse(dom)
+    assert set(SECTIONS) <= parsed.ids
+    assert all((page.parent / src).is_file() for src in parsed.imgs)
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
