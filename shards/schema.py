@@ -65,6 +65,17 @@ COLUMNS: tuple[str, ...] = (KEY, LABEL, SEED, TOKENS, *VIEW_COLUMNS)
 DICTIONARY_COLUMNS: tuple[str, ...] = (LABEL, SEED, SIZE, INTERPOLATION, JITTER_ORDER, FLIP)
 # The leaf column of the token lists, as Parquet names it (for per-column encodings).
 TOKENS_LEAF = f"{TOKENS}.list.element"
+# Integer columns Parquet stores BYTE_STREAM_SPLIT (byte planes compress better than a dictionary
+# of up to 8192 values per small file; see shards/writer.py for the measurements).
+BYTE_STREAM_SPLIT_COLUMNS: tuple[str, ...] = (
+    TOKENS_LEAF,
+    WIDTH,
+    HEIGHT,
+    TOP,
+    LEFT,
+    CROP_HEIGHT,
+    CROP_WIDTH,
+)
 
 # Schema-level metadata (bytes keys in the Parquet footer; also the manifest's top-level keys).
 META_SCHEMA_VERSION = b"beitv2.schema_version"

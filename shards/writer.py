@@ -11,16 +11,23 @@ uint16) so its sha256 and size are known before it is published, and published a
 Bytes are deterministic (no timestamps, fixed tar/gzip headers, sorted JSON, rows in image-shard
 order), so two runs of the same job give byte-identical files.
 
-Encodings, measured with ``benchmarks/bench_token_bytes.py`` (N=196, K=4, 256 images per shard):
+Encodings, measured with ``benchmarks/bench_token_bytes.py`` (N=196, K=4, codebook 8192, bytes
+on disk per token including keys, labels, view parameters and file overhead):
 
-- Parquet tokens use BYTE_STREAM_SPLIT + zstd rather than a dictionary: a dictionary of up to
-  8192 uint16 tokens costs 32 KB per file, ~0.65 byte/token on a 256-image shard, which alone
-  breaks the 1.8 bytes/token target; split byte planes compress to about the entropy. The
-  low-cardinality columns (label, seed, size, interpolation, jitter order, flip) are dictionary
-  encoded; everything is zstd.
+    tokens              images/shard   Parquet   WebDataset (.tar.gz)
+    Zipf (1.41 B/token entropy)  256    1.69      1.96
+    uniform (1.625 floor)        256    1.88      2.12
+    uniform                     1024    1.79      2.12
+
+- Parquet tokens and the small integer columns use BYTE_STREAM_SPLIT + zstd rather than a
+  dictionary: a dictionary of up to 8192 tokens costs 32 KB per file, ~0.65 byte/token on a
+  256-image shard, which alone breaks the 1.8 target; split byte planes compress to near the
+  entropy. Low-cardinality columns (label, seed, size, interpolation, jitter order, flip) are
+  dictionary encoded; everything is zstd. Each file also carries ~10 KB of footer + Arrow schema
+  (needed to read tokens back as fixed_size_list<uint16>), which small shards pay most for.
 - WebDataset shards are gzip'd tars (``tokens-<i>.tar.gz``, which ``webdataset`` reads natively):
   a plain tar spends a 512-byte header per member plus padding to 512 bytes, ~4.6 bytes/token for
-  3 members holding 784 tokens, far above the 2.3 target; gzip removes the headers and padding.
+  the 3 members holding 784 tokens, far above the 2.3 target; gzip removes headers and padding.
 """
 
 from __future__ import annotations
@@ -125,16 +132,24 @@ def parquet_bytes(
         else:
             arrays.append(pa.array(columns[field.name], type=field.type))
     table = pa.Table.from_arrays(arrays, schema=table_schema)
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table,
-        sink,
+    options = dict(
         compression="zstd",
         compression_level=ZSTD_LEVEL,
-        use_dictionary=list(schema.DICTIONARY_COLUMNS),
-        use_byte_stream_split=[schema.TOKENS_LEAF],
         write_statistics=[schema.KEY, schema.LABEL, schema.SEED],
     )
+    sink = pa.BufferOutputStream()
+    try:
+        pq.write_table(
+            table,
+            sink,
+            use_dictionary=list(schema.DICTIONARY_COLUMNS),
+            use_byte_stream_split=list(schema.BYTE_STREAM_SPLIT_COLUMNS),
+            **options,
+        )
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        # pyarrow < 17 has no BYTE_STREAM_SPLIT for integers: fall back to dictionaries (bigger).
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, use_dictionary=True, **options)
     return sink.getvalue().to_pybytes()
 
 
