@@ -95,6 +95,7 @@ def plot_views(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import patheffects
 
     from shards.decode import decode_image
     from shards.images import iter_shard, list_shards
@@ -133,10 +134,11 @@ def plot_views(
                         va="center",
                         fontsize=max(3, 60 // max(grid)),
                         color="yellow",
+                        path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")],
                     )
             ax.set_xticks(np.arange(0, view.size + 1, step_x))
             ax.set_yticks(np.arange(0, view.size + 1, step_y))
-            ax.grid(color="white", linewidth=0.3)
+            ax.grid(color="white", linewidth=0.8)
             ax.tick_params(labelbottom=False, labelleft=False, length=0)
             ax.set_title(f"{key} seed {view.seed}", fontsize=8)
     fig.tight_layout()
