@@ -1,0 +1,269 @@
+"""``pipeline run stage=pack``: write WebDataset image shards from any image source.
+
+Output (``out_dir``): ``config.yaml``, ``shard-000000.tar`` ... and ``index.json``. Each tar holds,
+per image in source order, ``<key>.<ext>`` (the original bytes; ``ext`` from the bytes' format:
+jpg, png, webp, ...) and ``<key>.cls`` (the label as text) when the label is known, so any
+WebDataset reader gets ``(jpg, cls)`` pairs the ImageNet way. The tars are byte-identical across
+runs: sorted keys (the source order), mtime 0, uid/gid 0, empty user/group names, mode 0644, PAX
+format. Each tar is written to a temporary name and renamed, and ``index.json`` (per shard: file,
+count, sha256 of the keys, sha256 and size of the tar) is written last, so a reader that finds
+``index.json`` finds complete shards.
+
+Records the source reports as errors (no image member, duplicate key, ...) are skipped and listed
+in ``index.json``; image bytes are not decoded here (stage 2 decodes and lists bad images). A
+WebDataset key ends at the first dot of the file name, so a key whose last path component holds
+a dot (``img.001``) is stored with those dots replaced by ``_`` and the renaming is listed too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = "beitv2-image-shards"
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """Pack an image source into WebDataset tars of ``shard_size`` images."""
+
+    images: str = ""  # folder, tars or parquet files (local or fsspec URL)
+    out_dir: str = "runs/shards"
+    shard_size: int = 256
+
+    presets: ClassVar[dict[str, dict]] = {"demo": {}}
+
+
+def pack(cfg: PackConfig) -> dict[str, Any]:
+    """Write ``out_dir/shard-{i:06d}.tar`` and ``out_dir/index.json``; return a summary.
+
+    Returns:
+        ``{"out_dir", "index", "shards", "images", "skipped", "skipped_examples", "bad_shards",
+        "exit_code"}``; ``exit_code`` is 1 when a source shard could not be read to the end (its
+        readable records are still packed).
+    """
+    import fsspec
+    from tqdm import tqdm
+
+    from pipeline.config import save_config
+    from shards.images import BadShard, iter_shard, list_classes, list_shards
+
+    if not cfg.images:
+        raise ValueError(
+            "images= is required: pass a folder of images, tar shards or parquet files"
+        )
+    if cfg.shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {cfg.shard_size}")
+    fs, out = fsspec.core.url_to_fs(cfg.out_dir)
+    fs.makedirs(out, exist_ok=True)
+    _save_config(fs, out, cfg, save_config)
+
+    sources = list_shards(cfg.images, shard_size=cfg.shard_size)
+    total = sum(len(s.keys) for s in sources) if sources[0].kind == "folder" else None
+    writer = _ShardWriter(fs, out, cfg.shard_size)
+    skipped: list[dict[str, str]] = []
+    renamed: dict[str, str] = {}
+    bad_shards: list[dict[str, str]] = []
+    written_keys: set[str] = set()
+    with tqdm(total=total, unit="img", desc="pack", dynamic_ncols=True) as bar:
+        for source in sources:
+            records = iter_shard(source)
+            while True:
+                try:
+                    record = next(records)
+                except StopIteration:
+                    break
+                except BadShard as err:
+                    log.warning("%s: %s", source.url, err)
+                    bad_shards.append({"url": source.url, "reason": str(err)})
+                    break
+                bar.update(1)
+                if record.error is not None:
+                    skipped.append({"key": record.key, "reason": record.error})
+                    continue
+                key = wds_key(record.key)
+                if key in written_keys:
+                    why = "duplicate key" if key == record.key else f"duplicate key (as {key})"
+                    skipped.append({"key": record.key, "reason": why})
+                    continue
+                if key != record.key:
+                    renamed[key] = record.key
+                written_keys.add(key)
+                writer.add(key, record.data, record.label)
+    shards = writer.close()
+    _remove_stale(fs, out, len(shards))
+
+    index = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "source": cfg.images,
+        "shard_size": cfg.shard_size,
+        "images": sum(s["count"] for s in shards),
+        "classes": list(list_classes(cfg.images)) if sources[0].kind == "folder" else [],
+        "shards": shards,
+        "skipped": skipped,
+        "renamed": renamed,
+        "bad_shards": bad_shards,
+    }
+    index_path = posixpath.join(out, "index.json")
+    _publish(fs, index_path, (json.dumps(index, indent=1) + "\n").encode())
+    if skipped:
+        log.warning("skipped %d records; see %s", len(skipped), index_path)
+    return {
+        "out_dir": cfg.out_dir,
+        "index": posixpath.join(cfg.out_dir, "index.json"),
+        "shards": len(shards),
+        "images": index["images"],
+        "skipped": len(skipped),
+        "skipped_examples": [f"{s['key']}: {s['reason']}" for s in skipped[:10]],
+        "bad_shards": bad_shards,
+        "exit_code": 1 if bad_shards else 0,
+    }
+
+
+def wds_key(key: str) -> str:
+    """The key as WebDataset will read it back: no dot in its last path component."""
+    head, _, base = key.rpartition("/")
+    base = base.replace(".", "_")
+    return f"{head}/{base}" if head else base
+
+
+def image_extension(data: bytes) -> str:
+    """The extension for encoded bytes, from their magic number ("jpg" when unknown, so the
+    member still reaches stage 2, which lists it as not an image rather than losing it)."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return "jpg"
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what goes through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+
+class _ShardWriter:
+    """Streams records into deterministic tars of ``shard_size`` images, one tar at a time."""
+
+    def __init__(self, fs: Any, out: str, shard_size: int) -> None:
+        self.fs, self.out, self.shard_size = fs, out, shard_size
+        self.shards: list[dict[str, Any]] = []
+        self._file: Any = None
+        self._hashing: _HashingFile | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._keys: list[str] = []
+        self._labeled = 0
+
+    @property
+    def _name(self) -> str:
+        return f"shard-{len(self.shards):06d}.tar"
+
+    def add(self, key: str, data: bytes, label: int) -> None:
+        if self._tar is None:
+            self._file = self.fs.open(_tmp_path(posixpath.join(self.out, self._name)), "wb")
+            self._hashing = _HashingFile(self._file)
+            # "w|" (stream mode) only needs write(): works on object-store files too
+            self._tar = tarfile.open(  # noqa: SIM115 (closed in _flush)
+                fileobj=self._hashing, mode="w|", format=tarfile.PAX_FORMAT
+            )
+            self._keys, self._labeled = [], 0
+        self._member(f"{key}.{image_extension(data)}", data)
+        if label >= 0:
+            self._member(f"{key}.cls", str(label).encode())
+            self._labeled += 1
+        self._keys.append(key)
+        if len(self._keys) == self.shard_size:
+            self._flush()
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._tar is not None:
+            self._flush()
+        return self.shards
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def _flush(self) -> None:
+        self._tar.close()
+        self._file.close()
+        path = posixpath.join(self.out, self._name)
+        self.fs.mv(_tmp_path(path), path)
+        self.shards.append(
+            {
+                "file": self._name,
+                "count": len(self._keys),
+                "labeled": self._labeled,
+                "first_key": self._keys[0],
+                "last_key": self._keys[-1],
+                "keys_sha256": hashlib.sha256("\n".join(self._keys).encode()).hexdigest(),
+                "sha256": self._hashing.sha.hexdigest(),
+                "bytes": self._hashing.bytes,
+            }
+        )
+        self._tar = self._file = self._hashing = None
+
+
+def _tmp_path(path: str) -> str:
+    return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
+
+
+def _publish(fs: Any, path: str, payload: bytes) -> None:
+    """Write to a temporary name, then rename (atomic on local disks; on object stores the
+    rename is a copy, and index.json, written last, is what marks the output complete)."""
+    tmp = _tmp_path(path)
+    with fs.open(tmp, "wb") as f:
+        f.write(payload)
+    fs.mv(tmp, path)
+
+
+def _save_config(fs: Any, out: str, cfg: PackConfig, save_config: Any) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        save_config(cfg, Path(out) / "config.yaml")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = save_config(cfg, Path(tmp) / "config.yaml")
+        fs.put_file(str(local), posixpath.join(out, "config.yaml"))
+
+
+def _remove_stale(fs: Any, out: str, count: int) -> None:
+    """Delete shard-NNNNNN.tar files a previous, larger pack left beyond this run's count."""
+    for path in fs.glob(posixpath.join(out, "shard-*.tar")):
+        stem = posixpath.basename(path)[len("shard-") : -len(".tar")]
+        if stem.isdigit() and len(stem) == 6 and int(stem) >= count:
+            log.info("removing stale %s from an earlier pack", path)
+            fs.rm(path)

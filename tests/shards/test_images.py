@@ -1,0 +1,348 @@
+"""Image sources: folders, WebDataset tars and Parquet, good and bad, local and fsspec URLs."""
+
+import io
+import os
+import tarfile
+import uuid
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from shards.images import (
+    BadShard,
+    ImageRecord,
+    ImageShard,
+    iter_shard,
+    list_classes,
+    list_shards,
+)
+
+
+def png(color=(255, 0, 0), size=(4, 3)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_tar(path, members, gz: bool = False) -> str:
+    """members: [(name, bytes)] in order."""
+    with tarfile.open(path, "w:gz" if gz else "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def records(shards):
+    return [r for s in shards for r in iter_shard(s)]
+
+
+# ---------------------------------------------------------------- folders
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "imgs"
+    files = {
+        "dog/b.png": png((1, 0, 0)),
+        "dog/a.jpg": png((2, 0, 0)),
+        "cat/z.png": png((3, 0, 0)),
+        "cat/deep/y.PNG": png((4, 0, 0)),
+        "cat/.hidden.png": b"ignored",
+        ".git/x.png": b"ignored",
+        "readme.png": b"ignored: outside the class folders",
+        "dog/notes.txt": b"not an image",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_image_folder_keys_labels_and_shards(image_folder):
+    shards = list_shards(str(image_folder), shard_size=3)
+    assert [s.name for s in shards] == ["shard-000000", "shard-000001"]
+    assert all(s.kind == "folder" for s in shards)
+    recs = records(shards)
+    assert [(r.key, r.label) for r in recs] == [
+        ("cat/deep/y", 0),
+        ("cat/z", 0),
+        ("dog/a", 1),
+        ("dog/b", 1),
+    ]
+    assert recs[0].data == (image_folder / "cat/deep/y.PNG").read_bytes()
+    assert all(r.error is None for r in recs)
+    assert list_classes(str(image_folder)) == ("cat", "dog")
+    assert list_shards(str(image_folder), shard_size=3) == shards  # deterministic
+
+
+def test_flat_folder_has_no_labels(tmp_path):
+    for name in ["b.JPEG", "a.png", "c.webp"]:
+        (tmp_path / name).write_bytes(png())
+    (tmp_path / "README.md").write_text("not an image")
+    recs = records(list_shards(str(tmp_path)))
+    assert [(r.key, r.label) for r in recs] == [("a", -1), ("b", -1), ("c", -1)]
+    assert list_classes(str(tmp_path)) == ()
+
+
+def test_folder_duplicate_key_is_an_error_record(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(png((1, 1, 1)))
+    (tmp_path / "a.png").write_bytes(png((2, 2, 2)))
+    (tmp_path / "empty.png").write_bytes(b"")
+    recs = records(list_shards(str(tmp_path)))
+    assert [(r.key, r.error) for r in recs] == [
+        ("a", None),
+        ("a", "duplicate key (also a.jpg)"),
+        ("empty", None),  # zero bytes are decode's business: it says "zero bytes"
+    ]
+    assert recs[0].data == (tmp_path / "a.jpg").read_bytes() and recs[1].data == b""
+
+
+def test_folder_file_deleted_after_listing(tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    shards = list_shards(str(tmp_path))
+    (tmp_path / "a.png").unlink()
+    (rec,) = records(shards)
+    assert rec.error.startswith("file not found")
+
+
+def test_symlinked_files_are_followed(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.png").write_bytes(png())
+    (tmp_path / "links").mkdir()
+    os.symlink(tmp_path / "src/a.png", tmp_path / "links/a.png")
+    (rec,) = records(list_shards(str(tmp_path / "links")))
+    assert rec.key == "a" and rec.data == png()
+
+
+def test_missing_source_and_bad_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        list_shards(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError):
+        list_shards(str(tmp_path))  # empty folder
+    with pytest.raises(ValueError, match="shard_size"):
+        list_shards(str(tmp_path), shard_size=0)
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "b.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="mixes"):
+        list_shards([str(tmp_path / "a.tar"), str(tmp_path / "b.parquet")])
+
+
+# ---------------------------------------------------------------- tars
+
+
+@pytest.fixture
+def tars(tmp_path):
+    paths = []
+    for i in range(3):
+        members = []
+        for j in range(2):
+            key = f"s{i}/img{j}"
+            members += [(f"{key}.jpg", png((i, j, 0))), (f"{key}.cls", f"{i * 10 + j}\n".encode())]
+        paths.append(write_tar(tmp_path / f"shard-{i:06d}.tar", members))
+    return tmp_path, paths
+
+
+def test_tar_patterns_all_list_the_same_shards(tars):
+    root, paths = tars
+    forms = [
+        str(root / "shard-{000000..000002}.tar"),
+        str(root / "shard-*.tar"),
+        ",".join(paths),
+        paths,
+        str(root),
+    ]
+    for form in forms:
+        shards = list_shards(form)
+        assert [s.url for s in shards] == paths, form
+        assert [s.index for s in shards] == [0, 1, 2]
+        assert {s.kind for s in shards} == {"webdataset"}
+    recs = records(list_shards(paths))
+    assert [(r.key, r.label) for r in recs] == [
+        ("s0/img0", 0),
+        ("s0/img1", 1),
+        ("s1/img0", 10),
+        ("s1/img1", 11),
+        ("s2/img0", 20),
+        ("s2/img1", 21),
+    ]
+    assert recs[3].data == png((1, 1, 0))
+
+
+def test_brace_list_with_commas_is_not_split(tars):
+    root, paths = tars
+    shards = list_shards(str(root / "shard-{000000,000002}.tar"))
+    assert [s.url for s in shards] == [paths[0], paths[2]]
+
+
+def test_gzipped_tar_and_other_image_extensions(tmp_path):
+    url = write_tar(
+        tmp_path / "a.tar.gz",
+        [("k1.webp", b"w"), ("k2.PNG", b"p"), ("k2.json", b"{}"), ("k3.jpeg", b"j")],
+        gz=True,
+    )
+    recs = records(list_shards(url))
+    assert [(r.key, r.data, r.label) for r in recs] == [
+        ("k1", b"w", -1),
+        ("k2", b"p", -1),
+        ("k3", b"j", -1),
+    ]
+
+
+def test_tar_bad_members_become_error_records(tmp_path):
+    url = write_tar(
+        tmp_path / "bad.tar",
+        [
+            ("ok.jpg", b"1"),
+            ("ok.cls", b"3"),
+            ("text.txt", b"hello"),
+            ("dup.jpg", b"2"),
+            ("other.jpg", b"3"),
+            ("dup.jpg", b"4"),  # same key again, not adjacent
+            ("twice.jpg", b"5"),
+            ("twice.jpg", b"6"),  # same member twice in one sample
+            ("badlabel.jpg", b"7"),
+            ("badlabel.cls", b"seven"),
+            ("multi.dot.name.png", b"8"),
+        ],
+    )
+    recs = {(r.key, r.error) for r in records(list_shards(url))}
+    assert recs == {
+        ("ok", None),
+        ("text", "no image member (has: .txt)"),
+        ("dup", None),
+        ("other", None),
+        ("dup", "duplicate key (members not adjacent in the tar)"),
+        ("twice", "duplicate member .jpg"),
+        ("badlabel", "unreadable label in .cls"),
+        ("multi", None),  # WebDataset's rule: the key ends at the first dot of the name
+    }
+    by_key = {r.key: r for r in records(list_shards(url)) if r.error is None}
+    assert by_key["ok"].label == 3 and by_key["dup"].data == b"2"
+
+
+def test_truncated_tar_yields_complete_records_then_raises(tmp_path):
+    members = [(f"k{i}.jpg", bytes([i]) * 3000) for i in range(4)]
+    full = Path(write_tar(tmp_path / "full.tar", members)).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(full[: 512 * 3 + 3000 + 2000])  # inside the second member
+    got = []
+    with pytest.raises(BadShard, match=r"truncated tar after 1 members"):
+        for rec in iter_shard(ImageShard(0, str(cut), "webdataset")):
+            got.append(rec.key)
+    assert got == ["k0"]  # k0's sample was complete once k1 started; k1 is lost
+
+    cut.write_bytes(full[: 2 * (512 + 3072)])  # exactly between members: no end marker
+    got = []
+    with pytest.raises(BadShard, match="truncated tar after 2 members"):
+        for rec in iter_shard(ImageShard(0, str(cut), "webdataset")):
+            got.append(rec.key)
+    assert got == ["k0"]
+
+    cut.write_bytes(b"\x00junk" * 10)
+    with pytest.raises(BadShard, match="unreadable tar"):
+        list(iter_shard(ImageShard(0, str(cut), "webdataset")))
+
+
+def test_member_names_are_never_filesystem_paths(tmp_path, monkeypatch):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    target = tmp_path / f"escape-{uuid.uuid4().hex}"
+    url = write_tar(
+        work / "evil.tar",
+        [
+            ("../../etc/passwd.jpg", b"x"),
+            (f"{target}.jpg", b"y"),
+            ("../" + target.name + ".png", b"z"),
+        ],
+    )
+    with tarfile.open(url, "a") as tar:  # plus a symlink member pointing outside
+        info = tarfile.TarInfo("link.jpg")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    recs = records(list_shards(url))
+    assert [(r.key, r.data) for r in recs] == [
+        ("../../etc/passwd", b"x"),
+        (str(target), b"y"),
+        ("../" + target.name, b"z"),
+    ]
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not target.with_suffix(".jpg").exists()
+
+
+# ---------------------------------------------------------------- parquet
+
+
+def write_parquet(path, rows, struct: bool = True, row_group_size: int = 2) -> str:
+    images = [{"bytes": b, "path": p} for b, p, _ in rows]
+    labels = [label for _, _, label in rows]
+    if struct:
+        image = pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    else:
+        image = pa.array([b for b, _, _ in rows], pa.binary())
+    table = pa.table({"image": image, "label": pa.array(labels, pa.int64())})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return str(path)
+
+
+def test_parquet_hf_layout(tmp_path):
+    (tmp_path / "data").mkdir()
+    a = write_parquet(
+        tmp_path / "data/train-00000-of-00002.parquet",
+        [(b"a", "n01_1.JPEG", 0), (b"b", "n01_2.JPEG", 1), (b"c", None, None), (None, "x.jpg", 2)],
+    )
+    b = write_parquet(
+        tmp_path / "data/train-00001-of-00002.parquet",
+        [(b"d", "n01_1.JPEG", 5), (b"e", "n01_1.JPEG", 6)],
+    )
+    for form in [str(tmp_path), str(tmp_path / "data"), str(tmp_path / "data/*.parquet")]:
+        shards = list_shards(form)
+        assert [(s.url, s.kind) for s in shards] == [(a, "parquet"), (b, "parquet")], form
+    recs = records(list_shards(str(tmp_path)))
+    assert recs == [
+        ImageRecord("n01_1", b"a", 0),
+        ImageRecord("n01_2", b"b", 1),
+        ImageRecord("train-00000-of-00002/2", b"c", -1),
+        ImageRecord("x", b"", 2, "no image bytes"),
+        ImageRecord("n01_1", b"d", 5),
+        ImageRecord("n01_1", b"", 6, "duplicate key"),
+    ]
+
+
+def test_parquet_plain_binary_column_and_corrupt_file(tmp_path):
+    url = write_parquet(tmp_path / "p.parquet", [(b"a", None, 3), (b"b", None, 4)], struct=False)
+    recs = records(list_shards(url))
+    assert [(r.key, r.data, r.label) for r in recs] == [("p/0", b"a", 3), ("p/1", b"b", 4)]
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
+    with pytest.raises(BadShard, match="unreadable parquet"):
+        list(iter_shard(ImageShard(0, str(tmp_path / "bad.parquet"), "parquet")))
+
+
+# ---------------------------------------------------------------- fsspec URLs
+
+
+def test_fsspec_urls_for_every_source(tmp_path):
+    fs = fsspec.filesystem("memory")
+    root = f"memory:///src-{uuid.uuid4().hex}"  # the memory filesystem keeps the leading /
+    fs.pipe(f"{root}/folder/cls/a.png", png())
+    fs.pipe(f"{root}/folder/cls/b.png", png((0, 0, 9)))
+    local_tar = write_tar(tmp_path / "t.tar", [("k.jpg", b"j"), ("k.cls", b"7")])
+    fs.pipe(f"{root}/tars/shard-000000.tar", Path(local_tar).read_bytes())
+    local_pq = write_parquet(tmp_path / "p.parquet", [(b"q", "img.png", 1)])
+    fs.pipe(f"{root}/pq/p.parquet", Path(local_pq).read_bytes())
+
+    folder = list_shards(f"{root}/folder")
+    assert folder[0].url == f"{root}/folder"
+    assert [(r.key, r.label) for r in records(folder)] == [("cls/a", 0), ("cls/b", 0)]
+    for form in [f"{root}/tars", f"{root}/tars/shard-{{000000..000000}}.tar", f"{root}/tars/*.tar"]:
+        shards = list_shards(form)
+        assert [s.url for s in shards] == [f"{root}/tars/shard-000000.tar"], form
+        assert records(shards) == [ImageRecord("k", b"j", 7)]
+    assert records(list_shards(f"{root}/pq")) == [ImageRecord("img", b"q", 1)]
