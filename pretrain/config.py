@@ -1,0 +1,118 @@
+"""Stage 3 configuration: pretrain BEiT v2 by masked image modelling on precomputed tokens.
+
+Run it with ``pipeline run stage=pretrain images=<image shards> tokens=<token dataset>``.
+``preset=demo`` trains a tiny model on the ImageNet sample in minutes on 2 CPU cores;
+``preset=base`` is the paper's ViT-B/16 300-epoch recipe (REFERENCE.md §3).
+
+No torch import here: the CLI imports this module for ``--help``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+# The paper's batch size: ``blr`` is the learning rate at this batch, scaled linearly.
+REFERENCE_BATCH = 2048
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which BEiT v2 to train: a named size plus optional overrides (null = the size's value)."""
+
+    size: Literal["tiny", "small", "base", "large"] = "base"
+    # image and patch size: null = the token dataset's tokenizer's (the views it tokenized)
+    image_size: int | None = None
+    patch_size: int | None = None
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    # LM head size; null = the token dataset's codebook size. An explicit value is checked
+    # against the token dataset and a mismatch is refused.
+    vocab_size: int | None = None
+    layer_scale_init: float | None = None
+    drop_path: float | None = None
+    head_layers: int | None = None
+    head_from_layer: int | None = None
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Block-wise masking (REFERENCE.md §3), drawn online, deterministic in (seed, epoch, key)."""
+
+    # null = the reference's 75 of 196 patches, scaled to the model's grid
+    num_masked: int | None = None
+    min_patches: int = 16
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Optimisation and bookkeeping (REFERENCE.md §3 defaults)."""
+
+    batch_size: int = 2048  # global batch (split evenly across DDP ranks)
+    epochs: int = 300
+    # Base learning rate, defined at batch 2048 and scaled linearly: lr = blr * batch_size / 2048
+    # (see PretrainConfig.lr).
+    blr: float = 1.5e-3
+    warmup_epochs: int = 10
+    min_lr: float = 1e-5
+    betas: tuple[float, ...] = (0.9, 0.98)  # (0.9, 0.999) for the 1600-epoch recipe
+    eps: float = 1e-8
+    weight_decay: float = 0.05  # not on biases, norms and other 1-D parameters
+    clip_grad: float = 3.0  # 0 = no clipping
+    seed: int = 0
+    num_workers: int = 8  # DataLoader workers per rank
+    shuffle_buffer: int = 512  # in-shard shuffle buffer (samples), seeded
+    resume: bool = False  # continue from out_dir/checkpoint.pth exactly where it stopped
+    save_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    log_every: int = 10  # steps between metric lines in metrics.jsonl
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16 autocast, on CUDA only
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Stage 3: BEiT v2 masked image modelling with offline (precomputed) or online targets."""
+
+    images: str = ""  # image shards stage 2 tokenized ("" = the source named in the token manifest)
+    tokens: str = ""  # token dataset directory written by stage 2
+    out_dir: str = "runs/pretrain"
+    # offline: read stored tokens (no tokenizer in the loop); online: run `tokenizer` in the loop
+    # on the same views (the reference's way), for comparison.
+    targets: Literal["offline", "online"] = "offline"
+    tokenizer: str | None = None  # tokenizer checkpoint, needed for targets=online
+    # folder image sources only: images per shard, as in stage 2 (null = the token manifest's)
+    shard_size: int | None = None
+    model: ModelSpec = field(default_factory=ModelSpec)
+    mask: MaskSpec = field(default_factory=MaskSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    presets: ClassVar[dict[str, dict]] = {
+        # A tiny ViT on the ImageNet sample tokenized by the demo tokenizer: minutes on 2 cores.
+        "demo": {
+            "out_dir": "runs/demo/pretrain",
+            # image/patch size come from the demo tokenizer (via the token dataset)
+            "model": {"size": "tiny", "drop_path": 0.0},
+            "train": {
+                "batch_size": 32,
+                "epochs": 5,
+                # lr = 6.4e-2 * 32 / 2048 = 1e-3: a tiny model trained for a few epochs needs a
+                # larger step than the paper's rate scaled down to batch 32 (2.3e-5).
+                "blr": 6.4e-2,
+                "warmup_epochs": 1,
+                "num_workers": 2,
+                "shuffle_buffer": 64,
+                "log_every": 5,
+            },
+        },
+        # The paper: ViT-B/16, 300 epochs, batch 2048, lr 1.5e-3, betas (0.9, 0.98).
+        "base": {
+            "model": {"size": "base", "image_size": 224, "patch_size": 16, "drop_path": 0.0},
+            "train": {"batch_size": 2048, "epochs": 300, "blr": 1.5e-3, "warmup_epochs": 10},
+        },
+    }
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: ``blr`` (defined at batch 2048) scaled linearly to ``batch_size``."""
+        return self.train.blr * self.train.batch_size / REFERENCE_BATCH
