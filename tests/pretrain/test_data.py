@@ -46,9 +46,9 @@ def make_images(folder: Path, count: int = 14, bad: tuple[int, ...] = (5,)) -> P
     return folder
 
 
-def make_tokenizer(path: Path, codebook_size: int = 16) -> str:
-    torch.manual_seed(0)
-    cfg = VQKDModelConfig(
+def make_tokenizer_config(codebook_size: int = 16, kmeans_iters: int = 0) -> VQKDModelConfig:
+    """A tiny VQ-KD: image 32, patch 8 -> a 4x4 grid."""
+    return VQKDModelConfig(
         image_size=32,
         patch_size=8,
         width=32,
@@ -58,9 +58,14 @@ def make_tokenizer(path: Path, codebook_size: int = 16) -> str:
         codebook_size=codebook_size,
         decoder_depth=1,
         teacher_dim=16,
-        kmeans_iters=0,
+        kmeans_iters=kmeans_iters,
     )
-    return save_tokenizer(VQKD(cfg), path)
+
+
+def make_tokenizer(path: Path, codebook_size: int = 16) -> str:
+    """A randomly initialised tiny tokenizer (enough for the data path: tokens are stored)."""
+    torch.manual_seed(0)
+    return save_tokenizer(VQKD(make_tokenizer_config(codebook_size)), path)
 
 
 def make_tokens(
