@@ -82,7 +82,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
     # A broken EXIF block must not cost the image: keep the stored orientation then.
     with contextlib.suppress(Exception):
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to do
     return to_rgb(img)
 
 

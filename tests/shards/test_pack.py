@@ -194,3 +194,49 @@ def test_pack_imagenet_sample(imagenet_sample, tmp_path):
     assert got[0][2] == -1  # flat folder: no labels
     assert decode_image(got[0][1]).mode == "RGB"
     assert Path(out / "shard-000000.tar").stat().st_size > 32 * 1000
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3 API (moto's server) on loopback, reached through s3fs by plain s3:// URLs."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import s3fs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("bucket")
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_pack_from_and_to_s3(folder, tmp_path, s3_endpoint):
+    fs = s3_endpoint
+    fs.put(str(folder), "bucket/images", recursive=True)
+    summary = pack(PackConfig(images="s3://bucket/images", out_dir="s3://bucket/out", shard_size=4))
+    assert (summary["shards"], summary["images"], summary["exit_code"]) == (2, 6, 0)
+    assert sorted(fs.ls("bucket/out", detail=False)) == [
+        "bucket/out/config.yaml",
+        "bucket/out/index.json",
+        "bucket/out/shard-000000.tar",
+        "bucket/out/shard-000001.tar",
+    ]
+    local = pack(PackConfig(images=str(folder), out_dir=str(tmp_path / "local"), shard_size=4))
+    assert local["images"] == 6
+    for name in ["shard-000000.tar", "shard-000001.tar"]:
+        assert fs.cat_file(f"bucket/out/{name}") == (tmp_path / "local" / name).read_bytes()
+    shards = list_shards("s3://bucket/out")
+    assert [s.url for s in shards] == [
+        "s3://bucket/out/shard-000000.tar",
+        "s3://bucket/out/shard-000001.tar",
+    ]
+    assert records("s3://bucket/out") == records(str(folder))
+    assert records("s3://bucket/out/shard-{000000..000001}.tar") == records(str(folder))

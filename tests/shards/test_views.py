@@ -145,9 +145,11 @@ def test_render_matches_torchvision_pil_ops():
     import torchvision.transforms.functional as F
     from torchvision.transforms import InterpolationMode
 
-    img = photo()
-    for seed in range(6):
+    img = photo(81, 57)
+    orders = set()
+    for seed in range(48):
         p = sample_view(AUG, "k", seed, *img.size)
+        orders.add((p.jitter_order, p.flip))
         ref = img
         ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
         factors = (p.brightness, p.contrast, p.saturation)
@@ -158,7 +160,26 @@ def test_render_matches_torchvision_pil_ops():
         ref = F.resized_crop(
             ref, p.top, p.left, p.crop_height, p.crop_width, [32, 32], InterpolationMode.BICUBIC
         )
-        assert torch.equal(render_view(img, p), F.pil_to_tensor(ref))
+        assert torch.equal(render_view(img, p), F.pil_to_tensor(ref)), p
+    assert len(orders) == 12  # every op order, with and without flip
+
+
+def test_factors_survive_a_float32_column():
+    for i in range(50):
+        p = sample_view(AUG, f"k{i}", 0, 64, 64)
+        for f in (p.brightness, p.contrast, p.saturation):
+            assert float(np.float32(f)) == f
+
+
+def test_inconsistent_params_are_refused():
+    img = photo()
+    p = sample_view(AUG, "k", 0, *img.size)
+    with pytest.raises(ValueError, match="jitter_order"):
+        render_view(img, dataclasses.replace(p, jitter_order=(1, 1)))
+    with pytest.raises(ValueError, match="outside"):
+        render_view(img, dataclasses.replace(p, left=img.width - 1, crop_width=5))
+    with pytest.raises(ValueError, match="interpolation"):
+        render_view(img, dataclasses.replace(p, interpolation="lanczos"))
 
 
 def test_jitter_is_applied_to_the_whole_image():
