@@ -1,0 +1,119 @@
+"""Stage 1 config: ``pipeline run stage=vqkd`` (train a VQ-KD tokenizer, REFERENCE.md §1).
+
+No torch import here: the CLI imports this module for ``--help``.
+
+Presets:
+
+- ``base``: the paper's recipe — ViT-B/16 at 224 px, 8192 × 32 codebook, 3-block decoder, CLIP
+  ViT-B/16 teacher, batch 512, 100 epochs, lr 5e-5 × batch/128 with 10 warmup epochs then cosine
+  to 1e-5, AdamW (0.9, 0.99), weight decay 1e-4. No dead-code restarts (as the reference).
+- ``demo``: minutes on 2 CPU cores — 96 px / patch 16 (a 6 × 6 grid), the tiny encoder with a
+  1-block decoder, the offline EfficientNet-Lite0 teacher, a 512 × 32 codebook with dead-code
+  restarts, batch 64 for 8 epochs at a higher learning rate (a short run needs it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+# Encoder size names; the numbers live beside the model (tokenize_corpus.vqkd.VQKD_SIZES).
+ModelSize = Literal["tiny", "small", "base"]
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Tokenizer shape: a named size plus explicit overrides (null = the size's value)."""
+
+    size: ModelSize = "base"
+    image_size: int = 224
+    patch_size: int = 16
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    decoder_depth: int | None = None
+    code_dim: int = 32
+    codebook_size: int = 8192
+    ema_decay: float = 0.99
+    kmeans_iters: int = 10  # k-means init on the first batch (synchronised across ranks)
+    dead_code_steps: int = 0  # restart codes unused for this many steps; 0 = never
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    """Which frozen teacher to distil (see tokenize_corpus.teachers)."""
+
+    name: str = "clip:ViT-B-16/openai"
+    weights: str = ""  # a local weight file; "" = the library's own loader
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Optimisation and loop settings (REFERENCE.md §1, "Training")."""
+
+    batch_size: int = 512  # global, over all DDP ranks
+    epochs: int = 100
+    lr_base: float = 5e-5  # per 128 images; lr = lr_base * batch_size / 128
+    warmup_epochs: float = 10.0
+    min_lr: float = 1e-5
+    betas: tuple[float, ...] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    crop_scale: tuple[float, ...] = (0.08, 1.0)  # RandomResizedCrop area range
+    num_workers: int = 4  # DataLoader workers per rank
+    seed: int = 0
+    resume: bool = False  # continue from out_dir/checkpoint.pth
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = 1  # epochs between evaluation passes (the last epoch always evaluates)
+    log_every: int = 10  # steps between metrics.jsonl step records
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate, linearly scaled with the global batch (5e-5 per 128 images)."""
+        return self.lr_base * self.batch_size / 128
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """The evaluation pass: centre-crop views of the first images of a source."""
+
+    images: str = ""  # "" = the training images
+    max_images: int = 10000
+
+
+@dataclass(frozen=True)
+class VQKDConfig:
+    """Stage 1: train a VQ-KD visual tokenizer by distilling a frozen teacher."""
+
+    images: str = ""  # image source: folder, WebDataset tars or Parquet files
+    out_dir: str = "runs/vqkd"
+    model: ModelSection = field(default_factory=ModelSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    presets: ClassVar[dict[str, dict]] = {
+        "base": {},
+        "demo": {
+            "out_dir": "runs/demo/vqkd",
+            "model": {
+                "size": "tiny",
+                "image_size": 96,
+                "patch_size": 16,
+                "codebook_size": 512,
+                "code_dim": 32,
+                "dead_code_steps": 20,
+            },
+            "teacher": {"name": "efficientnet_lite0"},
+            "train": {
+                "batch_size": 64,
+                "epochs": 8,
+                "lr_base": 1e-3,
+                "warmup_epochs": 1.0,
+                "min_lr": 1e-5,
+                "num_workers": 2,
+                "log_every": 5,
+            },
+            "eval": {"max_images": 1000},
+        },
+    }
