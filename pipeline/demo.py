@@ -1,0 +1,339 @@
+"""``pipeline run stage=all preset=demo``: every stage, in order, on one small corpus.
+
+corpus -> pack -> vqkd -> tokenize (+ validate) -> pretrain (+ timm export) -> linprobe -> report
+
+Each stage writes under ``<out_dir>/<stage>/`` and is run through the same registry and config
+builder as ``pipeline run stage=<name>``, so the summary lists, per stage, the exact command that
+reruns it alone on these outputs. Stage settings come from each stage's ``demo`` preset; the
+wiring keys (images, out_dir, tokenizer, tokens, sizes that must agree) are set here, and
+``vqkd=[key=value,...]`` (likewise ``tokenize=``, ``pretrain=``, ``linprobe=``) adds overrides.
+
+Without ``images=``, the corpus is ``pipeline.demo_corpus`` (scikit-image photos + procedural
+patterns, 16 classes; built offline in seconds). With ``images=<labelled folder or shards>``
+(e.g. the ImageNet sample) that source is packed instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+log = logging.getLogger(__name__)
+
+STAGE_ORDER = ("pack", "vqkd", "tokenize", "pretrain", "linprobe", "report")
+
+
+@dataclass(frozen=True)
+class AllConfig:
+    """The whole pipeline on one corpus (defaults = the demo: <= 10 minutes on 2 CPU cores)."""
+
+    out_dir: str = "runs/demo"
+    # labelled images to use instead of the built-in demo corpus (folder, tars or parquet)
+    images: str | None = None
+    corpus_images: int = 640  # demo corpus: number of images (16 classes, round robin)
+    corpus_size: int = 96  # demo corpus: image side in pixels
+    corpus_seed: int = 0
+    shard_size: int = 128  # images per packed shard (several shards -> several Dask tasks)
+    seeds: tuple[int, ...] = (0, 1, 2, 3)  # view seeds tokenized in stage 2
+    n_workers: int = 2  # Dask LocalCluster workers
+    preset: str = "demo"  # the preset each stage starts from
+    stages: tuple[str, ...] = STAGE_ORDER  # which stages to run (later ones use earlier outputs)
+    probe_teacher: bool = True  # also probe the teacher's own features (a third baseline)
+    # extra key=value overrides per stage, e.g. vqkd=[train.epochs=1]
+    vqkd: tuple[str, ...] = ()
+    tokenize: tuple[str, ...] = ()
+    pretrain: tuple[str, ...] = ()
+    linprobe: tuple[str, ...] = ()
+
+    presets: ClassVar[dict[str, dict]] = {
+        "demo": {},
+        # The ImageNet sample (1000 images, one per class) instead of the demo corpus.
+        "imagenet-sample": {"images": "../shared/data/imagenet-sample", "shard_size": 256},
+    }
+
+
+def _flatten(overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            out.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            text = json.dumps(list(value)) if isinstance(value, (list, tuple)) else str(value)
+            out.append(f"{prefix}{key}={text.replace(' ', '')}")
+    return out
+
+
+def command_line(stage: str, overrides: dict[str, Any]) -> str:
+    """The ``pipeline run`` command that runs ``stage`` with ``overrides`` alone."""
+    args = [f"stage={stage}", *_flatten(overrides)]
+    return "pipeline run " + " ".join(shlex.quote(a) for a in args)
+
+
+class _Runner:
+    """Runs stages through the registry, timing them and recording what happened."""
+
+    def __init__(self, cfg: AllConfig, out: Path) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.stages: dict[str, dict[str, Any]] = {}
+        self.failed = False
+
+    def overrides(self, stage: str, wiring: dict[str, Any], extra: tuple[str, ...]) -> dict:
+        from pipeline.config import merge, parse_overrides
+
+        layer = {"preset": self.cfg.preset} if self._has_preset(stage) else {}
+        return merge(merge(layer, wiring), parse_overrides(list(extra)))
+
+    @staticmethod
+    def _has_preset(stage: str) -> bool:
+        from pipeline.stages import get_stage
+
+        return "demo" in (getattr(get_stage(stage).config_class(), "presets", {}) or {})
+
+    def run(self, name: str, stage: str, overrides: dict[str, Any]) -> dict | None:
+        """Run ``stage`` (recorded as ``name``); None when it (or an earlier one) failed."""
+        from pipeline.cli import build_stage_config
+        from pipeline.stages import get_stage
+
+        if self.failed:
+            self.stages[name] = {"status": "skipped (an earlier stage failed)"}
+            return None
+        command = command_line(stage, overrides)
+        log.info("stage %s: %s", name, command)
+        start = time.perf_counter()
+        try:
+            cfg = build_stage_config(stage, dict(overrides))
+            summary = get_stage(stage).run_fn()(cfg) or {}
+        except Exception as err:  # noqa: BLE001 - record, then write the report anyway
+            log.error("stage %s failed: %s\n%s", name, err, traceback.format_exc())
+            self.stages[name] = {
+                "status": f"failed: {type(err).__name__}: {err}",
+                "seconds": round(time.perf_counter() - start, 1),
+                "command": command,
+            }
+            self.failed = True
+            return None
+        code = int(summary.get("exit_code", 0) or 0)
+        self.stages[name] = {
+            "status": "ok" if code == 0 else f"exit code {code}",
+            "seconds": round(time.perf_counter() - start, 1),
+            "command": command,
+            "summary": summary,
+        }
+        if code:
+            self.failed = True
+        return summary
+
+
+def _model_shape(tokenizer_path: str) -> dict[str, int]:
+    from tokenize_corpus.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    return {"image_size": int(tok.image_size), "patch_size": int(tok.patch_size)}
+
+
+def run_all(cfg: AllConfig) -> dict:
+    """Run the stages of ``cfg.stages`` in order; returns a summary pointing to the report."""
+    from pipeline.config import save_config
+    from pipeline.demo_corpus import build_demo_corpus
+
+    start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGE_ORDER)}")
+    runner = _Runner(cfg, out)
+    want = set(cfg.stages)
+
+    images = cfg.images
+    if images is None:
+        t0 = time.perf_counter()
+        corpus = build_demo_corpus(
+            out / "corpus", n_images=cfg.corpus_images, size=cfg.corpus_size, seed=cfg.corpus_seed
+        )
+        images = corpus["out_dir"]
+        runner.stages["corpus"] = {
+            "status": "ok",
+            "seconds": round(time.perf_counter() - t0, 1),
+            "command": f"python -c 'from pipeline.demo_corpus import build_demo_corpus; "
+            f'build_demo_corpus("{images}", {cfg.corpus_images}, {cfg.corpus_size})\'',
+        }
+    shards_dir = str(out / "pack")
+    # a glob, not the folder: pack also writes index.json there
+    shard_glob = f"{shards_dir}/shard-*.tar"
+    if "pack" in want:
+        wiring = {"images": images, "out_dir": shards_dir, "shard_size": cfg.shard_size}
+        runner.run("pack", "pack", runner.overrides("pack", wiring, ()))
+
+    tokenizer = str(out / "vqkd" / "tokenizer.pth")
+    if "vqkd" in want:
+        wiring = {"images": shard_glob, "out_dir": str(out / "vqkd")}
+        summary = runner.run("vqkd", "vqkd", runner.overrides("vqkd", wiring, cfg.vqkd))
+        if summary:
+            tokenizer = str(summary.get("tokenizer") or summary.get("checkpoint") or tokenizer)
+
+    tokens = str(out / "tokenize")
+    shape: dict[str, int] = {}
+    if {"tokenize", "pretrain"} & want and not runner.failed:
+        try:
+            shape = _model_shape(tokenizer)
+        except Exception as err:  # noqa: BLE001
+            runner.stages["tokenizer"] = {"status": f"failed: cannot load {tokenizer}: {err}"}
+            runner.failed = True
+    if "tokenize" in want:
+        wiring = {
+            "images": shard_glob,
+            "tokenizer": tokenizer,
+            "out_dir": tokens,
+            "seeds": list(cfg.seeds),
+            "aug": {"size": shape.get("image_size", 224)},
+            "cluster": {"n_workers": cfg.n_workers},
+        }
+        runner.run("tokenize", "tokenize", runner.overrides("tokenize", wiring, cfg.tokenize))
+        if not runner.failed:
+            _validate(runner, tokens, shard_glob)
+
+    pretrain_dir = out / "pretrain"
+    if "pretrain" in want:
+        wiring = {
+            "images": shard_glob,
+            "tokens": tokens,
+            "out_dir": str(pretrain_dir),
+            "model": {
+                "image_size": shape.get("image_size", 224),
+                "patch_size": shape.get("patch_size", 16),
+            },
+        }
+        runner.run("pretrain", "pretrain", runner.overrides("pretrain", wiring, cfg.pretrain))
+
+    probes: dict[str, Any] = {}
+    if "linprobe" in want:
+        probes = _linprobes(runner, cfg, shard_glob, pretrain_dir, tokenizer)
+
+    report = None
+    if "report" in want:
+        t0 = time.perf_counter()
+        _write_summary(out, runner, start)
+        from pipeline.report import write_report
+
+        try:
+            report = str(write_report(out))
+            runner.stages["report"] = {
+                "status": "ok",
+                "seconds": round(time.perf_counter() - t0, 1),
+                "command": f"pipeline report {out}",
+            }
+        except Exception as err:  # noqa: BLE001
+            runner.stages["report"] = {
+                "status": f"failed: {err}",
+                "command": f"pipeline report {out}",
+            }
+            runner.failed = True
+    summary = _write_summary(out, runner, start)
+    if report:
+        # rewrite once more so the page's timing table includes the report itself
+        from pipeline.report import write_report
+
+        write_report(out)
+    return {
+        "report": report,
+        "out_dir": str(out),
+        "summary": str(out / "summary.json"),
+        "linprobe": probes,
+        "commands": {k: v.get("command") for k, v in runner.stages.items() if v.get("command")},
+        "stages": {k: v["status"] for k, v in runner.stages.items()},
+        "seconds": summary["seconds"],
+        "exit_code": 1 if runner.failed else 0,
+    }
+
+
+def _validate(runner: _Runner, tokens: str, shard_glob: str) -> None:
+    import contextlib
+    import io
+
+    from shards.validate import main as validate_main
+
+    t0 = time.perf_counter()
+    argv = [tokens, f"images={shard_glob}"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = int(validate_main(argv) or 0)
+    runner.stages["validate"] = {
+        "status": "ok" if code == 0 else f"exit code {code}: {buf.getvalue()[-500:]}",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": "pipeline validate " + " ".join(shlex.quote(a) for a in argv),
+    }
+    if code:
+        runner.failed = True
+
+
+def _linprobes(
+    runner: _Runner, cfg: AllConfig, shard_glob: str, pretrain_dir: Path, tokenizer: str
+) -> dict[str, Any]:
+    """Probe the pretrained backbone, a random init of the same shape, and the teacher."""
+    import torch
+
+    backbone = pretrain_dir / "backbone_timm.pth"
+    if not backbone.is_file():
+        backbone = pretrain_dir / "checkpoint.pth"
+    random_init: dict[str, Any] = {}
+    ckpt = pretrain_dir / "checkpoint.pth"
+    if ckpt.is_file():
+        model_cfg = torch.load(ckpt, map_location="cpu", weights_only=True).get("config") or {}
+        m = model_cfg.get("model", {})
+        random_init = {
+            k: m[k] for k in ("image_size", "patch_size", "width", "depth", "heads") if k in m
+        }
+    runs = {
+        "pretrained": {"backbone": str(backbone)},
+        "random": {"backbone": "random", "random_init": random_init},
+    }
+    if cfg.probe_teacher:
+        teacher = _teacher_name(tokenizer)
+        if teacher:
+            runs["teacher"] = {
+                "backbone": f"teacher:{teacher}",
+                "image_size": random_init.get("image_size", 224),
+            }
+    results = {}
+    for name, wiring in runs.items():
+        wiring = {**wiring, "images": shard_glob, "out_dir": str(runner.out / "linprobe" / name)}
+        res = runner.run(
+            f"linprobe-{name}", "linprobe", runner.overrides("linprobe", wiring, cfg.linprobe)
+        )
+        if res:
+            results[name] = {"top1": res.get("top1"), "top5": res.get("top5")}
+    return results
+
+
+def _teacher_name(tokenizer: str) -> str | None:
+    try:
+        from tokenize_corpus.tokenizer import load_tokenizer
+
+        name = load_tokenizer(tokenizer).describe().get("teacher")
+    except Exception:  # noqa: BLE001 - the teacher baseline is optional
+        return None
+    if isinstance(name, dict):
+        name = name.get("name")
+    return str(name) if name else None
+
+
+def _write_summary(out: Path, runner: _Runner, start: float) -> dict:
+    summary = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "stages": {
+            k: {kk: vv for kk, vv in v.items() if kk != "summary"}
+            | ({"summary": v["summary"]} if "summary" in v else {})
+            for k, v in runner.stages.items()
+        },
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
