@@ -44,6 +44,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 # A single tar member larger than this is not read into memory (reported as an error record).
 MAX_MEMBER_BYTES = 256 * 2**20
+# index.json written by ``stage=pack`` (shards.pack.INDEX_FORMAT): lists its shards in order.
+PACK_INDEX_FORMAT = "beitv2-image-shards"
 
 Kind = Literal["folder", "webdataset", "parquet"]
 
@@ -79,7 +81,9 @@ class ImageRecord:
     error: str | None = None
 
 
-def list_shards(images: str | Sequence[str], shard_size: int = 256) -> list[ImageShard]:
+def list_shards(
+    images: str | os.PathLike | Sequence[str], shard_size: int = 256
+) -> list[ImageShard]:
     """Split an image source into shards, in a deterministic order.
 
     Args:
@@ -145,10 +149,12 @@ def iter_shard(shard: ImageShard) -> Iterator[ImageRecord]:
 # ---------------------------------------------------------------- source listing
 
 
-def _split_list(images: str | Sequence[str]) -> list[str]:
+def _split_list(images: str | os.PathLike | Sequence[str]) -> list[str]:
     """A list as is; a string split on commas that are not inside braces."""
+    if isinstance(images, os.PathLike):
+        return [os.fspath(images)]
     if not isinstance(images, str):
-        return [str(x).strip() for x in images if str(x).strip()]
+        return [os.fspath(x).strip() for x in images if os.fspath(x).strip()]
     parts, depth, current = [], 0, []
     for ch in images:
         if ch == "{":
@@ -204,21 +210,37 @@ def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def _shard_files_in(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """The tars of a folder (from index.json when pack wrote one), else its parquet files."""
+    """The tars of a folder (from index.json when pack wrote one), else its parquet files at any
+    depth (the HF layout keeps them in ``data/``); one series of shards only."""
     index = posixpath.join(path, "index.json")
     if fs.exists(index):
         with fs.open(index, "rb") as f:
             meta = json.load(f)
-        if isinstance(meta, dict) and isinstance(meta.get("shards"), list):
+        if isinstance(meta, dict) and meta.get("format") == PACK_INDEX_FORMAT:
             return [posixpath.join(path, s["file"]) for s in meta["shards"]]
     names = sorted(fs.find(path))
     tars = [n for n in names if _file_kind(n) == "webdataset" and posixpath.dirname(n) == path]
-    if tars:
-        return tars
-    parquet = [n for n in names if _file_kind(n) == "parquet"]
-    if parquet:
-        return parquet
-    raise FileNotFoundError(f"no tar or parquet files in {path}")
+    files = tars or [n for n in names if _file_kind(n) == "parquet"]
+    if not files:
+        raise FileNotFoundError(f"no tar or parquet files in {path}")
+    series = sorted({_series(n) for n in files})
+    if len(series) > 1:
+        # e.g. train-*.parquet next to validation-*.parquet: mixing splits is never wanted
+        example = posixpath.join(path, series[0] + "*")
+        raise ValueError(
+            f"{path} holds several series of shards ({', '.join(s + '*' for s in series)}); "
+            f"pass one as a pattern, e.g. images={example}"
+        )
+    return files
+
+
+def _series(path: str) -> str:
+    """``data/train-00003-of-00294.parquet`` -> ``data/train-``; ``shard-000001.tar`` -> ``shard-``."""
+    name = posixpath.basename(path)
+    match = re.match(r"^(.*?)\d+(?:-of-\d+)?(?:\.tar|\.tar\.gz|\.tgz|\.parquet)$", name)
+    prefix = match.group(1) if match else name
+    folder = posixpath.dirname(path)
+    return posixpath.join(folder, prefix) if folder else prefix
 
 
 def _walk_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
@@ -268,24 +290,18 @@ def _scan_folder(
 def _list_folder(
     url: str, fs: fsspec.AbstractFileSystem, root: str, shard_size: int
 ) -> list[ImageShard]:
-    names = fs.ls(root, detail=False)
-    kinds = {_file_kind(n) for n in names}
-    if kinds & {"webdataset", "parquet"} or fs.exists(posixpath.join(root, "index.json")):
-        # a folder of shards rather than of images
-        files = [_url(fs, f) for f in _shard_files_in(fs, root)]
-        kind = _file_kind(files[0])
-        return [ImageShard(index=i, url=f, kind=kind) for i, f in enumerate(files)]
-    _, rows = _scan_folder(fs, root)
+    if any(_file_kind(n) for n in fs.ls(root, detail=False)):
+        rows = []  # a folder of shards rather than of images
+    else:
+        _, rows = _scan_folder(fs, root)
     if not rows:
-        parquet = [n for n in fs.find(root) if _file_kind(n) == "parquet"]
-        if parquet:  # e.g. the HF layout root/data/train-*.parquet
-            return [
-                ImageShard(index=i, url=_url(fs, f), kind="parquet")
-                for i, f in enumerate(sorted(parquet))
-            ]
-        raise FileNotFoundError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}), tars or parquet files under {url}"
-        )
+        try:  # tars at the top, or parquet at any depth (the HF layout root/data/*.parquet)
+            files = [_url(fs, f) for f in _shard_files_in(fs, root)]
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}), tars or parquet files under {url}"
+            ) from None
+        return [ImageShard(index=i, url=f, kind=_file_kind(f)) for i, f in enumerate(files)]
     shards = []
     for i, start in enumerate(range(0, len(rows), shard_size)):
         chunk = rows[start : start + shard_size]

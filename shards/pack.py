@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from shards.images import PACK_INDEX_FORMAT
+
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = "beitv2-image-shards"
+INDEX_FORMAT = PACK_INDEX_FORMAT
 INDEX_VERSION = 1
 
 

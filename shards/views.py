@@ -80,8 +80,15 @@ class ViewParams:
     interpolation: str
 
 
-@functools.lru_cache(maxsize=64)
 def _aug_fingerprint(aug: AugConfig) -> str:
+    """A canonical text of every AugConfig field (numbers as floats so 1 and 1.0 hash alike)."""
+    try:
+        return _cached_fingerprint(aug)
+    except TypeError:  # a list where a tuple belongs makes the config unhashable: no cache
+        return _fingerprint(aug)
+
+
+def _fingerprint(aug: AugConfig) -> str:
     """A canonical text of every AugConfig field (numbers as floats so 1 and 1.0 hash alike)."""
 
     def canon(value: object) -> str:
@@ -94,6 +101,9 @@ def _aug_fingerprint(aug: AugConfig) -> str:
         return repr(value)
 
     return ";".join(f"{f.name}={canon(getattr(aug, f.name))}" for f in dataclasses.fields(aug))
+
+
+_cached_fingerprint = functools.lru_cache(maxsize=64)(_fingerprint)
 
 
 def view_rng(aug: AugConfig, key: str, seed: int) -> np.random.Generator:

@@ -346,3 +346,22 @@ def test_fsspec_urls_for_every_source(tmp_path):
         assert [s.url for s in shards] == [f"{root}/tars/shard-000000.tar"], form
         assert records(shards) == [ImageRecord("k", b"j", 7)]
     assert records(list_shards(f"{root}/pq")) == [ImageRecord("img", b"q", 1)]
+
+
+def test_a_folder_with_several_splits_must_be_narrowed(tmp_path):
+    (tmp_path / "data").mkdir()
+    for split in ["train", "validation"]:
+        write_parquet(tmp_path / f"data/{split}-00000-of-00001.parquet", [(b"a", None, 0)])
+    with pytest.raises(ValueError, match=r"several series .*images=.*train-\*"):
+        list_shards(str(tmp_path))
+    assert len(list_shards(str(tmp_path / "data/train-*.parquet"))) == 1
+
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    write_tar(wds / "imagenet1k-train-0000.tar", [("a.jpg", b"1")])
+    write_tar(wds / "imagenet1k-train-0001.tar", [("b.jpg", b"2")])
+    write_tar(wds / "imagenet1k-validation-00.tar", [("c.jpg", b"3")])
+    with pytest.raises(ValueError, match="several series"):
+        list_shards(wds)
+    shards = list_shards(wds / "imagenet1k-train-{0000..0001}.tar")  # a Path is fine too
+    assert [r.key for r in records(shards)] == ["a", "b"]

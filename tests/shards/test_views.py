@@ -40,6 +40,7 @@ def test_sampling_is_a_pure_function():
     assert a != sample_view(dataclasses.replace(AUG, scale=(0.3, 1.0)), "n01/img_1", 3, 500, 375)
     # numbers hash by value: (0.2, 1) and (0.2, 1.0) are the same config
     assert a == sample_view(dataclasses.replace(AUG, scale=(0.2, 1)), "n01/img_1", 3, 500, 375)
+    assert a == sample_view(dataclasses.replace(AUG, scale=[0.2, 1.0]), "n01/img_1", 3, 500, 375)
     assert isinstance(a, ViewParams) and a.seed == 3 and (a.width, a.height) == (500, 375)
 
 
