@@ -90,6 +90,7 @@ class PretrainConfig:
     presets: ClassVar[dict[str, dict]] = {
         # A tiny ViT on the ImageNet sample tokenized by the demo tokenizer: minutes on 2 cores.
         "demo": {
+            "tokens": "runs/demo/tokens",  # images: the source named in its manifest
             "out_dir": "runs/demo/pretrain",
             # image/patch size come from the demo tokenizer (via the token dataset)
             "model": {"size": "tiny", "drop_path": 0.0},
