@@ -94,7 +94,8 @@ def list_shards(
 
     Raises:
         FileNotFoundError: nothing matches.
-        ValueError: a bad ``shard_size`` or a mix of tar and parquet files.
+        ValueError: a bad ``shard_size``, a mix of tar and parquet files, or a folder holding
+            several series of shards (``train-*`` and ``validation-*``: pass one as a pattern).
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")

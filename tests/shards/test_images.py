@@ -365,3 +365,28 @@ def test_a_folder_with_several_splits_must_be_narrowed(tmp_path):
         list_shards(wds)
     shards = list_shards(wds / "imagenet1k-train-{0000..0001}.tar")  # a Path is fine too
     assert [r.key for r in records(shards)] == ["a", "b"]
+
+
+def test_oversized_member_is_not_read(tmp_path, monkeypatch):
+    import shards.images as images
+
+    monkeypatch.setattr(images, "MAX_MEMBER_BYTES", 100)
+    url = write_tar(tmp_path / "big.tar", [("big.jpg", b"x" * 101), ("ok.jpg", b"y" * 100)])
+    recs = records(list_shards(url))
+    assert [(r.key, r.error) for r in recs] == [
+        ("big", ".jpg member too large (101 bytes)"),
+        ("ok", None),
+    ]
+
+
+def test_truncated_gzip_tar_is_a_bad_shard(tmp_path):
+    url = write_tar(
+        tmp_path / "a.tar.gz", [(f"k{i}.jpg", os.urandom(5000)) for i in range(4)], gz=True
+    )
+    data = Path(url).read_bytes()
+    Path(url).write_bytes(data[: len(data) * 3 // 4])
+    got = []
+    with pytest.raises(BadShard, match="truncated tar after"):
+        for rec in iter_shard(ImageShard(0, url, "webdataset")):
+            got.append(rec.key)
+    assert got == ["k0", "k1", "k2"]  # k3 was cut

@@ -240,3 +240,20 @@ def test_pack_from_and_to_s3(folder, tmp_path, s3_endpoint):
     ]
     assert records("s3://bucket/out") == records(str(folder))
     assert records("s3://bucket/out/shard-{000000..000001}.tar") == records(str(folder))
+
+
+def test_long_and_unicode_keys_round_trip(tmp_path):
+    import webdataset as wds
+
+    root = tmp_path / "imgs"
+    long_dir = root / ("d" * 120)
+    long_dir.mkdir(parents=True)
+    (long_dir / ("f" * 150 + ".png")).write_bytes(png())
+    (root / "café").mkdir()
+    (root / "café" / "ñandú.jpg").write_bytes(jpeg())
+    out = tmp_path / "out"
+    pack(PackConfig(images=str(root), out_dir=str(out)))
+    want = records(str(root))
+    assert records(str(out)) == want
+    samples = list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [k for k, *_ in want]
