@@ -1,0 +1,240 @@
+"""Stage 2 end to end on Dask: outputs validate, tokens match online encoding, determinism across
+worker counts and an external scheduler, bad input, reruns, refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from shards.decode import decode_image
+from shards.reader import open_token_dataset
+from shards.validate import main as validate_main
+from shards.views import AugConfig, render_view, to_unit
+from tokenize_corpus import job as job_module
+from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+from tokenize_corpus.tokenizer import load_tokenizer
+
+_spec = importlib.util.spec_from_file_location(
+    "job_helpers", Path(__file__).with_name("job_helpers.py")
+)
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+torch.set_num_threads(1)
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> str:
+    return helpers.make_tokenizer(tmp_path_factory.mktemp("tok") / "tok.pth")
+
+
+@pytest.fixture(scope="module")
+def cluster2() -> str:
+    """A 2-worker LocalCluster shared by the tests that do not test cluster startup itself."""
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+        silence_logs=logging.WARNING,
+    ) as cluster:  # fmt: skip
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    return helpers.make_corpus(tmp_path_factory.mktemp("images"), shards=3, per_shard=6)
+
+
+def config(images: str, tokenizer: str, out: Path, **cluster) -> TokenizeConfig:
+    return TokenizeConfig(
+        images=images,
+        tokenizer=tokenizer,
+        out_dir=str(out),
+        seeds=(0, 1, 2),
+        aug=AugConfig(size=32),
+        batch_size=5,  # not a multiple of K: batches straddle images
+        cluster=ClusterConfig(**{"n_workers": 1, "dashboard": False, **cluster}),
+    )
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(tmp_path_factory, corpus, tokenizer_path) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run1") / "tokens"
+    return out, tokenize(config(corpus, tokenizer_path, out, n_workers=1))
+
+
+def test_outputs_validate_and_tokens_match_online_encoding(one_worker_run, corpus, tokenizer_path):
+    out, summary = one_worker_run
+    assert summary["exit_code"] == 0
+    assert summary["shards_tokenized"] == 3 and summary["images"] == 18 and summary["views"] == 54
+    assert validate_main([str(out), f"images={corpus}"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32" and manifest["seeds"] == [0, 1, 2]
+    assert manifest["aug"]["size"] == 32
+
+    # DESIGN §2's proof: rebuild the stored views from the original bytes, encode online.
+    tokenizer = load_tokenizer(tokenizer_path)
+    ds = open_token_dataset(str(out))
+    with tarfile.open(corpus.replace("{000000..000002}", "000001")) as tar:
+        images = {
+            m.name.split(".")[0]: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")
+        }
+    rows = ds.read_shard(1)
+    assert list(rows) == sorted(images)
+    for key in list(rows)[:3]:
+        row = rows[key]
+        image = decode_image(images[key])
+        views = torch.stack([render_view(image, v) for v in row.views])  # [K, 3, 32, 32]
+        online = tokenizer.encode(to_unit(views)).numpy()  # [K, N]
+        np.testing.assert_array_equal(online, row.tokens)
+    all_tokens = np.concatenate([r.tokens.ravel() for r in rows.values()])
+    assert len(np.unique(all_tokens)) > 1  # the tiny tokenizer is not collapsed
+
+
+def test_two_workers_and_external_scheduler_write_identical_bytes(
+    tmp_path, one_worker_run, corpus, tokenizer_path, cluster2
+):
+    reference = helpers.dataset_files(one_worker_run[0])
+    two = tmp_path / "two"
+    assert tokenize(config(corpus, tokenizer_path, two, address=cluster2))["exit_code"] == 0
+    assert helpers.dataset_files(two) == reference
+
+    # A separately started `dask scheduler` + `dask worker`, reached through cluster.address.
+    port = helpers.free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [VENV_BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--dashboard-address", ":0", "--no-show"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    worker = subprocess.Popen(
+        [VENV_BIN / "dask", "worker", address, "--nthreads", "1", "--no-dashboard",
+         "--memory-limit", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    try:
+        from distributed import Client
+
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(1, timeout=120)
+        external = tmp_path / "external"
+        summary = tokenize(config(corpus, tokenizer_path, external, address=address))
+        assert summary["exit_code"] == 0
+        assert helpers.dataset_files(external) == reference
+    finally:
+        for proc in (worker, scheduler):
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_rerun_on_finished_dataset_does_no_tokenizer_work(
+    one_worker_run, corpus, tokenizer_path, monkeypatch
+):
+    out, _ = one_worker_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a finished dataset must not start a cluster")
+
+    monkeypatch.setattr(job_module, "open_client", no_cluster)
+    summary = tokenize(config(corpus, tokenizer_path, out, n_workers=1))
+    assert summary["exit_code"] == 0
+    assert summary["shards_tokenized"] == 0 and summary["shards_already_done"] == 3
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+
+
+def test_view_size_must_match_tokenizer(tmp_path, corpus, tokenizer_path):
+    cfg = TokenizeConfig(
+        images=corpus, tokenizer=tokenizer_path, out_dir=str(tmp_path / "t"), aug=AugConfig(size=48)
+    )
+    with pytest.raises(ConfigError, match=r"aug.size=48.*image_size=32"):
+        tokenize(cfg)
+
+
+def test_out_dir_with_other_settings_is_refused(one_worker_run, corpus, tokenizer_path):
+    out, _ = one_worker_run
+    cfg = config(corpus, tokenizer_path, out)
+    cfg = TokenizeConfig(**{**cfg.__dict__, "seeds": (0, 1)})
+    with pytest.raises(ConfigError, match="seeds"):
+        tokenize(cfg)
+
+
+def _bad_members() -> list[tuple[str, bytes]]:
+    good = helpers.image_bytes(40, 30, 1)
+    return [
+        *helpers.good_members("s0", 3, 0),
+        ("bad_corrupt.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg at all" * 4),
+        ("bad_zero.jpg", b""),
+        ("bad_trunc.jpg", good[: len(good) // 2]),
+        ("bad_txt.txt", b"no image here"),
+        ("tiny_1px.png", helpers.image_bytes(1, 1, 2, fmt="PNG")),
+        ("cmyk.jpg", helpers.image_bytes(30, 20, 3, mode="CMYK")),
+        ("pal.png", helpers.image_bytes(25, 35, 4, fmt="PNG", mode="P")),
+        ("s0_000.jpg", helpers.image_bytes(30, 30, 5)),  # the key again, not adjacent
+    ]
+
+
+def test_bad_input_is_listed_bad_shard_fails_alone_and_rerun_fixes_it(
+    tmp_path, tokenizer_path, cluster2
+):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "img-000000.tar").write_bytes(helpers.tar_bytes(_bad_members()))
+    (root / "img-000001.tar").write_bytes(helpers.tar_bytes(helpers.good_members("s1", 4, 1)))
+    whole = helpers.tar_bytes(helpers.good_members("s2", 4, 2))
+    content = whole.rstrip(b"\0")  # tar pads to 10 KiB records: cut inside the members
+    (root / "img-000002.tar").write_bytes(content[: len(content) * 2 // 3])  # truncated tar
+    images = str(root / "img-{000000..000002}.tar")
+    out = tmp_path / "tokens"
+
+    summary = tokenize(config(images, tokenizer_path, out, address=cluster2, retries=0))
+    assert summary["exit_code"] == 1
+    assert list(summary["failed"]) == ["shard-000002"]
+    assert "truncated tar" in summary["failed"]["shard-000002"]
+    assert summary["shards_tokenized"] == 2
+    assert not (out / "manifest.json").exists()
+    receipt = json.loads((out / "receipts" / "shard-000000.json").read_text())
+    skipped = dict(receipt["skipped"])
+    assert set(skipped) == {"bad_corrupt", "bad_zero", "bad_trunc", "bad_txt", "s0_000"}
+    assert "zero bytes" in skipped["bad_zero"] and "truncated" in skipped["bad_trunc"]
+    assert "duplicate" in skipped["s0_000"]
+    assert receipt["rows"] == 6  # 3 good + 1-pixel + CMYK + palette images all tokenized
+    assert not (out / "receipts" / "shard-000002.json").exists()
+
+    done_before = {
+        p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "000002" not in p.name
+    }
+    done_before = {p: t for p, t in done_before.items() if p.suffix in (".parquet", ".gz")}
+    time.sleep(0.01)
+    (root / "img-000002.tar").write_bytes(whole)
+    summary = tokenize(config(images, tokenizer_path, out, address=cluster2))
+    assert summary["exit_code"] == 0
+    assert summary["shards_tokenized"] == 1 and summary["shards_already_done"] == 2
+    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
+    assert validate_main([str(out), f"images={images}"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["totals"]["skipped"] == 5
+
+
+def test_config_loads_without_torch():
+    code = (
+        "import sys; import tokenize_corpus.job as j; j.TokenizeConfig(); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
