@@ -8,7 +8,7 @@ Presets:
   ViT-B/16 teacher, batch 512, 100 epochs, lr 5e-5 × batch/128 with 10 warmup epochs then cosine
   to 1e-5, AdamW (0.9, 0.99), weight decay 1e-4. No dead-code restarts (as the reference).
 - ``demo``: minutes on 2 CPU cores — 96 px / patch 16 (a 6 × 6 grid), the tiny encoder with a
-  1-block decoder, the offline EfficientNet-Lite0 teacher, a 512 × 32 codebook with dead-code
+  1-block decoder, the offline EfficientNet-Lite0 teacher (at 96 px), a 512 × 32 codebook with dead-code
   restarts, batch 64 for 8 epochs at a higher learning rate (a short run needs it).
 """
 
@@ -45,6 +45,7 @@ class TeacherSection:
 
     name: str = "clip:ViT-B-16/openai"
     weights: str = ""  # a local weight file; "" = the library's own loader
+    input_size: int = 0  # pixels the teacher sees (CNN teachers only); 0 = its native resolution
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ class VQKDConfig:
                 "code_dim": 32,
                 "dead_code_steps": 20,
             },
-            "teacher": {"name": "efficientnet_lite0"},
+            # the CNN teacher at the tokenizer's 96 px: ~5x cheaper than its native 224 px, and
+            # its stride-16 map is then exactly the 6 x 6 token grid
+            "teacher": {"name": "efficientnet_lite0", "input_size": 96},
             "train": {
                 "batch_size": 64,
                 "epochs": 8,

@@ -151,8 +151,14 @@ class TimmCNNTeacher(Teacher):
         return out[-1]  # [B, C, h, w]
 
 
-def load_teacher(name: str, weights: str | None, grid: tuple[int, int]) -> Teacher:
+def load_teacher(
+    name: str, weights: str | None, grid: tuple[int, int], input_size: int = 0
+) -> Teacher:
     """Build a frozen teacher by name; ``weights`` (a local file) overrides the library loader.
+
+    ``input_size`` (pixels, square) is the resolution the teacher sees; 0 = its native one. A CNN
+    can run at any size (cheaper: the demo runs EfficientNet-Lite0 at the tokenizer's 96 px);
+    a ViT teacher needs its native size.
 
     Fails within seconds, with a message saying what to do, for an unknown name, a missing
     weight file, or pretrained weights that are neither cached nor downloadable.
@@ -179,6 +185,13 @@ def load_teacher(name: str, weights: str | None, grid: tuple[int, int]) -> Teach
             "(e.g. clip:ViT-B-16/openai) or 'timm:<model name>' (e.g. "
             "timm:vit_base_patch16_224.dino)"
         )
+    if input_size:
+        if not isinstance(teacher, TimmCNNTeacher):
+            raise TeacherError(
+                f"teacher {name!r} is a ViT and runs at its native resolution "
+                f"{teacher.input_size}; set teacher.input_size=0"
+            )
+        teacher.input_size = (input_size, input_size)
     return teacher.freeze()
 
 

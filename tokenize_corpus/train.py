@@ -95,7 +95,9 @@ def fit(cfg: VQKDConfig) -> tuple[dict[str, Any], VQKD]:
     rank_batch = cfg.train.batch_size // world
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
-    teacher = load_teacher(cfg.teacher.name, cfg.teacher.weights or None, _grid(cfg)).to(device)
+    teacher = load_teacher(
+        cfg.teacher.name, cfg.teacher.weights or None, _grid(cfg), cfg.teacher.input_size
+    ).to(device)
     mcfg = model_config(cfg, teacher.dim)
     model = VQKD(mcfg, all_reduce=dist.all_reduce if world > 1 else None, rank=rank).to(device)
 

@@ -130,3 +130,18 @@ def test_uncached_hub_weights_fail_fast(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(TeacherError, match="teacher.weights=<local file>"):
         load_teacher("timm:vit_tiny_patch16_224.augreg_in21k", None, grid=(14, 14))
     assert time.monotonic() - start < 10
+
+
+def test_cnn_teacher_input_size_and_vit_refusal(tiny_vit_file: Path) -> None:
+    teacher = load_teacher("efficientnet_lite0", None, grid=(6, 6), input_size=96)
+    images = torch.rand(2, 3, 96, 96)
+    features = teacher(images)
+    assert teacher.input_size == (96, 96) and features.shape == (2, 36, 112)
+    with torch.no_grad():  # at 96 px the stride-16 map is the 6 x 6 grid itself: no resize
+        x = (images - teacher.mean) / teacher.std
+        direct = teacher.model.forward_intermediates(
+            x, indices=[3], intermediates_only=True, stop_early=True
+        )[-1]
+    torch.testing.assert_close(features, direct.flatten(2).transpose(1, 2))
+    with pytest.raises(TeacherError, match="native resolution"):
+        load_teacher("timm:vit_tiny_patch16_224", str(tiny_vit_file), grid=(4, 4), input_size=64)
