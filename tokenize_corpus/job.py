@@ -389,7 +389,17 @@ def tokenize_shard(shard: ImageShard, job: ShardJob) -> dict:
         "views": len(rows) * k,
         "seconds": time.perf_counter() - start,
         "encode_seconds": encode_seconds,
+        "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB); Linux reports ru_maxrss in KiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 # ---- driver side -------------------------------------------------------------------------------
@@ -560,8 +570,8 @@ def open_client(cluster: ClusterConfig) -> Iterator[Client]:
 
 def _run_tasks(
     cfg: TokenizeConfig, todo: list[ImageShard], job_fields: dict, client: Client
-) -> tuple[dict[int, dict], dict[int, str], str]:
-    """Submit one task per shard; return (results by index, failures by index, precision)."""
+) -> tuple[dict[int, dict], dict[int, str], str, float]:
+    """Submit one task per shard; return (results, failures by shard index, precision, seconds)."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -575,6 +585,7 @@ def _run_tasks(
     except Exception as err:  # tasks still load the tokenizer themselves; the error shows there
         log.warning("tokenizer worker plugin failed (%s); workers will load it per task", err)
     run_id = uuid.uuid4().hex[:8]
+    start = time.perf_counter()
     futures = [
         client.submit(
             tokenize_shard,
@@ -608,7 +619,7 @@ def _run_tasks(
     finally:
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(plugin.name)
-    return results, failed, precision
+    return results, failed, precision, time.perf_counter() - start
 
 
 def tokenize(cfg: TokenizeConfig) -> dict:
@@ -643,6 +654,7 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     results: dict[int, dict] = {}
     failed: dict[int, str] = {}
     precision = _local_precision(cfg)
+    run_seconds = 0.0
     if todo:
         # The dataset is incomplete until every shard is done: withdraw a stale manifest.
         with contextlib.suppress(FileNotFoundError):
@@ -661,7 +673,7 @@ def tokenize(cfg: TokenizeConfig) -> dict:
             "threads": cfg.cluster.threads_per_worker,
         }
         with open_client(cfg.cluster) as client:
-            results, failed, precision = _run_tasks(cfg, todo, job_fields, client)
+            results, failed, precision, run_seconds = _run_tasks(cfg, todo, job_fields, client)
 
     receipts = []
     for shard in shards:
@@ -688,6 +700,12 @@ def tokenize(cfg: TokenizeConfig) -> dict:
         "views": sum(r["rows"] for r in receipts) * len(cfg.seeds),
         "views_this_run": sum(r["views"] for r in results.values()),
         "precision": precision,
+        # Timings of this run's tasks (for benchmarks): submit-to-last-result wall time, summed
+        # task time, the tokenizer-forward part of it, and the largest worker peak memory.
+        "run_seconds": round(run_seconds, 3),
+        "task_seconds": round(sum(r["seconds"] for r in results.values()), 3),
+        "encode_seconds": round(sum(r["encode_seconds"] for r in results.values()), 3),
+        "worker_peak_rss_mb": max((r["peak_rss_mb"] for r in results.values()), default=None),
     }
     if failed:
         by_name = {s.index: s for s in shards}

@@ -1,0 +1,187 @@
+"""Benchmark stage 2 (issue: "Figures to reach"): end-to-end vs forward-only throughput, 2 vs 1
+workers, bytes per token, worker peak memory as the corpus grows 8x, rerun time.
+
+    .venv/bin/python benchmarks/bench_tokenize.py                      # full: 1000 images, ViT-B/16
+    .venv/bin/python benchmarks/bench_tokenize.py --images 32 --shard-size 8 --mem-shards 1
+
+The ImageNet sample is packed into WebDataset shards with ``shards.pack`` (the first ``--images``
+files, linked into a scratch folder). The tokenizer has random weights (speed does not depend on
+them): ``--model base`` is the ViT-B/16 VQ-KD at 224 with 8192 codes. Forward-only throughput is
+measured in this process with the same torch thread count as one worker
+(``cluster.threads_per_worker``) at the same batch size, so the ratio compares like with like.
+Prints a JSON and writes ``benchmarks/results/tokenize.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+RESULTS = Path(__file__).resolve().parent / "results" / "tokenize.json"
+
+
+def forward_only(tokenizer_path: str, batch_size: int, threads: int, batches: int) -> float:
+    """Views/s of ``Tokenizer.encode`` alone on random pixels (1 warm-up batch not timed)."""
+    import torch
+
+    from tokenize_corpus.tokenizer import load_tokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = load_tokenizer(tokenizer_path)
+    size = tokenizer.image_size
+    pixels = torch.rand(batch_size, 3, size, size)  # [B, 3, S, S]
+    with torch.inference_mode():
+        tokenizer.encode(pixels)
+        start = time.perf_counter()
+        for _ in range(batches):
+            tokenizer.encode(pixels)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def pack_sample(sample: Path, count: int, shard_size: int, out: Path) -> str:
+    """Pack the first ``count`` sample images into tars of ``shard_size``; return the tar glob."""
+    from shards.pack import PackConfig, pack
+
+    files = sorted(sample.glob("*.JPEG"))[:count]
+    if len(files) < count:
+        raise SystemExit(f"--images {count}: only {len(files)} images in {sample}")
+    folder = out / "flat"
+    folder.mkdir(parents=True)
+    for f in files:
+        os.symlink(f, folder / f.name)
+    shards = out / "shards"
+    summary = pack(PackConfig(images=str(folder), out_dir=str(shards), shard_size=shard_size))
+    if summary.get("exit_code"):
+        raise SystemExit(f"packing failed: {summary}")
+    return str(shards / "*.tar")
+
+
+def repeat_shards(pattern: str, times: int, out: Path) -> str:
+    """A corpus with ``times`` x the shard count (copies of the same tars): 8x corpus growth."""
+    out.mkdir(parents=True)
+    tars = sorted(Path(pattern).parent.glob("*.tar"))
+    for t in range(times):
+        for i, tar in enumerate(tars):
+            os.symlink(tar, out / f"shard-{t * len(tars) + i:06d}.tar")
+    return str(out / "*.tar")
+
+
+def make_tokenizer(model: str, path: Path) -> str:
+    import torch
+
+    from tokenize_corpus.tokenizer import save_tokenizer
+    from tokenize_corpus.vqkd import VQKD, VQKD_SIZES, VQKDModelConfig
+
+    torch.manual_seed(0)
+    config = VQKDModelConfig(**VQKD_SIZES[model], kmeans_iters=0)  # 224, patch 16, 8192 codes
+    vqkd = VQKD(config).eval()
+    with torch.no_grad():  # a random unit-norm codebook: a zero one would map every patch to 0
+        codebook = torch.nn.functional.normalize(torch.randn_like(vqkd.quantize.codebook), dim=-1)
+        vqkd.quantize.codebook.copy_(codebook)
+    return save_tokenizer(vqkd, path)
+
+
+def run(images: str, tokenizer: str, out: Path, args: argparse.Namespace, workers: int) -> dict:
+    from shards.views import AugConfig
+    from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+
+    cfg = TokenizeConfig(
+        images=images,
+        tokenizer=tokenizer,
+        out_dir=str(out),
+        seeds=tuple(range(args.seeds)),
+        aug=AugConfig(size=224),
+        batch_size=args.batch_size,
+        cluster=ClusterConfig(n_workers=workers, threads_per_worker=args.threads, dashboard=False),
+    )
+    start = time.perf_counter()
+    summary = tokenize(cfg)
+    summary["wall_seconds"] = time.perf_counter() - start
+    if summary["exit_code"]:
+        raise SystemExit(f"tokenize failed: {summary}")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE)
+    parser.add_argument("--images", type=int, default=1000, help="images of the sample to use")
+    parser.add_argument("--shard-size", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=4, help="K views per image")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--model", default="base", choices=["tiny", "small", "base"])
+    parser.add_argument("--forward-batches", type=int, default=3)
+    parser.add_argument("--mem-shards", type=int, default=2, help="shards of the 1x memory corpus")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench_tokenize_"))
+    try:
+        images = pack_sample(args.sample, args.images, args.shard_size, scratch / "sample")
+        tokenizer = make_tokenizer(args.model, scratch / "tokenizer.pth")
+        forward = forward_only(tokenizer, args.batch_size, args.threads, args.forward_batches)
+
+        one = run(images, tokenizer, scratch / "tokens1", args, workers=1)
+        rerun = run(images, tokenizer, scratch / "tokens1", args, workers=1)
+        two = run(images, tokenizer, scratch / "tokens2", args, workers=2)
+        manifest = json.loads((scratch / "tokens1" / "manifest.json").read_text())
+        # End to end per worker: views over the summed task time of one worker (tokenizer load
+        # included), against forward-only at the same batch size and threads.
+        e2e = one["views_this_run"] / one["task_seconds"]
+        result = {
+            "config": {**vars(args), "sample": str(args.sample), "out": str(args.out)},
+            "views": one["views"],
+            "forward_only_views_per_s": round(forward, 2),
+            "end_to_end_views_per_s_1_worker": round(e2e, 2),
+            "end_to_end_over_forward_only": round(e2e / forward, 3),
+            # The same, over the wall time of the task phase (Dask overhead included).
+            "end_to_end_views_per_s_1_worker_wall": round(
+                one["views_this_run"] / one["run_seconds"], 2
+            ),
+            "forward_share_of_task_time": round(one["encode_seconds"] / one["task_seconds"], 3),
+            "run_seconds_1_worker": one["run_seconds"],
+            "run_seconds_2_workers": two["run_seconds"],
+            "speedup_2_workers": round(one["run_seconds"] / two["run_seconds"], 3),
+            "wall_seconds_1_worker": round(one["wall_seconds"], 2),
+            "wall_seconds_2_workers": round(two["wall_seconds"], 2),
+            "bytes_per_token": manifest["totals"]["bytes_per_token"],
+            "rerun_seconds": round(rerun["wall_seconds"], 3),
+            "rerun_over_first_run": round(rerun["wall_seconds"] / one["wall_seconds"], 4),
+            "worker_peak_rss_mb_1_worker": one["worker_peak_rss_mb"],
+        }
+        if not args.skip_memory:
+            base_tars = sorted(Path(images).parent.glob("*.tar"))[: args.mem_shards]
+            small = scratch / "mem_small"
+            small.mkdir()
+            for i, tar in enumerate(base_tars):
+                os.symlink(tar.resolve(), small / f"shard-{i:06d}.tar")
+            grown = repeat_shards(str(small / "*.tar"), 8, scratch / "mem8")
+            m1 = run(str(small / "*.tar"), tokenizer, scratch / "tokens_m1", args, workers=1)
+            m8 = run(grown, tokenizer, scratch / "tokens_m8", args, workers=1)
+            result.update(
+                worker_peak_rss_mb_corpus_1x=m1["worker_peak_rss_mb"],
+                worker_peak_rss_mb_corpus_8x=m8["worker_peak_rss_mb"],
+                peak_rss_growth_8x=round(
+                    m8["worker_peak_rss_mb"] / m1["worker_peak_rss_mb"] - 1, 4
+                ),
+                memory_shards=[args.mem_shards, 8 * args.mem_shards],
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
