@@ -29,6 +29,7 @@ a table on stdout and ``benchmarks/results/learning_signal.json``.
 
     .venv/bin/python benchmarks/bench_learning_signal.py [--seeds 0 1 2] [--fashion-train 6000]
         [--fashion-test 2000] [--pretrain-epochs 10] [--vqkd-epochs 8] [--skip-imagenet]
+        [--set vqkd:model.depth=4 ...]   (any stage key; sizes are the stages' demo presets)
 """
 
 from __future__ import annotations
@@ -129,13 +130,18 @@ def imagenet_folder(work: Path, sample: Path) -> str | None:
     return str(folder)
 
 
+EXTRA: dict[str, list[str]] = {}  # stage -> key=value overrides from --set
+
+
 def run_stage(name: str, overrides: dict[str, Any]) -> dict:
     """One stage through the registry, exactly as ``pipeline run`` would run it."""
     from pipeline.cli import build_stage_config
+    from pipeline.config import merge, parse_overrides
     from pipeline.stages import get_stage
 
     start = time.perf_counter()
-    summary = get_stage(name).run_fn()(build_stage_config(name, dict(overrides))) or {}
+    overrides = merge(overrides, parse_overrides(EXTRA.get(name, [])))
+    summary = get_stage(name).run_fn()(build_stage_config(name, overrides)) or {}
     log.info("%s done in %.1f s", name, time.perf_counter() - start)
     if summary.get("exit_code"):
         raise RuntimeError(f"stage {name} failed: {summary}")
@@ -251,11 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imagenet", type=Path, default=IMAGENET_SAMPLE)
     parser.add_argument("--skip-imagenet", action="store_true")
     parser.add_argument("--skip-fashion", action="store_true")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE:KEY=VALUE",
+        help="extra stage override, e.g. --set vqkd:model.depth=4 --set pretrain:train.batch_size=64",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_learning_signal"))
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks/results/learning_signal.json"
     )
     args = parser.parse_args(argv)
+    for item in args.set:
+        stage, _, kv = item.partition(":")
+        EXTRA.setdefault(stage, []).append(kv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.work_dir.mkdir(parents=True, exist_ok=True)
