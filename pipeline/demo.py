@@ -36,7 +36,7 @@ class AllConfig:
     out_dir: str = "runs/demo"
     # labelled images to use instead of the built-in demo corpus (folder, tars or parquet)
     images: str | None = None
-    corpus_images: int = 640  # demo corpus: number of images (16 classes, round robin)
+    corpus_images: int = 512  # demo corpus: number of images (16 classes, 32 each)
     corpus_size: int = 96  # demo corpus: image side in pixels
     corpus_seed: int = 0
     shard_size: int = 128  # images per packed shard (several shards -> several Dask tasks)

@@ -151,7 +151,7 @@ def _image_rng(seed: int, name: str, i: int) -> np.random.Generator:
 
 def build_demo_corpus(
     out_dir: str | Path,
-    n_images: int = 640,
+    n_images: int = 512,
     size: int = 96,
     seed: int = 0,
     classes: tuple[str, ...] = CLASSES,
