@@ -141,40 +141,45 @@ def _plot_curves(rep: Report, stage: str, records: list[dict]) -> str:
 
     if not records:
         return f"<p class='missing'>{stage}: metrics.jsonl is empty.</p>"
-    # Step records when a stage logs both steps and epochs (pretrain: kind=step|epoch).
-    steps = [r for r in records if r.get("kind", "step") == "step"] or records
-    xkey = next((k for k in ("step", "epoch", "iter") if k in steps[0]), None)
+    # Stages log step records and epoch records (kind=step|epoch); a key is drawn from the step
+    # records when they have it, else from the epoch records (e.g. eval-pass codebook usage).
+    steps = [r for r in records if r.get("kind", "step") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    skip = {"epoch", "step", "iter", "seconds", "lr", "samples_per_s", "images_per_s"}
     numeric = sorted(
-        {k for r in steps for k, v in r.items() if isinstance(v, (int, float)) and k != xkey}
-        - {"epoch", "step", "seconds", "lr", "samples_per_s", "images_per_s", "skipped_images"}
+        {k for r in records for k, v in r.items() if isinstance(v, (int, float))} - skip
     )
     groups = {
         "loss": [k for k in numeric if "loss" in k],
         "accuracy / cosine": [k for k in numeric if "acc" in k or "cos" in k or "top" in k],
-        "codebook": [k for k in numeric if "usage" in k or "perplex" in k or "used" in k],
+        "codebook usage": [k for k in numeric if "usage" in k or "used" in k],
+        "perplexity": [k for k in numeric if "perplex" in k],
     }
     groups = {name: keys for name, keys in groups.items() if keys}
     if not groups:
         return f"<p class='missing'>{stage}: no plottable metrics in metrics.jsonl.</p>"
+
+    def points(key: str) -> list[tuple[float, float]]:
+        source = steps if any(key in r for r in steps) else epochs or records
+        return [
+            (r.get("step", r.get("epoch", i)), r[key])
+            for i, r in enumerate(source)
+            if isinstance(r.get(key), (int, float))
+        ]
+
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.0), squeeze=False)
     for ax, (name, keys) in zip(axes[0], groups.items(), strict=True):
         for key in keys:
-            pts = [
-                (r.get(xkey, i) if xkey else i, r[key])
-                for i, r in enumerate(steps)
-                if isinstance(r.get(key), (int, float))
-            ]
+            pts = points(key)
             if pts:
                 ax.plot(*zip(*pts, strict=True), label=key, marker="." if len(pts) < 30 else None)
         ax.set_title(f"{stage}: {name}")
-        ax.set_xlabel(xkey or "record")
+        ax.set_xlabel("step")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     img = rep.figure(fig, f"curves-{stage}.png", f"{stage} training curves")
-    last = steps[-1]
-    summary = ", ".join(
-        f"{k} {last[k]:.4g}" for k in numeric if isinstance(last.get(k), (int, float))
-    )
+    last = {k: points(k)[-1][1] for k in numeric if points(k)}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
     return f"<h3>{html.escape(stage)}</h3>{img}<p class='small'>last: {html.escape(summary)}</p>"
 
 
