@@ -11,6 +11,11 @@ wiring keys (images, out_dir, tokenizer, tokens, sizes that must agree) are set 
 Without ``images=``, the corpus is ``pipeline.demo_corpus`` (scikit-image photos + procedural
 patterns, 16 classes; built offline in seconds). With ``images=<labelled folder or shards>``
 (e.g. the ImageNet sample) that source is packed instead.
+
+Measured (``preset=demo``, 512 images, on a 2-core machine shared with other jobs, load ~4):
+4 min 16 s wall in all; vqkd 147 s, pretrain 55 s, teacher probe 23 s, tokenize 13 s, the rest
+a few seconds each. Linear probe top-1 on the 16 demo classes: pretrained 42.7%, random init of
+the same ViT 24.0%, the EfficientNet-Lite0 teacher 100% (an ImageNet-trained CNN on easy classes).
 """
 
 from __future__ import annotations
