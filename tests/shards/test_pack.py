@@ -212,7 +212,7 @@ def s3_endpoint(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
-    fs.mkdir("bucket")
+    fs.mkdir("packbucket")
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
@@ -220,26 +220,28 @@ def s3_endpoint(monkeypatch):
 
 def test_pack_from_and_to_s3(folder, tmp_path, s3_endpoint):
     fs = s3_endpoint
-    fs.put(str(folder), "bucket/images", recursive=True)
-    summary = pack(PackConfig(images="s3://bucket/images", out_dir="s3://bucket/out", shard_size=4))
+    fs.put(str(folder), "packbucket/images", recursive=True)
+    summary = pack(
+        PackConfig(images="s3://packbucket/images", out_dir="s3://packbucket/out", shard_size=4)
+    )
     assert (summary["shards"], summary["images"], summary["exit_code"]) == (2, 6, 0)
-    assert sorted(fs.ls("bucket/out", detail=False)) == [
-        "bucket/out/config.yaml",
-        "bucket/out/index.json",
-        "bucket/out/shard-000000.tar",
-        "bucket/out/shard-000001.tar",
+    assert sorted(fs.ls("packbucket/out", detail=False)) == [
+        "packbucket/out/config.yaml",
+        "packbucket/out/index.json",
+        "packbucket/out/shard-000000.tar",
+        "packbucket/out/shard-000001.tar",
     ]
     local = pack(PackConfig(images=str(folder), out_dir=str(tmp_path / "local"), shard_size=4))
     assert local["images"] == 6
     for name in ["shard-000000.tar", "shard-000001.tar"]:
-        assert fs.cat_file(f"bucket/out/{name}") == (tmp_path / "local" / name).read_bytes()
-    shards = list_shards("s3://bucket/out")
+        assert fs.cat_file(f"packbucket/out/{name}") == (tmp_path / "local" / name).read_bytes()
+    shards = list_shards("s3://packbucket/out")
     assert [s.url for s in shards] == [
-        "s3://bucket/out/shard-000000.tar",
-        "s3://bucket/out/shard-000001.tar",
+        "s3://packbucket/out/shard-000000.tar",
+        "s3://packbucket/out/shard-000001.tar",
     ]
-    assert records("s3://bucket/out") == records(str(folder))
-    assert records("s3://bucket/out/shard-{000000..000001}.tar") == records(str(folder))
+    assert records("s3://packbucket/out") == records(str(folder))
+    assert records("s3://packbucket/out/shard-{000000..000001}.tar") == records(str(folder))
 
 
 def test_long_and_unicode_keys_round_trip(tmp_path):

@@ -57,17 +57,17 @@ def test_tokenize_from_and_to_s3_then_rerun_skips(tmp_path, s3_endpoint):
     fs = s3fs.S3FileSystem(
         key="testing", secret="testing", client_kwargs={"endpoint_url": s3_endpoint}
     )
-    fs.mkdir("bucket")
+    fs.mkdir("tokbucket")
     local = tmp_path / "local"
     pattern = helpers.make_corpus(local / "images", shards=2, per_shard=4)
     for tar in sorted((local / "images").glob("*.tar")):
-        fs.put_file(str(tar), f"bucket/images/{tar.name}")
-    fs.put_file(helpers.make_tokenizer(local / "tok.pth"), "bucket/models/tok.pth")
+        fs.put_file(str(tar), f"tokbucket/images/{tar.name}")
+    fs.put_file(helpers.make_tokenizer(local / "tok.pth"), "tokbucket/models/tok.pth")
 
     cfg = TokenizeConfig(
-        images="s3://bucket/images/" + Path(pattern).name,
-        tokenizer="s3://bucket/models/tok.pth",
-        out_dir="s3://bucket/tokens",
+        images="s3://tokbucket/images/" + Path(pattern).name,
+        tokenizer="s3://tokbucket/models/tok.pth",
+        out_dir="s3://tokbucket/tokens",
         seeds=(0, 1),
         aug=AugConfig(size=32),
         batch_size=4,
@@ -77,13 +77,13 @@ def test_tokenize_from_and_to_s3_then_rerun_skips(tmp_path, s3_endpoint):
     assert summary["exit_code"] == 0, summary
     assert summary["images"] == 8 and summary["shards_tokenized"] == 2
     fs.invalidate_cache()
-    manifest = json.loads(fs.cat_file("bucket/tokens/manifest.json"))
+    manifest = json.loads(fs.cat_file("tokbucket/tokens/manifest.json"))
     assert manifest["totals"]["images"] == 8
-    assert fs.exists("bucket/tokens/receipts/shard-000001.json")
+    assert fs.exists("tokbucket/tokens/receipts/shard-000001.json")
 
     # Read back: a local copy and the bucket itself both validate.
     local_out = tmp_path / "local_tokens"
-    fs.get("bucket/tokens", str(local_out), recursive=True)
+    fs.get("tokbucket/tokens", str(local_out), recursive=True)
     assert validate_main([str(local_out)]) == 0
     assert validate_main([cfg.out_dir]) == 0
 
