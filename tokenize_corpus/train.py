@@ -110,10 +110,10 @@ def fit(cfg: VQKDConfig) -> tuple[dict[str, Any], VQKD]:
     warmup_steps = int(round(cfg.train.warmup_epochs * steps_per_epoch))
     optimizer = _optimizer(model, cfg)
 
-    step, start_epoch = 0, 0
+    step, start_epoch, bad_images = 0, 0, 0
     checkpoint = out / CHECKPOINT
     if cfg.train.resume and checkpoint.exists():
-        step, start_epoch = _load_checkpoint(checkpoint, model, optimizer, mcfg, device)
+        step, start_epoch, bad_images = _load_checkpoint(checkpoint, model, optimizer, mcfg, device)
         log.info("resumed from %s at epoch %d, step %d", checkpoint, start_epoch, step)
     elif cfg.train.resume:
         log.warning("train.resume=true but %s does not exist; starting from scratch", checkpoint)
@@ -136,7 +136,6 @@ def fit(cfg: VQKDConfig) -> tuple[dict[str, Any], VQKD]:
     dataset = TrainViews(shards, aug, cfg.train.seed, steps_per_epoch, rank_batch, rank, world)
     eval_set = EvalSet(cfg.eval.images or cfg.images, cfg.eval.max_images, mcfg.image_size)
     autocast = device.type == "cuda"
-    bad_images = 0
     last_eval: dict[str, float] = {}
     bar = _progress(total_steps, step, disable=rank != 0)
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -188,7 +187,7 @@ def fit(cfg: VQKDConfig) -> tuple[dict[str, Any], VQKD]:
         record["bad_images"] = bad_images
         if rank == 0:
             _append(out / METRICS, record)
-            _save_checkpoint(checkpoint, model, optimizer, cfg, step, epoch + 1)
+            _save_checkpoint(checkpoint, model, optimizer, cfg, step, epoch + 1, bad_images)
             log.info("epoch %d: %s", epoch, json.dumps(record))
         if world > 1:
             dist.barrier()
@@ -511,10 +510,12 @@ def _save_checkpoint(
     cfg: VQKDConfig,
     step: int,
     next_epoch: int,
+    bad_images: int,
 ) -> None:
     state = {
         "step": step,
         "epoch": next_epoch,
+        "bad_images": bad_images,
         "optimizer": optimizer.state_dict(),
         "unused_steps": model.quantize.unused_steps.detach().cpu().clone(),
         "rng_cpu": torch.get_rng_state(),
@@ -531,7 +532,8 @@ def _load_checkpoint(
     optimizer: torch.optim.Optimizer,
     mcfg: VQKDModelConfig,
     device: torch.device,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
+    """Restore weights, optimiser and RNG; return (step, next epoch, bad images so far)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("config") != asdict(mcfg):
         raise ValueError(
@@ -549,7 +551,7 @@ def _load_checkpoint(
     torch.set_rng_state(state["rng_cpu"])
     if "rng_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return int(state["step"]), int(state["epoch"])
+    return int(state["step"]), int(state["epoch"]), int(state.get("bad_images", 0))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

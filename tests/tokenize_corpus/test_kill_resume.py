@@ -202,11 +202,6 @@ def test_sigkill_then_resume_equals_uninterrupted_run(runs: dict) -> None:
     assert [r["epoch"] for r in records(split) if r["kind"] == "epoch"] == list(range(epochs))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the running bad_images count (tokenize_corpus/train.py, `bad_images = 0` "
-    "before the epoch loop) is not saved in the checkpoint, so a resumed run counts from 0",
-)
 def test_resumed_run_keeps_the_bad_image_count(runs: dict) -> None:
     full = [r["bad_images"] for r in records(runs["full"]) if r["kind"] == "epoch"]
     split = [r["bad_images"] for r in records(runs["split"]) if r["kind"] == "epoch"]
