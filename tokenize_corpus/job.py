@@ -540,6 +540,7 @@ def _cluster_precision(cfg: TokenizeConfig, client: Client) -> str:
 @contextlib.contextmanager
 def open_client(cluster: ClusterConfig) -> Iterator[Client]:
     """A Client to ``cluster.address``, or to a LocalCluster started (and closed) here."""
+    import dask
     from distributed import Client, LocalCluster
 
     if cluster.address:
@@ -552,14 +553,18 @@ def open_client(cluster: ClusterConfig) -> Iterator[Client]:
     if cluster.dashboard and importlib.util.find_spec("bokeh") is None:
         log.info("the Dask dashboard needs bokeh (pip install bokeh); running without it")
     memory = 0 if cluster.memory_limit.lower() in ("0", "none", "") else cluster.memory_limit
-    local = LocalCluster(
-        n_workers=cluster.n_workers,
-        threads_per_worker=1,  # one shard at a time per worker: bounded memory, one tokenizer
-        processes=True,
-        memory_limit=memory,
-        dashboard_address=":0",  # a free port: never collides with another run's 8787
-        silence_logs=logging.WARNING,
-    )
+    # Dask's nannies export MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap threshold:
+    # every activation tensor of the tokenizer's forward is then a fresh mmap, and page faults
+    # double. Memory stays flat without it (one shard per task), so workers keep glibc's defaults.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        local = LocalCluster(
+            n_workers=cluster.n_workers,
+            threads_per_worker=1,  # one shard at a time per worker: bounded memory, one tokenizer
+            processes=True,
+            memory_limit=memory,
+            dashboard_address=":0" if cluster.dashboard else None,  # a free port, never 8787
+            silence_logs=logging.WARNING,
+        )
     client = Client(local)
     try:
         yield client
