@@ -18,7 +18,6 @@ a dot (``img.001``) is stored with those dots replaced by ``_`` and the renaming
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import posixpath
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from shards.images import PACK_INDEX_FORMAT
+from shards.tarfiles import add_member
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +210,7 @@ class _ShardWriter:
         return self.shards
 
     def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
+        add_member(self._tar, name, data)
 
     def _flush(self) -> None:
         self._tar.close()

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 
 from shards import card, schema
 from shards.manifest import build_manifest, dataset_fs, dumps, is_local, join, read_receipt
+from shards.tarfiles import add_member
 
 if TYPE_CHECKING:
     import fsspec
@@ -153,16 +154,6 @@ def parquet_bytes(
     return sink.getvalue().to_pybytes()
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def wds_bytes(rows: Sequence[TokenRow]) -> bytes:
     """The gzip'd WebDataset tar of one shard: per image ``.tokens.npy`` [K, N], ``.views.json``, ``.cls``."""
     raw = io.BytesIO()
@@ -175,9 +166,9 @@ def wds_bytes(rows: Sequence[TokenRow]) -> bytes:
             npy = io.BytesIO()
             np.save(npy, np.ascontiguousarray(row.tokens, dtype="<u2"), allow_pickle=False)
             views = json.dumps(schema.views_to_json(row.views), separators=(",", ":"))
-            _tar_member(tar, f"{row.key}.{schema.WDS_TOKENS}", npy.getvalue())
-            _tar_member(tar, f"{row.key}.{schema.WDS_VIEWS}", views.encode())
-            _tar_member(tar, f"{row.key}.{schema.WDS_LABEL}", str(int(row.label)).encode())
+            add_member(tar, f"{row.key}.{schema.WDS_TOKENS}", npy.getvalue())
+            add_member(tar, f"{row.key}.{schema.WDS_VIEWS}", views.encode())
+            add_member(tar, f"{row.key}.{schema.WDS_LABEL}", str(int(row.label)).encode())
     return raw.getvalue()
 
 
