@@ -121,7 +121,7 @@ def imagenet_folder(work: Path, sample: Path) -> str | None:
         return None
     wnids = sorted({f.name.split("_")[0] for f in files})
     index = {w: i for i, w in enumerate(wnids)}
-    folder = work / "imagenet-coarse"
+    folder = work / "imagenet-coarse-images"  # not the stage outputs' folder: it lists classes
     for f in files:
         link = folder / coarse_label(index[f.name.split("_")[0]]) / f.name
         if not link.exists():
@@ -133,12 +133,25 @@ def imagenet_folder(work: Path, sample: Path) -> str | None:
 EXTRA: dict[str, list[str]] = {}  # stage -> key=value overrides from --set
 
 
+REUSE = False  # --reuse: keep stage outputs that already exist (to add probes to a finished run)
+DONE_MARKERS = {
+    "pack": "index.json",
+    "vqkd": "tokenizer.pth",
+    "tokenize": "manifest.json",
+    "pretrain": "backbone_timm.pth",
+}
+
+
 def run_stage(name: str, overrides: dict[str, Any]) -> dict:
     """One stage through the registry, exactly as ``pipeline run`` would run it."""
     from pipeline.cli import build_stage_config
     from pipeline.config import merge, parse_overrides
     from pipeline.stages import get_stage
 
+    marker = DONE_MARKERS.get(name)
+    if REUSE and marker and (Path(overrides["out_dir"]) / marker).exists():
+        log.info("%s: reusing %s", name, overrides["out_dir"])
+        return {}
     start = time.perf_counter()
     overrides = merge(overrides, parse_overrides(EXTRA.get(name, [])))
     summary = get_stage(name).run_fn()(build_stage_config(name, overrides)) or {}
@@ -183,13 +196,19 @@ def bench_dataset(name: str, train: str, test: str | None, work: Path, args: Any
     probe_common = {"preset": "demo", "images": shards, "probe": {"steps": args.probe_steps}}
     if test:
         probe_common["images_val"] = test
-    results: dict[str, list[float]] = {"random": [], "offline": [], "online": [], "teacher": []}
+    kinds = ["random", "offline", "online", "teacher"]
+    # Pooling variants of the pretrained backbones: "auto" is the paper's choice (the CLS token
+    # when the CLS head was trained); "mean" pools patches like the random and teacher rows.
+    kinds += [f"{k}/{pool}" for pool in args.pools if pool != "auto" for k in ("offline", "online")]
+    results: dict[str, list[float]] = {k: [] for k in kinds}
     classes = None
     counts = [sum(1 for _ in c.iterdir()) for c in Path(test or train).iterdir() if c.is_dir()]
     majority = 100 * max(counts) / max(1, sum(counts))
     for seed in args.seeds:
         backbones: dict[str, str] = {}
         for targets in ("offline", "online"):
+            if targets == "online" and seed not in args.online_seeds:
+                continue
             out = d / f"pretrain-{targets}-{seed}"
             run_stage(
                 "pretrain",
@@ -212,16 +231,22 @@ def bench_dataset(name: str, train: str, test: str | None, work: Path, args: Any
         probes = {
             "random": {"backbone": "random", "random_init": {**shape, "seed": seed}},
             "offline": {"backbone": backbones["offline"]},
-            "online": {"backbone": backbones["online"]},
+            "online": {"backbone": backbones.get("online")},
             "teacher": {"backbone": "teacher:efficientnet_lite0", "image_size": size},
         }
+        for pool in args.pools:
+            if pool != "auto":
+                for k in ("offline", "online"):
+                    probes[f"{k}/{pool}"] = {"backbone": backbones.get(k), "pool": pool}
         for kind, extra in probes.items():
+            if extra.get("backbone") is None:  # no online run for this seed
+                continue
             res = run_stage(
                 "linprobe",
                 {
                     **probe_common,
                     **extra,
-                    "out_dir": str(d / f"probe-{kind}-{seed}"),
+                    "out_dir": str(d / f"probe-{kind.replace('/', '-')}-{seed}"),
                     "probe": {"steps": args.probe_steps, "seed": seed},
                 },
             )
@@ -264,11 +289,31 @@ def main(argv: list[str] | None = None) -> int:
         metavar="STAGE:KEY=VALUE",
         help="extra stage override, e.g. --set vqkd:model.depth=4 --set pretrain:train.batch_size=64",
     )
+    parser.add_argument(
+        "--pools",
+        nargs="+",
+        default=["auto", "mean"],
+        help="pooling variants for pretrained probes",
+    )
+    parser.add_argument(
+        "--online-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds that also pretrain with targets=online (default: all of --seeds)",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep existing stage outputs in --work-dir"
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_learning_signal"))
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks/results/learning_signal.json"
     )
     args = parser.parse_args(argv)
+    global REUSE
+    REUSE = args.reuse
+    if args.online_seeds is None:
+        args.online_seeds = list(args.seeds)
     for item in args.set:
         stage, _, kv = item.partition(":")
         EXTRA.setdefault(stage, []).append(kv)
@@ -294,17 +339,17 @@ def main(argv: list[str] | None = None) -> int:
     report["cpu_count"] = os.cpu_count()
 
     print(f"\nlinear-probe top-1 (%), mean ± stdev over seeds {args.seeds}")
-    print(f"{'dataset':<18}{'random':>16}{'offline':>16}{'online':>16}{'teacher':>16}")
     for name, res in report["datasets"].items():
-        row = "".join(
-            f"{_fmt(res['top1'][k]):>16}" for k in ("random", "offline", "online", "teacher")
-        )
+        print(f"{'dataset':<18}" + "".join(f"{k:>16}" for k in res["top1"]))
+        row = "".join(f"{_fmt(v):>16}" for v in res["top1"].values())
         print(f"{name:<18}{row}   (majority class {res['majority_class_top1']:.1f})")
-        off, rnd = res["top1"]["offline"], res["top1"]["random"]
-        if off and rnd:
-            margins = [o - r for o, r in zip(off, rnd, strict=True)]
-            res["offline_minus_random"] = margins
-            print(f"{'':<18}offline - random: {_fmt(margins)} points")
+        rnd = res["top1"]["random"]
+        for kind in [k for k in res["top1"] if k.startswith("offline")]:
+            off = res["top1"][kind]
+            if off and rnd:
+                margins = [o - r for o, r in zip(off, rnd, strict=True)]
+                res[f"{kind}_minus_random"] = margins
+                print(f"{'':<18}{kind} - random: {_fmt(margins)} points")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
