@@ -8,12 +8,6 @@ compared bit for bit with an uninterrupted run of the same config.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,12 +20,23 @@ _spec = importlib.util.spec_from_file_location(
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
 
-ROOT = Path(__file__).resolve().parents[2]
 # An epoch of the tiny run takes ~0.05 s: if the kill still lands after the last checkpoint (a
 # stalled poller on a loaded machine), the whole scenario is retried with a longer run.
 EPOCHS_TRIED = (12, 48)
 # Fields that measure wall time: they differ between any two runs.
 TIMING = {"seconds", "samples_per_s"}
+
+_runs_spec = importlib.util.spec_from_file_location(
+    "cli_runs_pretrain", Path(__file__).resolve().parents[1] / "cli_runs.py"
+)
+cli = importlib.util.module_from_spec(_runs_spec)
+_runs_spec.loader.exec_module(cli)
+pipeline_command, run_to_end = cli.pipeline_command, cli.run_to_end
+run_and_kill_after_checkpoint = cli.run_and_kill_after_checkpoint
+
+
+def records(out_dir: Path) -> list[dict]:
+    return cli.records(out_dir, TIMING)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +46,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tokenizer = helpers.make_tokenizer(root / "tokenizer.pth")
     tokens = helpers.make_tokens(images, tokenizer, root / "tokens")
     return {"images": str(images), "tokens": str(tokens)}
-
-
-def pipeline_command() -> list[str]:
-    """The installed console script beside this interpreter, else the module."""
-    script = Path(sys.executable).with_name("pipeline")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "pipeline.cli"]
 
 
 def command(corpus: dict, out: Path, epochs: int, *extra: str) -> list[str]:
@@ -72,68 +71,6 @@ def command(corpus: dict, out: Path, epochs: int, *extra: str) -> list[str]:
         "train.save_every=1",
         "train.device=cpu",
         *extra,
-    ]
-
-
-def environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def run_to_end(cmd: list[str], log: Path) -> None:
-    with log.open("w") as out:
-        done = subprocess.run(
-            cmd, cwd=ROOT, env=environment(), stdout=out, stderr=subprocess.STDOUT, timeout=120
-        )
-    assert done.returncode == 0, log.read_text()[-3000:]
-
-
-def started_epoch(out_dir: Path, epoch: int) -> bool:
-    """Whether metrics.jsonl holds a step line of ``epoch`` (0-based) or later."""
-    metrics = out_dir / "metrics.jsonl"
-    if not metrics.exists():
-        return False
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line being written right now
-            continue
-        if record.get("kind") == "step" and record.get("epoch", -1) >= epoch:
-            return True
-    return False
-
-
-def run_and_kill_after_checkpoint(cmd: list[str], out_dir: Path, log: Path) -> None:
-    """Start ``cmd`` in its own process group; SIGKILL the group once the first checkpoint is
-    written and a step of the second epoch is logged (so the kill cuts an epoch short)."""
-    checkpoint = out_dir / "checkpoint.pth"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=environment(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the kill reaches every child
-        )
-        try:
-            deadline = time.monotonic() + 90
-            while not (checkpoint.exists() and started_epoch(out_dir, 1)):
-                assert proc.poll() is None, f"run ended before the kill:\n{log.read_text()}"
-                assert time.monotonic() < deadline, "no checkpoint within 90 s"
-                time.sleep(0.005)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, log.read_text()[-3000:])
-
-
-def records(out_dir: Path) -> list[dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [
-        {k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in lines if ln.strip()
     ]
 
 
