@@ -241,7 +241,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from tqdm import tqdm
 
     from pipeline.config import save_config
-    from pretrain.linprobe import _device, key_in_val
+    from pretrain.linprobe import key_in_val, resolve_device
     from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 
     if not cfg.images:
@@ -250,7 +250,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     records = _records(cfg.images, cfg.shard_size)

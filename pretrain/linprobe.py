@@ -498,7 +498,8 @@ def train_probe(
     return {"top1": top1, "top5": top5, "train_top1": train_top1}
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """``auto`` -> cuda when there is a GPU, else cpu; any other name unchanged."""
     import torch
 
     if name == "auto":
@@ -518,7 +519,7 @@ def linprobe(cfg: LinprobeConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     backbone = load_backbone(cfg)
     if cfg.image_size and not cfg.backbone.startswith("teacher:"):
         raise ValueError(
