@@ -144,8 +144,8 @@ DONE_MARKERS = {
 
 def run_stage(name: str, overrides: dict[str, Any]) -> dict:
     """One stage through the registry, exactly as ``pipeline run`` would run it."""
+    from engine.config import merge, parse_overrides
     from pipeline.cli import build_stage_config
-    from pipeline.config import merge, parse_overrides
     from pipeline.stages import get_stage
 
     marker = DONE_MARKERS.get(name)

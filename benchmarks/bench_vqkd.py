@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import build_config
+from engine.config import build_config
 from tokenize_corpus.config import VQKDConfig
 from tokenize_corpus.teachers import load_teacher
 from tokenize_corpus.train import vqkd

@@ -16,7 +16,8 @@ import sys
 import time
 from typing import Any
 
-from pipeline.config import ConfigError, build_config, describe, parse_overrides
+from engine import config
+from engine.config import ConfigError, describe, load_config_file, parse_overrides
 from pipeline.stages import STAGES, get_stage
 
 # Tool commands: name -> ("module:function", help). Each function takes the argv after the name
@@ -43,24 +44,19 @@ def stage_help(name: str) -> str:
     cls = stage.config_class()
     presets = ", ".join(getattr(cls, "presets", {}) or {}) or "none"
     lines = [f"stage={name}: {stage.help}", f"  presets: {presets}", "  keys (default):"]
-    for key, type_name, default in describe(cls):
+    for key, type_name, default, _doc in describe(cls):
         lines.append(f"    {key}={json.dumps(default)}  [{type_name}]")
     return "\n".join(lines)
 
 
 def build_stage_config(name: str, overrides: dict[str, Any]) -> Any:
-    """The frozen config of stage ``name`` from an optional ``preset`` and overrides."""
-    cls = get_stage(name).config_class()
-    presets = getattr(cls, "presets", {}) or {}
-    preset = overrides.pop("preset", None)
-    layers = []
-    if preset is not None:
-        if preset not in presets:
-            raise ConfigError(
-                f"unknown preset {preset!r} for stage={name}; presets: {', '.join(presets) or 'none'}"
-            )
-        layers.append(presets[preset])
-    return build_config(cls, *layers, overrides)
+    """The frozen config of stage ``name``: its preset, then ``config=<file>``, then overrides."""
+    overrides = dict(overrides)
+    file = overrides.pop("config", None)
+    layer = load_config_file(file) if file else None
+    return config.build_stage_config(
+        get_stage(name).config_class(), overrides, stage=name, file=layer
+    )
 
 
 def run(argv: list[str]) -> int:

@@ -29,13 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from engine.config import StageConfig
+
 log = logging.getLogger(__name__)
 
 STAGE_ORDER = ("pack", "vqkd", "tokenize", "pretrain", "linprobe", "report")
 
 
 @dataclass(frozen=True)
-class AllConfig:
+class AllConfig(StageConfig):
     """The whole pipeline on one corpus (defaults = the demo: <= 10 minutes on 2 CPU cores)."""
 
     out_dir: str = "runs/demo"
@@ -47,7 +49,7 @@ class AllConfig:
     shard_size: int = 128  # images per packed shard (several shards -> several Dask tasks)
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # view seeds tokenized in stage 2
     n_workers: int = 2  # Dask LocalCluster workers
-    preset: str = "demo"  # the preset each stage starts from
+    stage_preset: str = "demo"  # the preset each stage starts from
     stages: tuple[str, ...] = STAGE_ORDER  # which stages to run (later ones use earlier outputs)
     probe_teacher: bool = True  # also probe the teacher's own features (a third baseline)
     # extra key=value overrides per stage, e.g. vqkd=[train.epochs=1]
@@ -90,16 +92,17 @@ class _Runner:
         self.failed = False
 
     def overrides(self, stage: str, wiring: dict[str, Any], extra: tuple[str, ...]) -> dict:
-        from pipeline.config import merge, parse_overrides
+        from engine.config import merge, parse_overrides
 
-        layer = {"preset": self.cfg.preset} if self._has_preset(stage) else {}
+        layer = {"preset": self.cfg.stage_preset} if self._has_preset(stage) else {}
         return merge(merge(layer, wiring), parse_overrides(list(extra)))
 
-    @staticmethod
-    def _has_preset(stage: str) -> bool:
+    def _has_preset(self, stage: str) -> bool:
         from pipeline.stages import get_stage
 
-        return "demo" in (getattr(get_stage(stage).config_class(), "presets", {}) or {})
+        return self.cfg.stage_preset in (
+            getattr(get_stage(stage).config_class(), "presets", {}) or {}
+        )
 
     def run(self, name: str, stage: str, overrides: dict[str, Any]) -> dict | None:
         """Run ``stage`` (recorded as ``name``); None when it (or an earlier one) failed."""
@@ -145,7 +148,7 @@ def _model_shape(tokenizer_path: str) -> dict[str, int]:
 
 def run_all(cfg: AllConfig) -> dict:
     """Run the stages of ``cfg.stages`` in order; returns a summary pointing to the report."""
-    from pipeline.config import save_config
+    from engine.config import save_config
     from pipeline.demo_corpus import build_demo_corpus
 
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Run it with ``pipeline run stage=pretrain images=<image shards> tokens=<token dataset>``.
 ``preset=demo`` trains a tiny model on the ImageNet sample in minutes on 2 CPU cores;
-``preset=base`` is the paper's ViT-B/16 300-epoch recipe (REFERENCE.md §3).
+``preset=base`` is the paper's ViT-B/16 300-epoch recipe (docs/method.md §3).
 
 No torch import here: the CLI imports this module for ``--help``.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
+
+from engine.config import StageConfig
 
 # The paper's batch size: ``blr`` is the learning rate at this batch, scaled linearly.
 REFERENCE_BATCH = 2048
@@ -38,7 +40,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """Block-wise masking (REFERENCE.md §3), drawn online, deterministic in (seed, epoch, key)."""
+    """Block-wise masking (docs/method.md §3), drawn online, deterministic in (seed, epoch, key)."""
 
     # null = the reference's 75 of 196 patches, scaled to the model's grid
     num_masked: int | None = None
@@ -47,7 +49,7 @@ class MaskSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Optimisation and bookkeeping (REFERENCE.md §3 defaults)."""
+    """Optimisation and bookkeeping (docs/method.md §3 defaults)."""
 
     batch_size: int = 2048  # global batch (split evenly across DDP ranks)
     epochs: int = 300
@@ -71,7 +73,7 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(StageConfig):
     """Stage 3: BEiT v2 masked image modelling with offline (precomputed) or online targets."""
 
     images: str = ""  # image shards stage 2 tokenized ("" = the source named in the token manifest)

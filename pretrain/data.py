@@ -1,4 +1,4 @@
-"""Stage 3 data path (DESIGN §5): image shards and their aligned token shards, read side by side.
+"""Stage 3 data path (docs/design.md §5): image shards and their aligned token shards, read side by side.
 
 Each sample is one image: it picks one of its K stored views (a deterministic function of run
 seed, epoch and key), re-renders that view from the *stored* ``ViewParams`` with the same function

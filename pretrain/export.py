@@ -1,4 +1,4 @@
-"""Export a pretraining checkpoint as a backbone file that timm loads (REFERENCE §4, way (b)).
+"""Export a pretraining checkpoint as a backbone file that timm loads (docs/method.md §4, way (b)).
 
 timm's registered ``beitv2_*`` models give every block its own relative position table, while
 pretraining shares one; the export copies the shared table into each block's

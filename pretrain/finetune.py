@@ -1,4 +1,4 @@
-"""Full fine-tuning of a backbone on labelled images (REFERENCE §5, the BEiT v2 recipe, simplified).
+"""Full fine-tuning of a backbone on labelled images (docs/method.md §5, the BEiT v2 recipe, simplified).
 
 ``pipeline run stage=finetune backbone=<checkpoint|exported file|random> images=<labelled images>``
 
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from engine.config import StageConfig
 from pretrain.linprobe import RandomInit
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ REFERENCE_BATCH = 1024  # the paper's fine-tuning batch: blr is the lr at this b
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(StageConfig):
     """Fine-tune a backbone end to end with layer-wise lr decay."""
 
     backbone: str = "random"  # pretrain checkpoint, timm-exported backbone file, or "random"
@@ -75,7 +76,7 @@ class FinetuneConfig:
             "drop_path": 0.0,
             "random_init": {"size": "tiny", "image_size": 64, "patch_size": 8},
         },
-        # The paper's ViT-B/16 recipe (300-epoch pretraining row of REFERENCE §5).
+        # The paper's ViT-B/16 recipe (300-epoch pretraining row of docs/method.md §5).
         "base": {
             "epochs": 100,
             "batch_size": 1024,
@@ -240,7 +241,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from pipeline.config import save_config
+    from engine.config import save_config
     from pretrain.linprobe import key_in_val, resolve_device
     from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 

@@ -1,4 +1,4 @@
-"""Linear probe: a linear classifier on frozen backbone features (REFERENCE §5).
+"""Linear probe: a linear classifier on frozen backbone features (docs/method.md §5).
 
 ``pipeline run stage=linprobe backbone=<file|random|teacher:NAME> images=<labelled images>``
 
@@ -10,7 +10,7 @@
   shapes, so any of our checkpoints works without its config.
 * **Features** (``pool=auto``): the CLS token when the CLS aggregation head was trained (the file
   has ``cls_pt_layers.*`` weights, or an exported file says ``cls_head_trained``), the mean of the
-  patch tokens otherwise, as the paper's linear probe (REFERENCE §5). A teacher gives patch
+  patch tokens otherwise, as the paper's linear probe (docs/method.md §5). A teacher gives patch
   features only, so its features are always their mean. Every image is seen once through the
   evaluation view (resize to size/0.875, centre crop; ``shards.views``, ImageNet normalisation).
   Features are cached in ``out_dir/features-<hash>.pt``, the hash covering the backbone's weights,
@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from engine.config import StageConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +70,7 @@ class ProbeSpec:
 
 
 @dataclass(frozen=True)
-class LinprobeConfig:
+class LinprobeConfig(StageConfig):
     """Evaluate a frozen backbone by a linear classifier on its features."""
 
     # a pretrain checkpoint, a timm-exported backbone file, "random", or "teacher:<name>"
@@ -511,7 +513,7 @@ def linprobe(cfg: LinprobeConfig) -> dict:
     """Run the linear probe described by ``cfg``; writes results.json and returns it."""
     import torch
 
-    from pipeline.config import save_config
+    from engine.config import save_config
 
     if not cfg.images:
         raise ValueError("no labelled images given; pass images=<folder, shards or parquet>")

@@ -1,4 +1,4 @@
-"""Block-wise masking of the patch grid, as the BEiT ``MaskingGenerator`` (REFERENCE §3).
+"""Block-wise masking of the patch grid, as the BEiT ``MaskingGenerator`` (docs/method.md §3).
 
 Rectangular blocks of at least ``min_patches`` patches with a log-uniform aspect ratio are
 dropped onto the grid until the budget is spent (at most 10 tries per block); the remainder is

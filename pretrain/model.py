@@ -1,10 +1,10 @@
-"""BEiT v2 student for masked image modelling (REFERENCE §3), built from timm's BEiT blocks.
+"""BEiT v2 student for masked image modelling (docs/method.md §3), built from timm's BEiT blocks.
 
 The backbone is timm's ``Beit`` in its BEiT v2 pretraining form: no absolute position embedding,
 one *shared* relative position bias, q/v biases, layer scale, plus a learned mask token, the
 LM head and the CLS aggregation head (``cls_pt_layers``) of the reference
 ``VisionTransformerForMaskedImageModelingCLS``. Blocks and the bias module are timm's own classes,
-so parameter names (REFERENCE §3) and the maths are those of timm: ``pretrain.export`` only has
+so parameter names (docs/method.md §3) and the maths are those of timm: ``pretrain.export`` only has
 to copy the shared table into every block to hand timm a backbone.
 
 The model is pure: normalised views and a mask in, logits out; the loss is ``mim_loss``.

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.config import save_config, to_dict
+from engine.config import save_config, to_dict
 from pretrain.config import PretrainConfig
 from pretrain.data import MIMDataset, stable_hash
 from pretrain.export import export_backbone

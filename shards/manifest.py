@@ -1,7 +1,7 @@
 """The token dataset's index: where it lives (fsspec), its per-shard receipts and manifest.json.
 
 A receipt (``receipts/shard-<i>.json``) is written last for each image shard and marks it done;
-the manifest is assembled from the receipts at the end of a run (DESIGN §3-§4). Every read and
+the manifest is assembled from the receipts at the end of a run (docs/design.md §3-§4). Every read and
 write goes through fsspec, so a dataset may live on a local disk or an object store (``s3://``).
 """
 

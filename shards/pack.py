@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from engine.config import StageConfig
 from shards.images import PACK_INDEX_FORMAT
 from shards.tarfiles import add_member
 
@@ -37,7 +38,7 @@ INDEX_VERSION = 1
 
 
 @dataclass(frozen=True)
-class PackConfig:
+class PackConfig(StageConfig):
     """Pack an image source into WebDataset tars of ``shard_size`` images."""
 
     images: str = ""  # folder, tars or parquet files (local or fsspec URL)
@@ -58,7 +59,7 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
     import fsspec
     from tqdm import tqdm
 
-    from pipeline.config import save_config
+    from engine.config import save_config
     from shards.images import BadShard, iter_shard, list_classes, list_shards
 
     if not cfg.images:

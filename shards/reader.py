@@ -1,7 +1,7 @@
 """Open a token dataset and read its shards back as TokenRows, checking it before anything is yielded.
 
 Stage 3 calls ``open_token_dataset(path).check(...)`` with its tokenizer and model facts; a dataset
-made for another tokenizer, codebook or patch grid is refused with both values named (DESIGN §3).
+made for another tokenizer, codebook or patch grid is refused with both values named (docs/design.md §3).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""The token dataset schema: columns, dtypes, metadata keys and on-disk names (DESIGN §3).
+"""The token dataset schema: columns, dtypes, metadata keys and on-disk names (docs/design.md §3).
 
 This is the only module that spells a column name, a metadata key or a file name of the token
 dataset; writers, readers, the validator and the dataset card all import it. Bump
 ``SCHEMA_VERSION`` whenever a column, dtype or layout changes: readers refuse other versions.
 
 One Parquet row = one (image, seed): key, label, seed, the token ids of that view (row-major over
-the tokenizer's patch grid) and the resolved view parameters (DESIGN §2), so stage 3 re-applies
+the tokenizer's patch grid) and the resolved view parameters (docs/design.md §2), so stage 3 re-applies
 the exact view instead of re-sampling it. The WebDataset form keeps all seeds of an image in one
 sample: ``<key>.tokens.npy`` (uint16 [K, N]), ``<key>.views.json`` (the view parameters as
 columns over the seeds) and ``<key>.cls`` (the label).

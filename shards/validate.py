@@ -4,7 +4,7 @@ Checks: manifest and schema version; every shard has a receipt; every file's siz
 against its receipt; Parquet footers (schema version, fingerprint) and row counts; token range
 < codebook size; every seed present for every key (same keys, same order in each seed's file);
 Parquet and WebDataset agree (keys, labels, tokens, views); with ``images=`` the token keys follow
-the image shard's keys in order, minus the images the receipt lists as skipped (DESIGN §3).
+the image shard's keys in order, minus the images the receipt lists as skipped (docs/design.md §3).
 Prints every problem found and returns 1 when there is any, 0 otherwise.
 """
 

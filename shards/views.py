@@ -1,9 +1,9 @@
-"""The view contract (DESIGN §2): sample a view's parameters from (aug, key, seed), then render it.
+"""The view contract (docs/design.md §2): sample a view's parameters from (aug, key, seed), then render it.
 
 Stage 2 samples :class:`ViewParams` once per (image, seed), stores them beside the tokens, and
 renders the view for the tokenizer; stage 3 re-applies the stored parameters with the same
 :func:`render_view` and never re-samples. The augmentation follows the BEiT v2 reference
-(REFERENCE §2): ColorJitter on the whole image -> horizontal flip -> one RandomResizedCrop box
+(docs/method.md §2): ColorJitter on the whole image -> horizontal flip -> one RandomResizedCrop box
 resized bicubic. Sampling copies torchvision's algorithms (RandomResizedCrop.get_params and
 ColorJitter.get_params) but draws from a numpy Generator seeded by a sha256 of (key, seed, aug),
 never from global RNG, so any worker gets the same view.

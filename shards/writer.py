@@ -1,4 +1,4 @@
-"""Write one image shard's tokens as Parquet + WebDataset files, then its receipt (DESIGN §3-§4).
+"""Write one image shard's tokens as Parquet + WebDataset files, then its receipt (docs/design.md §3-§4).
 
 Every file is built in memory (a shard is small: 256 images x 4 seeds x 196 tokens is 400 KB of
 uint16) so its sha256 and size are known before it is published, and published atomically:

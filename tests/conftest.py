@@ -1,4 +1,8 @@
-"""Suite-wide settings: no network, few threads, and the ImageNet sample when it is there."""
+"""Suite-wide settings: no network, one intra-op thread, and the ImageNet sample when it is there.
+
+Helpers shared by several test modules live in ``tests/support`` (imported as ``support.<name>``:
+pytest puts ``tests/`` on the path, see pyproject.toml).
+"""
 
 import os
 from pathlib import Path
@@ -8,14 +12,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+# One thread per test process: the suite runs on 2 cores, and tiny models gain nothing from more.
+torch.set_num_threads(1)
+
+# Where the 1000-image ImageNet sample is looked for (override with IMAGENET_SAMPLE=<folder>).
+DEFAULT_IMAGENET_SAMPLE = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+)
 
 
 @pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
     """The 1000-image ImageNet sample (one per class); tests using it skip when it is absent."""
-    path = Path(os.environ.get("IMAGENET_SAMPLE", IMAGENET_SAMPLE))
+    path = Path(os.environ.get("IMAGENET_SAMPLE", DEFAULT_IMAGENET_SAMPLE))
     if not path.is_dir() or not any(path.glob("*.JPEG")):
-        pytest.skip(f"ImageNet sample not found at {path}")
+        pytest.skip(
+            f"ImageNet sample not found at {path}: set IMAGENET_SAMPLE=<folder of ImageNet JPEGs>"
+        )
     return path

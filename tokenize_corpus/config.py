@@ -1,4 +1,4 @@
-"""Stage 1 config: ``pipeline run stage=vqkd`` (train a VQ-KD tokenizer, REFERENCE.md §1).
+"""Stage 1 config: ``pipeline run stage=vqkd`` (train a VQ-KD tokenizer, docs/method.md §1).
 
 No torch import here: the CLI imports this module for ``--help``.
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
+
+from engine.config import StageConfig
 
 # Encoder size names; the numbers live beside the model (tokenize_corpus.vqkd.VQKD_SIZES).
 ModelSize = Literal["tiny", "small", "base"]
@@ -50,7 +52,7 @@ class TeacherSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    """Optimisation and loop settings (REFERENCE.md §1, "Training")."""
+    """Optimisation and loop settings (docs/method.md §1, "Training")."""
 
     batch_size: int = 512  # global, over all DDP ranks
     epochs: int = 100
@@ -83,7 +85,7 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
-class VQKDConfig:
+class VQKDConfig(StageConfig):
     """Stage 1: train a VQ-KD visual tokenizer by distilling a frozen teacher."""
 
     images: str = ""  # image source: folder, WebDataset tars or Parquet files

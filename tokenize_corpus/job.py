@@ -1,4 +1,4 @@
-"""Stage 2: tokenize image shards at K view seeds on Dask into a token dataset (DESIGN §2-§4).
+"""Stage 2: tokenize image shards at K view seeds on Dask into a token dataset (docs/design.md §2-§4).
 
 ``pipeline run stage=tokenize images=<shards> tokenizer=<ckpt> out_dir=<dir>`` runs
 :func:`tokenize`. The driver (this process) lists the image shards, checks the tokenizer against
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import yaml
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.config import ConfigError, to_dict
+from engine.config import ConfigError, StageConfig, to_dict
 from shards.views import AugConfig
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
-class TokenizeConfig:
+class TokenizeConfig(StageConfig):
     """Stage 2: tokenize image shards at K view seeds into a token dataset."""
 
     images: str = ""  # folder, tar shards (brace pattern / glob / comma list), parquet; fsspec ok
@@ -242,7 +242,7 @@ def _prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
 def _decoded_views(shard: ImageShard, job: ShardJob, digest: Any) -> Iterator[tuple]:
     """Per record, in shard order: ("row", key, label, views, pixels [K,3,S,S]) or ("skip", key, why).
 
-    Each image is decoded once and its K views are rendered from that decode (DESIGN §2).
+    Each image is decoded once and its K views are rendered from that decode (docs/design.md §2).
     ``digest`` is fed every record so the receipt carries a checksum of what was read.
     """
     import torch

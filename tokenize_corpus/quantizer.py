@@ -1,4 +1,4 @@
-"""Unit-norm vector quantiser with an EMA codebook (VQ-KD, REFERENCE.md §1).
+"""Unit-norm vector quantiser with an EMA codebook (VQ-KD, docs/method.md §1).
 
 The codebook lives on the unit sphere: encoder outputs are l2-normalised and matched to the
 nearest code (the same as the highest cosine similarity). In training mode every call updates the

@@ -1,4 +1,4 @@
-"""Frozen teachers whose features VQ-KD learns to reconstruct (REFERENCE.md §1, "Teachers").
+"""Frozen teachers whose features VQ-KD learns to reconstruct (docs/method.md §1, "Teachers").
 
 A :class:`Teacher` takes the tokenizer's own input (pixels in [0, 1], ``[B, 3, H, W]``) and
 returns features ``[B, N, D]`` on the tokenizer's patch grid. Each teacher applies its own

@@ -1,4 +1,4 @@
-"""Stage 1: train a VQ-KD tokenizer by distilling a frozen teacher (REFERENCE.md §1).
+"""Stage 1: train a VQ-KD tokenizer by distilling a frozen teacher (docs/method.md §1).
 
 ``pipeline run stage=vqkd images=<source> [preset=demo] ...`` runs :func:`vqkd`. One process or
 ``torchrun --nproc_per_node N`` (DDP; gloo on CPU, nccl on GPUs). Outputs in ``out_dir``:
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.config import save_config, to_dict
+from engine.config import save_config, to_dict
 from shards.decode import BadImage, decode_image
 from shards.images import BadShard, ImageShard, iter_shard, list_shards
 from shards.views import AugConfig, render_view, sample_view, to_unit

@@ -1,4 +1,4 @@
-"""VQ-KD visual tokenizer model (BEiT v2, REFERENCE.md §1): ViT encoder, unit-norm codebook, decoder.
+"""VQ-KD visual tokenizer model (BEiT v2, docs/method.md §1): ViT encoder, unit-norm codebook, decoder.
 
 The model is pure: pixels and teacher features in, losses and tokens out. Module names follow the
 official checkpoint layout (``encoder.*``, ``encode_task_layer.*``, ``quantize.*``, ``decoder.*``,
@@ -102,7 +102,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, no layer scale, no drop path (REFERENCE.md §1)."""
+    """Pre-norm transformer block, no layer scale, no drop path (docs/method.md §1)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()

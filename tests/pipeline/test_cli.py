@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
+from engine.config import ConfigError
 from pipeline.cli import build_stage_config, main
-from pipeline.config import ConfigError
 from pipeline.stages import STAGES
 
 

@@ -1,4 +1,4 @@
-"""THE contract test (DESIGN §2): offline targets are the same targets.
+"""THE contract test (docs/design.md §2): offline targets are the same targets.
 
 A token dataset is written by the real stage-2 job (Dask LocalCluster, one worker). Stage 3's data
 path then rebuilds every stored view (all K seeds of every image: epochs 0..K-1 cycle through
@@ -8,13 +8,13 @@ give back exactly the stored tokens, all of them.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support import pretrain_data as helpers
 
 from pretrain.data import MIMDataset, seed_index
 from shards.reader import open_token_dataset
@@ -22,12 +22,6 @@ from shards.views import AugConfig, to_unit
 from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
 from tokenize_corpus.tokenizer import load_tokenizer, save_tokenizer
 from tokenize_corpus.vqkd import VQKD
-
-_spec = importlib.util.spec_from_file_location(
-    "pretrain_data_tests", Path(__file__).with_name("test_data.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 SEEDS = (0, 1, 2)
 

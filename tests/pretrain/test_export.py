@@ -17,8 +17,6 @@ from pretrain.export import (
 )
 from pretrain.model import BEiTConfig, BEiTv2
 
-torch.set_num_threads(1)
-
 TINY = BEiTConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, vocab_size=16)
 
 

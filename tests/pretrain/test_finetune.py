@@ -6,7 +6,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from pipeline.config import build_config
+from engine.config import build_config
 from pipeline.demo_corpus import build_demo_corpus
 from pretrain import finetune as ft
 from pretrain.model import BEiTConfig, BEiTv2

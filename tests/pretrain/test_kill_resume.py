@@ -7,18 +7,12 @@ compared bit for bit with an uninterrupted run of the same config.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-
-# The tiny corpus builders live beside the data tests (loaded by path, not collected twice).
-_spec = importlib.util.spec_from_file_location(
-    "pretrain_data_tests_kill", Path(__file__).with_name("test_data.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+from support import cli_runs as cli
+from support import pretrain_data as helpers
 
 # An epoch of the tiny run takes ~0.05 s: if the kill still lands after the last checkpoint (a
 # stalled poller on a loaded machine), the whole scenario is retried with a longer run.
@@ -26,11 +20,7 @@ EPOCHS_TRIED = (12, 48)
 # Fields that measure wall time: they differ between any two runs.
 TIMING = {"seconds", "samples_per_s"}
 
-_runs_spec = importlib.util.spec_from_file_location(
-    "cli_runs_pretrain", Path(__file__).resolve().parents[1] / "cli_runs.py"
-)
-cli = importlib.util.module_from_spec(_runs_spec)
-_runs_spec.loader.exec_module(cli)
+
 pipeline_command, run_to_end = cli.pipeline_command, cli.run_to_end
 run_and_kill_after_checkpoint = cli.run_and_kill_after_checkpoint
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pipeline.config import build_config
+from engine.config import build_config
 from pipeline.demo_corpus import build_demo_corpus
 from pretrain import linprobe as lp
 from pretrain.model import BEiTConfig, BEiTv2

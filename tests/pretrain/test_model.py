@@ -9,11 +9,9 @@ import torch.nn.functional as F
 
 from pretrain.model import BEIT_SIZES, BEiTConfig, BEiTv2, beit_config, mim_loss
 
-torch.set_num_threads(1)
-
 TINY = BEiTConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, vocab_size=16)
 
-# REFERENCE §3 key list (also timm's names), as patterns.
+# docs/method.md §3 key list (also timm's names), as patterns.
 REFERENCE_KEYS = [
     r"cls_token",
     r"mask_token",

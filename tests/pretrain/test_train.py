@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,17 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import build_config
+# The tiny corpus builders live beside the data tests (loaded by path, not collected twice).
+from support import pretrain_data as helpers
+
+from engine.config import build_config
 from pretrain import train as train_module
 from pretrain.config import PretrainConfig
 from pretrain.train import lr_at, param_groups, pretrain
-
-# The tiny corpus builders live beside the data tests (loaded by path, not collected twice).
-_spec = importlib.util.spec_from_file_location(
-    "pretrain_data_tests", Path(__file__).with_name("test_data.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 ROOT = Path(__file__).resolve().parents[2]
 

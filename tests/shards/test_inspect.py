@@ -1,20 +1,13 @@
 """`pipeline inspect` (summary + PNGs) and validate's image alignment, on a tiny real image folder."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from support import token_datasets as helpers
 
 from shards.inspect import main as inspect_main
 from shards.validate import main as validate_main
-
-_spec = importlib.util.spec_from_file_location(
-    "token_helpers", Path(__file__).with_name("token_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 
 def test_summary_and_usage_png(tmp_path, capsys):

@@ -1,16 +1,8 @@
 """Other teams read the token dataset without this project: datasets, pyarrow, dask, webdataset."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-_spec = importlib.util.spec_from_file_location(
-    "token_helpers", Path(__file__).with_name("token_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+from support import token_datasets as helpers
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,11 @@
 """open_token_dataset / TokenDataset: round trips in both formats, checks, missing shards."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from support import token_datasets as helpers
 
 from shards import schema
 from shards.reader import MissingShards, TokenDatasetMismatch, open_token_dataset
-
-_spec = importlib.util.spec_from_file_location(
-    "token_helpers", Path(__file__).with_name("token_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])

@@ -1,18 +1,10 @@
 """The token dataset schema: pinned columns/dtypes, ViewParams round trips, layout names."""
 
-import importlib.util
-from pathlib import Path
-
 import pyarrow as pa
 import pytest
+from support import token_datasets as helpers
 
 from shards import schema
-
-_spec = importlib.util.spec_from_file_location(
-    "token_helpers", Path(__file__).with_name("token_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 
 def test_schema_is_pinned():

@@ -1,19 +1,12 @@
 """`pipeline validate`: passes on a good dataset, names each kind of damage, checks image alignment."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from support import token_datasets as helpers
 
 from shards import schema
 from shards.validate import image_alignment, main
-
-_spec = importlib.util.spec_from_file_location(
-    "token_helpers", Path(__file__).with_name("token_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 
 @pytest.fixture

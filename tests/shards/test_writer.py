@@ -1,21 +1,14 @@
 """write_shard / shard_done / write_manifest: receipts, determinism, atomicity, refusals."""
 
 import hashlib
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from support import token_datasets as helpers
 
 from shards import schema
 from shards.writer import shard_done, write_shard
-
-_spec = importlib.util.spec_from_file_location(
-    "token_helpers", Path(__file__).with_name("token_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 
 def test_receipt_lists_every_file_with_checksums(tmp_path):

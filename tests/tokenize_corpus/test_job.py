@@ -3,7 +3,6 @@ worker counts and an external scheduler, bad input, reruns, refusals."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import stage2 as helpers
 
-from pipeline.config import ConfigError
+from engine.config import ConfigError
 from shards.decode import decode_image
 from shards.reader import open_token_dataset
 from shards.validate import main as validate_main
@@ -25,13 +25,6 @@ from tokenize_corpus import job as job_module
 from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
 from tokenize_corpus.tokenizer import load_tokenizer
 
-_spec = importlib.util.spec_from_file_location(
-    "job_helpers", Path(__file__).with_name("job_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
-
-torch.set_num_threads(1)
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -86,7 +79,7 @@ def test_outputs_validate_and_tokens_match_online_encoding(one_worker_run, corpu
     assert manifest["precision"] == "fp32" and manifest["seeds"] == [0, 1, 2]
     assert manifest["aug"]["size"] == 32
 
-    # DESIGN §2's proof: rebuild the stored views from the original bytes, encode online.
+    # docs/design.md §2's proof: rebuild the stored views from the original bytes, encode online.
     tokenizer = load_tokenizer(tokenizer_path)
     ds = open_token_dataset(str(out))
     with tarfile.open(corpus.replace("{000000..000002}", "000001")) as tar:

@@ -1,9 +1,8 @@
-"""Kill tests (DESIGN §4): SIGKILL the whole job, or one Dask worker, mid-run; the result after a
+"""Kill tests (docs/design.md §4): SIGKILL the whole job, or one Dask worker, mid-run; the result after a
 rerun (or Dask's own rescheduling) is byte-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
@@ -14,17 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from support import stage2 as helpers
 
 from pipeline.cli import main as cli_main
 from shards.validate import main as validate_main
 from shards.views import AugConfig
 from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
-
-_spec = importlib.util.spec_from_file_location(
-    "job_helpers", Path(__file__).with_name("job_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 SHARDS = 16
 OVERRIDES = ["seeds=[0,1]", "aug.size=32", "batch_size=4", "cluster.dashboard=false"]

@@ -3,21 +3,15 @@ the token dataset all live in a bucket; workers find the endpoint through inheri
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from support import stage2 as helpers
 
 from shards.validate import main as validate_main
 from shards.views import AugConfig
 from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
-
-_spec = importlib.util.spec_from_file_location(
-    "job_helpers", Path(__file__).with_name("job_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")

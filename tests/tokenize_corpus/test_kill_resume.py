@@ -7,13 +7,13 @@ tokenizer compared bit for bit with an uninterrupted run of the same config.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import cli_runs as cli
 
 # An epoch of the tiny run takes a fraction of a second: if the kill still lands after the last
 # checkpoint (a stalled poller on a loaded machine), the scenario is retried with a longer run.
@@ -21,11 +21,7 @@ EPOCHS_TRIED = (6, 24)
 # Fields that measure wall time: they differ between any two runs.
 TIMING = {"images_per_s", "seconds"}
 
-_runs_spec = importlib.util.spec_from_file_location(
-    "cli_runs_vqkd", Path(__file__).resolve().parents[1] / "cli_runs.py"
-)
-cli = importlib.util.module_from_spec(_runs_spec)
-_runs_spec.loader.exec_module(cli)
+
 pipeline_command, run_to_end = cli.pipeline_command, cli.run_to_end
 run_and_kill_after_checkpoint = cli.run_and_kill_after_checkpoint
 

@@ -7,8 +7,6 @@ import torch.nn.functional as F
 
 from tokenize_corpus.quantizer import NormEMAQuantizer
 
-torch.set_num_threads(1)
-
 
 def _clustered(n: int, dim: int, centres: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)

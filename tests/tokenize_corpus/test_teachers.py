@@ -10,8 +10,6 @@ import torch.nn.functional as F
 
 from tokenize_corpus.teachers import TeacherError, load_efficientnet_lite0, load_teacher
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def tiny_vit_file(tmp_path_factory) -> Path:

@@ -9,8 +9,6 @@ import tokenize_corpus
 from tokenize_corpus.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 from tokenize_corpus.vqkd import VQKD, VQKDModelConfig
 
-torch.set_num_threads(1)
-
 # heads = width // 64, the only head count an official checkpoint (no config) can imply.
 CFG = VQKDModelConfig(
     image_size=32,

@@ -13,12 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import build_config
+from engine.config import build_config
 from tokenize_corpus.config import VQKDConfig
 from tokenize_corpus.train import _lr_at, fit, vqkd
 from tokenize_corpus.vqkd import VQKD_SIZES
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +133,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.config import from_dict
+from engine.config import from_dict
 from tokenize_corpus.config import VQKDConfig
 from tokenize_corpus.train import fit
 
-torch.set_num_threads(1)
 cfg = from_dict(VQKDConfig, yaml.safe_load(Path(sys.argv[1]).read_text()))
 _, model = fit(cfg)
 rank = torch.distributed.get_rank()
@@ -153,7 +150,7 @@ torch.distributed.destroy_process_group()
 
 
 def test_ddp_codebooks_identical_across_ranks(data, tmp_path: Path) -> None:
-    from pipeline.config import save_config
+    from engine.config import save_config
 
     cfg = tiny_config(data, tmp_path / "ddp", epochs=1)
     save_config(cfg, tmp_path / "cfg.yaml")
@@ -192,7 +189,7 @@ def test_config_presets_and_lr() -> None:
         VQKD_SIZES
     )
     base = build_config(VQKDConfig, VQKDConfig.presets["base"])
-    assert base.train.lr == pytest.approx(2e-4)  # 5e-5 * 512 / 128 (REFERENCE §1)
+    assert base.train.lr == pytest.approx(2e-4)  # 5e-5 * 512 / 128 (docs/method.md §1)
     assert base.model.codebook_size == 8192 and base.teacher.name == "clip:ViT-B-16/openai"
     demo = build_config(VQKDConfig, VQKDConfig.presets["demo"], {"train": {"batch_size": 32}})
     assert demo.teacher.name == "efficientnet_lite0" and demo.model.dead_code_steps > 0

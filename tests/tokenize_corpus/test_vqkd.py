@@ -8,8 +8,6 @@ import torch.nn.functional as F
 
 from tokenize_corpus.vqkd import VQKD, VQKD_SIZES, VQKDModelConfig
 
-torch.set_num_threads(1)
-
 TINY = VQKDModelConfig(
     image_size=32,
     patch_size=8,
@@ -76,7 +74,7 @@ def test_encode_matches_forward_and_never_updates():
 
 
 def _reference_tokens(state: dict, cfg: VQKDModelConfig, images: torch.Tensor) -> torch.Tensor:
-    """The official encode path written out functionally from the state dict (REFERENCE §1)."""
+    """The official encode path written out functionally from the state dict (docs/method.md §1)."""
     x = images * 255.0 / 127.5 - 1.0
     x = (
         F.conv2d(

@@ -1,6 +1,6 @@
 """Running ``pipeline`` as a subprocess, and killing it mid-run, for the kill/resume tests.
 
-Loaded by path from the tests that use it (tests are collected with ``--import-mode=importlib``).
+Imported as ``support.cli_runs`` (pytest puts tests/ on the path).
 """
 
 from __future__ import annotations
