@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from engine.config import StageConfig
+from engine.layout import DEMO, RUNS
 
 # The paper's batch size: ``blr`` is the learning rate at this batch, scaled linearly.
 REFERENCE_BATCH = 2048
@@ -78,7 +79,7 @@ class PretrainConfig(StageConfig):
 
     images: str = ""  # image shards stage 2 tokenized ("" = the source named in the token manifest)
     tokens: str = ""  # token dataset directory written by stage 2
-    out_dir: str = "runs/pretrain"
+    out_dir: str = RUNS.pretrain
     # offline: read stored tokens (no tokenizer in the loop); online: run `tokenizer` in the loop
     # on the same views (the reference's way), for comparison.
     targets: Literal["offline", "online"] = "offline"
@@ -92,8 +93,8 @@ class PretrainConfig(StageConfig):
     presets: ClassVar[dict[str, dict]] = {
         # A tiny ViT on the ImageNet sample tokenized by the demo tokenizer: minutes on 2 cores.
         "demo": {
-            "tokens": "runs/demo/tokens",  # images: the source named in its manifest
-            "out_dir": "runs/demo/pretrain",
+            "tokens": DEMO.tokenize,  # images: the source named in its manifest
+            "out_dir": DEMO.pretrain,
             # image/patch size come from the demo tokenizer (via the token dataset)
             "model": {"size": "tiny", "drop_path": 0.0},
             "train": {

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from engine.config import StageConfig
+from engine.layout import DEMO, RUNS
 from pretrain.linprobe import RandomInit
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class FinetuneConfig(StageConfig):
     images: str = ""  # labelled images: ImageFolder, WebDataset (.cls) or Parquet (label)
     images_val: str | None = None  # null = hold out val_fraction of `images` by key hash
     val_fraction: float = 0.2
-    out_dir: str = "runs/finetune"
+    out_dir: str = RUNS.finetune
     shard_size: int = 256
     epochs: int = 100
     batch_size: int = 1024
@@ -68,7 +69,7 @@ class FinetuneConfig(StageConfig):
 
     presets: ClassVar[dict[str, dict]] = {
         "demo": {
-            "out_dir": "runs/demo/finetune",
+            "out_dir": DEMO.finetune,
             "epochs": 3,
             "batch_size": 32,
             "blr": 3.2e-2,  # lr 1e-3 at batch 32: a tiny model, a few epochs

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from engine.config import StageConfig
+from engine.layout import DEMO, RUNS
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class LinprobeConfig(StageConfig):
     images: str = ""  # labelled images: ImageFolder, WebDataset (.cls) or Parquet (label)
     images_val: str | None = None  # held-out labelled images; null = split `images` by key hash
     val_fraction: float = 0.2  # share of `images` held out when images_val is null
-    out_dir: str = "runs/linprobe"
+    out_dir: str = RUNS.linprobe
     pool: Literal["auto", "cls", "mean"] = "auto"
     # teachers only: evaluation view size (null = 224); other backbones use their own size
     image_size: int | None = None
@@ -92,7 +93,7 @@ class LinprobeConfig(StageConfig):
     presets: ClassVar[dict[str, dict]] = {
         # The demo's probe: the tiny backbones of the demo run, a few hundred images.
         "demo": {
-            "out_dir": "runs/demo/linprobe",
+            "out_dir": DEMO.linprobe,
             "batch_size": 32,
             "random_init": {"size": "tiny", "image_size": 64, "patch_size": 8},
             "probe": {"steps": 300, "batch_size": 256},

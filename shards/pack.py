@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.config import StageConfig
+from engine.layout import DEMO, RUNS
 from shards.images import PACK_INDEX_FORMAT
 from shards.tarfiles import add_member
 
@@ -42,10 +43,10 @@ class PackConfig(StageConfig):
     """Pack an image source into WebDataset tars of ``shard_size`` images."""
 
     images: str = ""  # folder, tars or parquet files (local or fsspec URL)
-    out_dir: str = "runs/shards"
+    out_dir: str = RUNS.pack
     shard_size: int = 256
 
-    presets: ClassVar[dict[str, dict]] = {"demo": {}}
+    presets: ClassVar[dict[str, dict]] = {"demo": {"images": DEMO.corpus, "out_dir": DEMO.pack}}
 
 
 def pack(cfg: PackConfig) -> dict[str, Any]:

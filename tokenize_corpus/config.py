@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from engine.config import StageConfig
+from engine.layout import DEMO, RUNS
 
 # Encoder size names; the numbers live beside the model (tokenize_corpus.vqkd.VQKD_SIZES).
 ModelSize = Literal["tiny", "small", "base"]
@@ -89,7 +90,7 @@ class VQKDConfig(StageConfig):
     """Stage 1: train a VQ-KD visual tokenizer by distilling a frozen teacher."""
 
     images: str = ""  # image source: folder, WebDataset tars or Parquet files
-    out_dir: str = "runs/vqkd"
+    out_dir: str = RUNS.vqkd
     model: ModelSection = field(default_factory=ModelSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -98,7 +99,8 @@ class VQKDConfig(StageConfig):
     presets: ClassVar[dict[str, dict]] = {
         "base": {},
         "demo": {
-            "out_dir": "runs/demo/vqkd",
+            "images": DEMO.pack_shards,
+            "out_dir": DEMO.vqkd,
             "model": {
                 "size": "tiny",
                 "image_size": 96,

@@ -45,6 +45,7 @@ import yaml
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from engine.config import ConfigError, StageConfig, to_dict
+from engine.layout import DEMO, RUNS
 from shards.views import AugConfig
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class TokenizeConfig(StageConfig):
 
     images: str = ""  # folder, tar shards (brace pattern / glob / comma list), parquet; fsspec ok
     tokenizer: str = ""  # VQ-KD checkpoint (ours or official); local path or fsspec URL
-    out_dir: str = "runs/tokens"  # the token dataset root; local path or fsspec URL
+    out_dir: str = RUNS.tokenize  # the token dataset root; local path or fsspec URL
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # one view per seed per image
     aug: AugConfig = field(default_factory=AugConfig)  # aug.size must equal the tokenizer's
     formats: tuple[str, ...] = ("parquet", "webdataset")
@@ -92,9 +93,10 @@ class TokenizeConfig(StageConfig):
 
     presets: ClassVar[dict[str, dict]] = {
         "demo": {
-            "images": "runs/demo/shards",
-            "tokenizer": "runs/demo/vqkd/tokenizer.pth",
-            "out_dir": "runs/demo/tokens",
+            "images": DEMO.pack_shards,
+            "tokenizer": DEMO.tokenizer,
+            "out_dir": DEMO.tokenize,
+            "aug": {"size": 96},  # the demo tokenizer's image size
             "batch_size": 32,
             "cluster": {"n_workers": 2},
         },
