@@ -47,12 +47,14 @@ from typing import Any
 
 import numpy as np
 
+from engine.layout import imagenet_sample_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = (
     "tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot",
 )  # fmt: skip
-IMAGENET_SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
+IMAGENET_SAMPLE = imagenet_sample_dir()  # $IMAGENET_SAMPLE, see engine/layout.py
 
 # ImageNet-1k class index ranges (sorted-wnid order) -> coarse group. The index order follows
 # WordNet, so contiguous ranges are semantic groups; anything not listed is "objects".

@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.layout import imagenet_sample_dir
 from pretrain.masking import block_mask, num_masked_for
 from pretrain.model import BEiTv2, beit_config, mim_loss
 from pretrain.train import param_groups
 from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
+SAMPLE = imagenet_sample_dir()  # $IMAGENET_SAMPLE, see engine/layout.py
 
 
 def _sync(device: torch.device) -> None:

@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+from engine.layout import imagenet_sample_dir
+
+DEFAULT_SAMPLE = imagenet_sample_dir()  # $IMAGENET_SAMPLE, see engine/layout.py
 RESULTS = Path(__file__).resolve().parent / "results" / "tokenize.json"
 
 

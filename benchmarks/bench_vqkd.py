@@ -10,7 +10,7 @@ available offline); pass ``--teacher`` / ``--teacher-weights`` to time another.
 codebook usage and reconstruction cosine on the evaluation pass, and wall time.
 
     python benchmarks/bench_vqkd.py --sizes tiny small base
-    python benchmarks/bench_vqkd.py --sizes none --demo ../shared/data/imagenet-sample
+    python benchmarks/bench_vqkd.py --sizes none --demo "$IMAGENET_SAMPLE"
 
 Writes JSON to stdout and to ``benchmarks/results/vqkd.json`` (``--out``).
 """

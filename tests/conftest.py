@@ -14,19 +14,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from engine.layout import imagenet_sample_dir  # noqa: E402
+
 # One thread per test process: the suite runs on 2 cores, and tiny models gain nothing from more.
 torch.set_num_threads(1)
-
-# Where the 1000-image ImageNet sample is looked for (override with IMAGENET_SAMPLE=<folder>).
-DEFAULT_IMAGENET_SAMPLE = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-)
 
 
 @pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
     """The 1000-image ImageNet sample (one per class); tests using it skip when it is absent."""
-    path = Path(os.environ.get("IMAGENET_SAMPLE", DEFAULT_IMAGENET_SAMPLE))
+    path = imagenet_sample_dir()  # $IMAGENET_SAMPLE, default beside the repo (engine/layout.py)
     if not path.is_dir() or not any(path.glob("*.JPEG")):
         pytest.skip(
             f"ImageNet sample not found at {path}: set IMAGENET_SAMPLE=<folder of ImageNet JPEGs>"
