@@ -1,0 +1,56 @@
+"""A PNG of a run's curves from its ``metrics.jsonl`` (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.metrics import read_metrics
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One axes: ``keys`` of the records of ``kind`` against ``x`` (``step`` or ``epoch``)."""
+
+    title: str
+    keys: tuple[str, ...]
+    kind: str = "step"
+    x: str = "step"
+    # also draw the epoch means of the same keys over the step curve
+    with_epoch_means: bool = False
+
+
+def plot_metrics(metrics: str | Path, out: str | Path, panels: list[Panel], cols: int = 3) -> Path:
+    """Draw ``panels`` from ``metrics`` into ``out``; returns ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics)
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.6 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        chosen = [r for r in records if r.get("kind") == panel.kind]
+        for key in panel.keys:
+            points = [(r[panel.x] + (panel.x == "epoch"), r[key]) for r in chosen if key in r]
+            if points:
+                ax.plot(
+                    *zip(*points, strict=True), "o-" if panel.kind == "epoch" else "-", label=key
+                )
+        if panel.with_epoch_means:
+            for key in panel.keys:
+                means = [
+                    (r["step"], r[key]) for r in records if r.get("kind") == "epoch" and key in r
+                ]
+                if means:
+                    ax.plot(*zip(*means, strict=True), "o-", label=f"{key} (epoch mean)")
+        if len(panel.keys) > 1 or panel.with_epoch_means:
+            ax.legend(fontsize=8)
+        ax.set(title=panel.title, xlabel=panel.x)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return Path(out)
