@@ -223,8 +223,17 @@ def test_base_size_has_the_official_layout():
     assert math.isclose(cfg.ema_decay, 0.99)
 
 
+# Encoder parameters (millions) of each size at 224 px / patch 16, counted by hand from the ViT
+# formula: 12 * width^2 per block plus embeddings (tiny has 4 blocks, the others 12); base is
+# the paper's ViT-B/16 (~86 M).
+ENCODER_MILLIONS = {"tiny": (1.9, 2.0), "small": (21.5, 22.0), "base": (85.5, 86.5)}
+
+
 @pytest.mark.parametrize("size", sorted(VQKD_SIZES))
-def test_size_presets_build(size):
+def test_size_presets_have_the_vit_widths_and_parameter_counts(size):
     with torch.device("meta"):
         model = VQKD(VQKDModelConfig(**VQKD_SIZES[size]))
-    assert model.config.width % model.config.heads == 0
+    encoder = sum(p.numel() for p in model.encoder.parameters()) / 1e6
+    low, high = ENCODER_MILLIONS[size]
+    assert low <= encoder <= high, f"{size}: {encoder:.2f} M encoder parameters"
+    assert model.config.width // model.config.heads == 64  # ViT head width
