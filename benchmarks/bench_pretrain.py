@@ -200,7 +200,7 @@ def build_random_tokens(images: str, out: Path, size: int, shard_size: int, jitt
                 continue
             views = [sample_view(aug, record.key, s, image.width, image.height) for s in seeds]
             tokens = rng.integers(0, 8192, (len(seeds), grid * grid), dtype=np.uint16)
-            rows.append(TokenRow(record.key, record.label, views, tokens))
+            rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
         receipts.append(
             write_shard(
                 str(out),

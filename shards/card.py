@@ -18,6 +18,7 @@ COLUMN_DOCS = {
     schema.KEY: "image key, unique within the image source (same as the image shard's key)",
     schema.LABEL: "class index, -1 when unknown",
     schema.SEED: "augmentation seed of this view (also the Hive partition `seed=<k>`)",
+    schema.IMAGE_SHA256: "sha256 (32 raw bytes) of the image's stored bytes, before decode",
     schema.TOKENS: "visual token ids of the view, row-major over the tokenizer's patch grid",
     schema.WIDTH: "original image width after EXIF transpose",
     schema.HEIGHT: "original image height after EXIF transpose",
@@ -47,6 +48,8 @@ def hf_features(num_tokens: int) -> list[dict]:
                     "length": field.type.list_size,
                 }
             )
+        elif pa.types.is_fixed_size_binary(field.type):
+            features.append({"name": field.name, "dtype": "binary"})
         else:
             dtype = {"bool": "bool", "double": "float64", "float": "float32"}.get(
                 str(field.type), str(field.type)

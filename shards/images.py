@@ -23,6 +23,8 @@ Sources (``images=``), local paths or fsspec URLs (``s3://...``):
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -79,6 +81,17 @@ class ImageRecord:
     data: bytes  # b"" when error is set
     label: int  # -1 when unknown
     error: str | None = None
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The image digest every row of a token dataset carries (docs/design.md §3).
+
+        Lower-case hex sha256 of :attr:`data`: the stored bytes of the image exactly as read from
+        the source, before any decode: the tar member's payload, the file's contents, or the
+        Parquet cell (``image.bytes``). A consumer recomputes it with
+        ``hashlib.sha256(open(file, "rb").read()).hexdigest()``. "" for an error record.
+        """
+        return hashlib.sha256(self.data).hexdigest() if self.error is None else ""
 
 
 def list_shards(

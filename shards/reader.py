@@ -47,8 +47,8 @@ class TokenDataset:
         if version != schema.SCHEMA_VERSION:
             raise TokenDatasetMismatch(
                 f"token dataset {path} has schema version {version}, this code reads version "
-                f"{schema.SCHEMA_VERSION}; regenerate it with `pipeline run stage=tokenize` or use "
-                "the matching version of this project"
+                f"{schema.SCHEMA_VERSION} (rows bound to their images by digest); "
+                f"{schema.REGENERATE}, or read it with the matching version of this project"
             )
         self.path = str(path)
         self.manifest = manifest
@@ -59,6 +59,8 @@ class TokenDataset:
         grid = manifest.get("grid")
         self.grid: tuple[int, int] | None = (int(grid[0]), int(grid[1])) if grid else None
         self.fingerprint: str | None = manifest.get("fingerprint")
+        # the tokenizer's precision in stage 2 (datasets written before it was recorded: fp32)
+        self.precision: str = str(manifest.get("precision") or "fp32")
         self.image_size: int | None = (manifest.get("tokenizer") or {}).get("image_size")
         self.receipts: dict[int, dict] = {
             int(r["shard_index"]): r for r in manifest.get("shards", [])
@@ -170,8 +172,8 @@ class TokenDataset:
         version = metadata.get(schema.META_SCHEMA_VERSION, b"?").decode()
         if version != str(schema.SCHEMA_VERSION):
             raise TokenDatasetMismatch(
-                f"{path} has schema version {version}, this code reads version {schema.SCHEMA_VERSION}; "
-                "regenerate the token dataset with `pipeline run stage=tokenize`"
+                f"{path} has schema version {version}, this code reads version "
+                f"{schema.SCHEMA_VERSION}; {schema.REGENERATE}"
             )
         fingerprint = metadata.get(schema.META_FINGERPRINT)
         if (
@@ -198,11 +200,22 @@ class TokenDataset:
             if position == 0:
                 for j, key in enumerate(keys):
                     rows[key] = TokenRow(
-                        key=key, label=int(columns[schema.LABEL][j]), views=[], tokens=np.empty(0)
+                        key=key,
+                        label=int(columns[schema.LABEL][j]),
+                        views=[],
+                        tokens=np.empty(0),
+                        image_sha256=columns[schema.IMAGE_SHA256][j].hex(),
                     )
             elif keys != list(rows):
                 raise TokenDatasetMismatch(
                     f"{path} has other keys than seed {self.seeds[0]}'s file of the same shard"
+                )
+            elif [d.hex() for d in columns[schema.IMAGE_SHA256]] != [
+                r.image_sha256 for r in rows.values()
+            ]:
+                raise TokenDatasetMismatch(
+                    f"{path} has other image digests than seed {self.seeds[0]}'s file of the same "
+                    "shard: the directory mixes two runs; tokenize it again into a fresh out_dir"
                 )
             names = [n for n in columns if n in (schema.SEED, *schema.VIEW_COLUMNS)]
             for j, key in enumerate(keys):
@@ -241,5 +254,17 @@ class TokenDataset:
                     f"the manifest says seeds {list(self.seeds)} x {self.num_tokens} tokens"
                 )
             label = int(members[schema.WDS_LABEL].decode())
-            rows[key] = TokenRow(key=key, label=label, views=views, tokens=tokens.astype(np.uint16))
+            digest = members.get(schema.WDS_IMAGE_SHA256, b"").decode("ascii", "replace")
+            if not schema.is_digest(digest):
+                raise TokenDatasetMismatch(
+                    f"{path}: sample {key!r} has no valid .{schema.WDS_IMAGE_SHA256} member; "
+                    f"{schema.REGENERATE}"
+                )
+            rows[key] = TokenRow(
+                key=key,
+                label=label,
+                views=views,
+                tokens=tokens.astype(np.uint16),
+                image_sha256=digest,
+            )
         return rows

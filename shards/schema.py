@@ -4,11 +4,21 @@ This is the only module that spells a column name, a metadata key or a file name
 dataset; writers, readers, the validator and the dataset card all import it. Bump
 ``SCHEMA_VERSION`` whenever a column, dtype or layout changes: readers refuse other versions.
 
-One Parquet row = one (image, seed): key, label, seed, the token ids of that view (row-major over
-the tokenizer's patch grid) and the resolved view parameters (docs/design.md §2), so stage 3 re-applies
-the exact view instead of re-sampling it. The WebDataset form keeps all seeds of an image in one
-sample: ``<key>.tokens.npy`` (uint16 [K, N]), ``<key>.views.json`` (the view parameters as
-columns over the seeds) and ``<key>.cls`` (the label).
+One Parquet row = one (image, seed): key, label, seed, the image digest, the token ids of that view
+(row-major over the tokenizer's patch grid) and the resolved view parameters (docs/design.md §2), so
+stage 3 re-applies the exact view instead of re-sampling it. The WebDataset form keeps all seeds of
+an image in one sample: ``<key>.tokens.npy`` (uint16 [K, N]), ``<key>.views.json`` (the view
+parameters as columns over the seeds), ``<key>.sha256`` (the image digest, 64 hex ASCII
+characters) and ``<key>.cls`` (the label).
+
+The image digest binds a row to the pixels it was rendered from: sha256 over the stored bytes of
+the image exactly as read from the source, before decode (the tar member's payload, the file's
+contents, the Parquet ``image.bytes`` cell; ``shards.images.ImageRecord.sha256``). Parquet stores
+the 32 raw digest bytes (``fixed_size_binary(32)``: half the size of hex, and random bytes do not
+compress); readers hand it out as lower-case hex.
+
+Version history: 1 = no image digest; 2 = ``image_sha256`` column / ``.sha256`` member. A version-1
+dataset cannot be verified against its images: tokenize the images again (stage 2) to read it.
 """
 
 from __future__ import annotations
@@ -22,12 +32,18 @@ import pyarrow as pa
 if TYPE_CHECKING:
     from shards.views import ViewParams
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What a reader of another version is told (a version-1 dataset has no image digests).
+REGENERATE = (
+    "rerun stage 2 with this version (`pipeline run stage=tokenize images=... tokenizer=... "
+    "out_dir=<a fresh folder>`) and point stage 3 at the new token dataset"
+)
 
 # Columns. The ViewParams columns carry the same names as the dataclass fields.
 KEY = "key"
 LABEL = "label"  # -1 when unknown
 SEED = "seed"
+IMAGE_SHA256 = "image_sha256"  # sha256 of the image's stored bytes (fixed_size_binary(32))
 TOKENS = "tokens"  # fixed_size_list<uint16>[N], row-major over the patch grid
 WIDTH = "width"  # original size after EXIF transpose
 HEIGHT = "height"
@@ -59,7 +75,7 @@ VIEW_COLUMNS: tuple[str, ...] = (
     SIZE,
     INTERPOLATION,
 )
-COLUMNS: tuple[str, ...] = (KEY, LABEL, SEED, TOKENS, *VIEW_COLUMNS)
+COLUMNS: tuple[str, ...] = (KEY, LABEL, SEED, IMAGE_SHA256, TOKENS, *VIEW_COLUMNS)
 
 # Columns whose values repeat a lot within a shard: Parquet dictionary-encodes these.
 DICTIONARY_COLUMNS: tuple[str, ...] = (LABEL, SEED, SIZE, INTERPOLATION, JITTER_ORDER, FLIP)
@@ -96,7 +112,9 @@ PARQUET_GLOB = f"{PARQUET_DIR}/{SEED}=*/*.parquet"
 WDS_TOKENS = "tokens.npy"  # uint16 [K, N]: all seeds of one image in one member
 WDS_VIEWS = "views.json"  # {"seed": [...], "width": [...], ...}: one list per column over seeds
 WDS_LABEL = "cls"  # ASCII integer
-WDS_EXTENSIONS: tuple[str, ...] = (WDS_TOKENS, WDS_VIEWS, WDS_LABEL)
+WDS_IMAGE_SHA256 = "sha256"  # the image digest as 64 lower-case hex ASCII characters
+WDS_EXTENSIONS: tuple[str, ...] = (WDS_TOKENS, WDS_VIEWS, WDS_IMAGE_SHA256, WDS_LABEL)
+DIGEST_BYTES = 32
 
 # Manifest / receipt format names.
 FORMAT_PARQUET = "parquet"
@@ -114,6 +132,7 @@ def arrow_schema(num_tokens: int, metadata: dict[bytes, bytes] | None = None) ->
         pa.field(KEY, pa.string(), nullable=False),
         pa.field(LABEL, pa.int32(), nullable=False),
         pa.field(SEED, pa.int32(), nullable=False),
+        pa.field(IMAGE_SHA256, pa.binary(DIGEST_BYTES), nullable=False),
         pa.field(TOKENS, pa.list_(pa.uint16(), num_tokens), nullable=False),
         pa.field(WIDTH, pa.int32(), nullable=False),
         pa.field(HEIGHT, pa.int32(), nullable=False),
@@ -150,6 +169,15 @@ def schema_metadata(
     if fingerprint:
         meta[META_FINGERPRINT] = fingerprint.encode()
     return meta
+
+
+def is_digest(text: object) -> bool:
+    """Whether ``text`` is a sha256 digest as this schema spells it: 64 lower-case hex characters."""
+    return (
+        isinstance(text, str)
+        and len(text) == 2 * DIGEST_BYTES
+        and all(c in "0123456789abcdef" for c in text)
+    )
 
 
 def jitter_order_to_str(order: Sequence[int]) -> str:

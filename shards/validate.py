@@ -110,9 +110,14 @@ def check_shard(ds: TokenDataset, receipt: dict, checksum: bool) -> list[str]:
         else:
             for key, row in parquet.items():
                 other = wds[key]
-                if row.label != other.label or row.views != other.views:
+                if (
+                    row.label != other.label
+                    or row.views != other.views
+                    or row.image_sha256 != other.image_sha256
+                ):
                     problems.append(
-                        f"shard {i}: key {key!r}: Parquet and WebDataset labels/views differ"
+                        f"shard {i}: key {key!r}: Parquet and WebDataset labels/views/image "
+                        "digests differ"
                     )
                     break
                 if not np.array_equal(row.tokens, other.tokens):

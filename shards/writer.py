@@ -71,6 +71,9 @@ class TokenRow:
     label: int
     views: list[ViewParams]  # one per seed, in the dataset's seed order
     tokens: np.ndarray  # uint16 [K, N], row-major over the patch grid
+    # sha256 hex of the image's stored bytes as read from the source, before decode
+    # (shards.images.ImageRecord.sha256): binds the row to the pixels it was rendered from
+    image_sha256: str
 
 
 def _sha256(data: bytes) -> str:
@@ -91,6 +94,11 @@ def _check_rows(
                 f"duplicate key {row.key!r} in one shard; record duplicates as skipped"
             )
         seen.add(row.key)
+        if not schema.is_digest(row.image_sha256):
+            raise ValueError(
+                f"token row {row.key!r} has image_sha256={row.image_sha256!r}; every row needs the "
+                "sha256 hex of its image bytes (shards.images.ImageRecord.sha256)"
+            )
         tokens = np.asarray(row.tokens)
         if tokens.shape != (len(seeds), num_tokens):
             raise ValueError(
@@ -118,6 +126,7 @@ def parquet_bytes(
     for row in rows:
         columns[schema.KEY].append(row.key)
         columns[schema.LABEL].append(int(row.label))
+        columns[schema.IMAGE_SHA256].append(bytes.fromhex(row.image_sha256))
         for name, value in schema.view_to_row(row.views[seed_position]).items():
             columns[name].append(value)
     tokens = (
@@ -155,7 +164,8 @@ def parquet_bytes(
 
 
 def wds_bytes(rows: Sequence[TokenRow]) -> bytes:
-    """The gzip'd WebDataset tar of one shard: per image ``.tokens.npy`` [K, N], ``.views.json``, ``.cls``."""
+    """The gzip'd WebDataset tar of one shard: per image ``.tokens.npy`` [K, N], ``.views.json``,
+    ``.sha256`` and ``.cls``."""
     raw = io.BytesIO()
     # filename="" and mtime=0 keep the gzip header free of run-specific bytes.
     with (
@@ -168,6 +178,7 @@ def wds_bytes(rows: Sequence[TokenRow]) -> bytes:
             views = json.dumps(schema.views_to_json(row.views), separators=(",", ":"))
             add_member(tar, f"{row.key}.{schema.WDS_TOKENS}", npy.getvalue())
             add_member(tar, f"{row.key}.{schema.WDS_VIEWS}", views.encode())
+            add_member(tar, f"{row.key}.{schema.WDS_IMAGE_SHA256}", row.image_sha256.encode())
             add_member(tar, f"{row.key}.{schema.WDS_LABEL}", str(int(row.label)).encode())
     return raw.getvalue()
 

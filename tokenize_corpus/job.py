@@ -242,7 +242,8 @@ def _prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
 
 
 def _decoded_views(shard: ImageShard, job: ShardJob, digest: Any) -> Iterator[tuple]:
-    """Per record, in shard order: ("row", key, label, views, pixels [K,3,S,S]) or ("skip", key, why).
+    """Per record, in shard order: ("row", key, label, views, pixels [K,3,S,S], image sha256) or
+    ("skip", key, why).
 
     Each image is decoded once and its K views are rendered from that decode (docs/design.md §2).
     ``digest`` is fed every record so the receipt carries a checksum of what was read.
@@ -275,7 +276,7 @@ def _decoded_views(shard: ImageShard, job: ShardJob, digest: Any) -> Iterator[tu
             continue
         views = [sample_view(job.aug, record.key, s, image.width, image.height) for s in job.seeds]
         pixels = torch.stack([render_view(image, v) for v in views])  # [K, 3, S, S] uint8
-        yield ("row", record.key, record.label, views, pixels)
+        yield ("row", record.key, record.label, views, pixels, record.sha256)
 
 
 def _image_shard_info(shard: ImageShard, records_sha256: str, records: int) -> dict:
@@ -355,9 +356,13 @@ def tokenize_shard(shard: ImageShard, job: ShardJob) -> dict:
             if item[0] == "skip":
                 skipped.append((item[1], item[2]))
                 continue
-            _, key, label, views, pixels = item
+            _, key, label, views, pixels, image_sha256 = item
             row = TokenRow(
-                key=key, label=int(label), views=views, tokens=np.zeros((k, num_tokens), np.uint16)
+                key=key,
+                label=int(label),
+                views=views,
+                tokens=np.zeros((k, num_tokens), np.uint16),
+                image_sha256=image_sha256,
             )
             rows.append(row)
             pending.extend((row, position, pixels[position]) for position in range(k))

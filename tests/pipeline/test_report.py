@@ -54,7 +54,13 @@ def _tiny_run(run: Path) -> None:
         im = decode_image(rec.data)
         views = [sample_view(aug, rec.key, s, im.width, im.height) for s in seeds]
         rows.append(
-            TokenRow(rec.key, rec.label, views, rng.integers(0, vocab, (2, 16), dtype=np.uint16))
+            TokenRow(
+                rec.key,
+                rec.label,
+                views,
+                rng.integers(0, vocab, (2, 16), dtype=np.uint16),
+                rec.sha256,
+            )
         )
     tok = {"fingerprint": "0" * 64, "codebook_size": vocab, "grid": list(grid), "image_size": 32}
     receipt = write_shard(str(run / "tokenize"), 0, 1, shard.url, seeds, rows, [], tokenizer=tok)

@@ -390,3 +390,20 @@ def test_truncated_gzip_tar_is_a_bad_shard(tmp_path):
         for rec in iter_shard(ImageShard(0, url, "webdataset")):
             got.append(rec.key)
     assert got == ["k0", "k1", "k2"]  # k3 was cut
+
+
+def test_record_digest_is_sha256_of_the_stored_bytes(tmp_path):
+    """ImageRecord.sha256 = sha256 of the bytes as stored (file, tar member, Parquet cell)."""
+    import hashlib
+
+    data = png((9, 8, 7), (5, 6))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(data)
+    write_tar(tmp_path / "t.tar", [("a.png", data)])
+    table = pa.table({"image": [{"bytes": data, "path": "a.png"}], "label": [1]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    expected = hashlib.sha256(data).hexdigest()
+    for source in (tmp_path / "flat", tmp_path / "t.tar", tmp_path / "p.parquet"):
+        (record,) = list(iter_shard(list_shards(str(source))[0]))
+        assert record.key == "a" and record.sha256 == expected
+    assert ImageRecord("k", b"", -1, "broken").sha256 == ""

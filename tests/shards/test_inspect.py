@@ -50,7 +50,7 @@ def image_dataset(tmp_path):
             image = decode_image(record.data)
             views = [sample_view(aug, record.key, s, *image.size) for s in helpers.SEEDS]
             tokens = rng.integers(0, 16, size=(2, 16)).astype(np.uint16)
-            rows.append(TokenRow(record.key, record.label, views, tokens))
+            rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
         receipts.append(
             write_shard(
                 str(tmp_path / "tokens"),

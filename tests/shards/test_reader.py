@@ -21,6 +21,7 @@ def test_round_trip(tmp_path, fmt):
         for row in expected:
             back = got[row.key]
             assert back.label == row.label and back.views == row.views
+            assert back.image_sha256 == row.image_sha256  # the image digest travels with the row
             assert back.tokens.dtype == np.uint16 and np.array_equal(back.tokens, row.tokens)
 
 
@@ -64,6 +65,10 @@ def test_refuses_other_schema_version(tmp_path):
     manifest["schema_version"] = 99
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(TokenDatasetMismatch, match="schema version 99"):
+        open_token_dataset(str(tmp_path))
+    manifest["schema_version"] = 1  # a dataset written before rows carried image digests
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(TokenDatasetMismatch, match=r"version 1, .*rerun stage 2"):
         open_token_dataset(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         open_token_dataset(str(tmp_path / "nothing"))

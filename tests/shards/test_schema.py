@@ -14,7 +14,8 @@ def test_schema_is_pinned():
     assert s.field(schema.LABEL).type == pa.int32() and s.field(schema.SEED).type == pa.int32()
     assert s.field(schema.BRIGHTNESS).type == pa.float64()  # exact factors, see arrow_schema
     assert s.field(schema.FLIP).type == pa.bool_()
-    assert schema.SCHEMA_VERSION == 1
+    assert s.field(schema.IMAGE_SHA256).type == pa.binary(32)  # raw digest bytes
+    assert schema.SCHEMA_VERSION == 2
 
 
 @pytest.mark.parametrize("seed", [0, 3])
@@ -37,4 +38,13 @@ def test_layout_names():
     assert schema.wds_path(3) == "wds/tokens-000003.tar.gz"
     assert schema.receipt_path(3) == "receipts/shard-000003.json"
     meta = schema.schema_metadata(16, 8192, (4, 4), "ab")
-    assert meta[schema.META_SCHEMA_VERSION] == b"1" and meta[schema.META_GRID] == b"[4, 4]"
+    assert meta[schema.META_SCHEMA_VERSION] == b"2" and meta[schema.META_GRID] == b"[4, 4]"
+
+
+def test_digest_spelling():
+    assert schema.is_digest("ab" * 32)
+    assert (
+        not schema.is_digest("AB" * 32)
+        and not schema.is_digest("ab" * 31)
+        and not schema.is_digest("")
+    )

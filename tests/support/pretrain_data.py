@@ -78,7 +78,7 @@ def make_tokens(
             views = [sample_view(aug, record.key, s, image.width, image.height) for s in SEEDS]
             pixels = torch.stack([render_view(image, v) for v in views])  # [K, 3, 32, 32]
             tokens = tok.encode(to_unit(pixels)).numpy().astype(np.uint16)  # [K, N]
-            rows.append(TokenRow(record.key, record.label, views, tokens))
+            rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
         receipts.append(
             write_shard(
                 str(out),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,11 @@ def fake_view(rng: np.random.Generator, seed: int) -> ViewParams:
     )
 
 
+def fake_digest(shard: int, j: int) -> str:
+    """A stand-in image digest for row ``j`` of ``shard`` (these rows have no image bytes)."""
+    return hashlib.sha256(f"image {shard}/{j}".encode()).hexdigest()
+
+
 def fake_rows(
     shard: int,
     count: int,
@@ -64,6 +70,7 @@ def fake_rows(
                 label=int(rng.integers(-1, 5)),
                 views=views,
                 tokens=tokens,
+                image_sha256=fake_digest(shard, j),
             )
         )
     return rows
