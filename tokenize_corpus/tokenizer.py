@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
-import tempfile
 from typing import Any
 
-import fsspec
 import torch
 from torch import nn
 
+from engine.checkpoint import CheckpointError, CheckpointNotFound, load_file, save_atomic
+from engine.errors import UserError
+from engine.precision import autocast
 from tokenize_corpus.vqkd import PIXEL_MEAN, PIXEL_STD, VQKD, VQKDModelConfig
 
 # Keys of official training checkpoints that are not part of the tokenizer (teacher, its scaling).
@@ -69,14 +69,30 @@ class Tokenizer(nn.Module):
         return self.model.quantize.codebook.device
 
     @torch.no_grad()
-    def encode(self, images_unit: torch.Tensor) -> torch.Tensor:
+    def encode(self, images_unit: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """Tokens ``[B, N]`` int64 (row-major grid) for ``[B, 3, H, W]`` float pixels in [0, 1].
 
         Images are moved to the tokenizer's device; H and W must equal ``image_size``.
+        ``precision`` (``fp32``, ``bf16``, ``fp16`` or ``auto``, see :mod:`engine.precision`)
+        sets the autocast of the encoder only; the task layer and the codebook lookup always
+        run in fp32, as the reference's ``encode`` runs its task layer (docs/method.md §1).
+        Same precision and same device type give the same tokens; another precision moves
+        only near-tied patches (see BENCHMARKS.md).
+        """
+        return self.model.tokens(self.code_vectors(images_unit, precision))
+
+    @torch.no_grad()
+    def code_vectors(self, images_unit: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """The fp32 vectors the codebook lookup sees, ``[B, N, code_dim]`` (before l2-norm).
+
+        The encoder runs under autocast at ``precision``; the task layer in fp32.
         """
         if images_unit.ndim != 4 or images_unit.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images_unit.shape)}")
-        return self.model.encode(images_unit.to(self.device, torch.float32))
+        device = self.device
+        images = images_unit.to(device, torch.float32)
+        with autocast(precision, device):
+            return self.model.embed(images)  # task layer runs with autocast off
 
     def forward(self, images_unit: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`encode`."""
@@ -84,16 +100,7 @@ class Tokenizer(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """The manifest block that identifies this tokenizer (JSON-able)."""
-        return {
-            "fingerprint": self.fingerprint,
-            "codebook_size": self.codebook_size,
-            "code_dim": self.code_dim,
-            "patch_size": self.patch_size,
-            "image_size": self.image_size,
-            "grid": list(self.grid),
-            "normalisation": {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)},
-            "teacher": self.teacher,
-        }
+        return _describe(self.fingerprint, self.config, self.teacher)
 
 
 def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
@@ -113,7 +120,7 @@ def infer_config(state: dict[str, torch.Tensor]) -> VQKDModelConfig:
         )
         teacher_dim = state["decode_task_layer.2.weight"].shape[0]
     except KeyError as err:
-        raise ValueError(
+        raise TokenizerError(
             f"not a VQ-KD tokenizer state dict: key {err} is missing (expected the official "
             "layout: encoder.*, encode_task_layer.*, quantize.embedding.weight, decoder.*, "
             "decode_task_layer.*)"
@@ -136,35 +143,28 @@ def _config_from_dict(raw: dict[str, Any]) -> VQKDModelConfig:
     return VQKDModelConfig(**{k: v for k, v in raw.items() if k in names})
 
 
-def _read_checkpoint(path: str) -> Any:
-    fs, local = fsspec.core.url_to_fs(path)
-    if not fs.exists(local):
-        raise FileNotFoundError(
-            f"tokenizer checkpoint not found at {path}; pass the path of a VQ-KD checkpoint "
-            "(one written by stage vqkd, or an official BEiT v2 tokenizer .pth)"
-        )
-    with fs.open(local, "rb") as f:
-        data = f.read()
+class TokenizerError(UserError):
+    """A file that is not a loadable VQ-KD tokenizer; the message says what to pass instead."""
+
+
+_WHAT = "a VQ-KD checkpoint written by stage vqkd or an official BEiT v2 tokenizer .pth"
+
+
+def _read_state(path: str) -> tuple[dict[str, torch.Tensor], VQKDModelConfig, str | None]:
+    """(filtered official-layout state dict, model config, teacher name) of a tokenizer file."""
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err}); pass a "
-            "VQ-KD checkpoint written by stage vqkd or an official BEiT v2 tokenizer"
-        ) from err
-
-
-def load_tokenizer(path: str, device: str = "cpu") -> Tokenizer:
-    """Load a frozen tokenizer from our checkpoints or an official BEiT v2 VQ-KD release.
-
-    ``path`` is a local path or an fsspec URL. Weights are read with ``weights_only=True``.
-    """
-    ckpt = _read_checkpoint(str(path))
+        ckpt = load_file(path)
+    except CheckpointNotFound:
+        raise CheckpointNotFound(
+            f"tokenizer checkpoint not found at {path}; pass {_WHAT}"
+        ) from None
+    except CheckpointError as err:
+        raise TokenizerError(f"{err}; pass {_WHAT}") from None
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a VQ-KD checkpoint dict")
+        raise TokenizerError(f"{path} holds a {type(ckpt).__name__}, not a VQ-KD checkpoint dict")
     state = ckpt.get("model", ckpt.get("state_dict", ckpt))
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: 'model' is a {type(state).__name__}, expected a state dict")
+        raise TokenizerError(f"{path}: 'model' is a {type(state).__name__}, expected a state dict")
     state = {
         k: v
         for k, v in state.items()
@@ -172,27 +172,65 @@ def load_tokenizer(path: str, device: str = "cpu") -> Tokenizer:
     }
     raw_config = ckpt.get("config")
     config = _config_from_dict(raw_config) if isinstance(raw_config, dict) else infer_config(state)
+    teacher = ckpt.get("teacher")
+    return state, config, teacher if isinstance(teacher, str) else None
+
+
+def tokenizer_info(path: str | os.PathLike) -> dict[str, Any]:
+    """:meth:`Tokenizer.describe` of the file at ``path``, read without building the model.
+
+    The fingerprint equals the loaded tokenizer's: the model holds fp32 weights, so floating
+    tensors are hashed as fp32 whatever dtype the file stores.
+    """
+    state, config, teacher = _read_state(str(path))
+    released = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in state.items()
+        if k not in TRAINING_ONLY_KEYS
+    }
+    return _describe(weights_fingerprint(released), config, teacher)
+
+
+def _describe(fingerprint: str, config: VQKDModelConfig, teacher: str | None) -> dict[str, Any]:
+    return {
+        "fingerprint": fingerprint,
+        "codebook_size": config.codebook_size,
+        "code_dim": config.code_dim,
+        "patch_size": config.patch_size,
+        "image_size": config.image_size,
+        "grid": list(config.grid),
+        "normalisation": {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)},
+        "teacher": teacher,
+    }
+
+
+def load_tokenizer(path: str, device: str = "cpu") -> Tokenizer:
+    """Load a frozen tokenizer from our checkpoints or an official BEiT v2 VQ-KD release.
+
+    ``path`` is a local path or an fsspec URL, read by :func:`engine.checkpoint.load_file`
+    (``weights_only=True``; no code is unpickled).
+    """
+    state, config, teacher = _read_state(str(path))
     model = VQKD(config)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensor shapes disagree with the config
-        raise ValueError(f"{path}: weights do not match its config {config}: {err}") from None
+        raise TokenizerError(f"{path}: weights do not match its config {config}: {err}") from None
     missing = [k for k in result.missing_keys if k not in TRAINING_ONLY_KEYS]
     unexpected = result.unexpected_keys
     if missing or unexpected:
-        raise ValueError(
+        raise TokenizerError(
             f"{path} does not match a VQ-KD with config {config}: missing keys {missing[:5]}, "
             f"unexpected keys {unexpected[:5]} (of {len(missing)} and {len(unexpected)})"
         )
-    teacher = ckpt.get("teacher")
-    return Tokenizer(model, teacher=teacher if isinstance(teacher, str) else None).to(device)
+    return Tokenizer(model, teacher=teacher).to(device)
 
 
 def save_tokenizer(model: VQKD, path: str | os.PathLike, extra: dict | None = None) -> str:
     """Write ``{"model": official-layout weights, "config": ..., **extra}`` atomically.
 
-    Local files go to a temporary file in the same folder and are renamed into place; fsspec
-    URLs are written in one put (object stores publish whole objects). Returns the path.
+    Written by :func:`engine.checkpoint.save_atomic` (temp file + rename, mode per umask; fsspec
+    URLs in one put). Returns the path.
     ``extra`` must hold plain Python values (they are loaded back with ``weights_only=True``);
     a ``"teacher"`` string is shown by :meth:`Tokenizer.describe`.
     """
@@ -201,23 +239,4 @@ def save_tokenizer(model: VQKD, path: str | os.PathLike, extra: dict | None = No
         "model": {k: v.detach().cpu().clone() for k, v in released_state_dict(model).items()},
         "config": dataclasses.asdict(model.config),
     }
-    path = str(path)
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    if "://" in path and not path.startswith("file://"):
-        with fsspec.open(path, "wb") as f:
-            f.write(buffer.getvalue())
-        return path
-    local = path.removeprefix("file://")
-    folder = os.path.dirname(os.path.abspath(local))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, local)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return save_atomic(payload, path)

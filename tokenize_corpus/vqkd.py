@@ -227,8 +227,17 @@ class VQKD(nn.Module):
 
         Uses the codebook as it is (no update, no k-means) whatever the module's mode.
         """
-        z = F.normalize(self.embed(images_unit), p=2, dim=-1)  # [B, N, D]
-        tokens = self.quantize.lookup(z.reshape(-1, z.shape[-1]))  # [B*N]
+        return self.tokens(self.embed(images_unit))
+
+    def tokens(self, z: torch.Tensor) -> torch.Tensor:
+        """Nearest codes ``[B, N]`` int64 of code-space vectors ``z`` ``[B, N, D]``, in fp32.
+
+        Autocast is switched off: the lookup decides near ties, so it runs at full precision
+        whatever the encoder ran at.
+        """
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = F.normalize(z.float(), p=2, dim=-1)  # [B, N, D]
+            tokens = self.quantize.lookup(z.reshape(-1, z.shape[-1]))  # [B*N]
         return tokens.view(z.shape[:2])
 
     def decode(self, quantized: torch.Tensor) -> torch.Tensor:

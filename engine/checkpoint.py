@@ -1,0 +1,149 @@
+"""Checkpoint and artifact I/O: atomic, shareable writes and safe reads.
+
+Writes go to a temporary file beside the target, are fsynced and renamed into place, so a reader
+(or a rerun after kill -9) sees the old file or the new one, never half of one. The file mode
+follows the umask (0644 under 022), as a plain ``open()`` would: tokenizers, checkpoints and
+exports are shared with teammates. fsspec URLs (``s3://...``) are written in one put, since
+object stores publish whole objects.
+
+Reads never unpickle code: torch files are loaded with ``weights_only=True`` only and
+``.safetensors`` through safetensors. A file that needs full unpickling is refused with how to
+convert it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+
+from engine.errors import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable or not loadable safely; the message says why."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No file at the given path (also a ``FileNotFoundError``)."""
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename); returns the path.
+
+    Parent folders are created. The file gets mode ``0o666 & ~umask``, like ``open(path, "w")``.
+    """
+    path = str(path)
+    if _is_remote(path):
+        with fsspec.open(path, "wb") as f:
+            f.write(data)
+        return path
+    local = path.removeprefix("file://")
+    folder = os.path.dirname(os.path.abspath(local))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=Path(local).suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would have.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, local)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> str:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`write_bytes_atomic`).
+
+    ``obj`` should hold tensors and plain Python values only, so that :func:`load_file`
+    (``weights_only=True``) can read it back.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        fs, local = fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as err:
+        raise CheckpointError(f"cannot open {path}: {err}") from None
+    if not fs.exists(local):
+        raise CheckpointNotFound(f"checkpoint not found at {path}; check the path (or URL)")
+    with fs.open(local, "rb") as f:
+        return f.read()
+
+
+_CONVERT = (
+    "If you trust the file, convert it once in a Python session: "
+    "obj = torch.load({path!r}, weights_only=False); then save the state dict alone, "
+    "torch.save(obj.state_dict() if hasattr(obj, 'state_dict') else obj['model'], 'converted.pth'), "
+    "and pass converted.pth"
+)
+
+
+def _culprit(err: Exception) -> str:
+    """The "Unsupported global: ..." line of torch's refusal, if it has one."""
+    lines = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+    if not lines:
+        return ""
+    return f" ({lines[0].removeprefix('WeightsUnpickler error: ').split(' was not')[0]})"
+
+
+def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a torch file (``weights_only=True``) or a ``.safetensors`` file (a state dict).
+
+    ``path`` is a local path or an fsspec URL. Raises :class:`CheckpointError` naming the file
+    when it is missing, is not a checkpoint, or holds pickled objects beyond tensors and plain
+    values (with how to convert such a file).
+    """
+    path = str(path)
+    data = _read_bytes(path)
+    if path.endswith(".safetensors"):
+        import safetensors.torch
+
+        try:
+            state = safetensors.torch.load(data)
+        except Exception as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+        device = torch.device(map_location)
+        return {k: v.to(device) for k, v in state.items()}
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a refused class: damaged or not torch
+            raise CheckpointError(
+                f"{path} is not a readable torch checkpoint (damaged, or another format)"
+            ) from None
+        raise CheckpointError(
+            f"{path} holds pickled Python objects beyond tensors and plain values, which are "
+            f"not loaded (unpickling an untrusted file runs code){_culprit(err)}. "
+            + _CONVERT.format(path=path)
+        ) from None
+    except Exception as err:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
