@@ -217,6 +217,7 @@ def write_shard(
     tokenizer: dict | None = None,
     num_tokens: int | None = None,
     image_shard_info: dict | None = None,
+    job: dict | None = None,
 ) -> dict:
     """Write every file of image shard ``shard_index``, then its receipt; return the receipt.
 
@@ -226,6 +227,8 @@ def write_shard(
         footer and used to range-check tokens.
     num_tokens: tokens per view, needed only when ``rows`` is empty and ``tokenizer`` has no grid.
     image_shard_info: extra facts about the image shard for the receipt (size, sha256, ...).
+    job: the identity of the job that made the shard (tokenizer fingerprint, aug, seeds,
+        precision, ...; ``tokenize_corpus.identity.job_identity``), stored in the receipt.
     """
     unknown = set(formats) - set(schema.FORMATS)
     if unknown:
@@ -279,6 +282,8 @@ def write_shard(
         "skipped": [[str(k), str(r)] for k, r in skipped],
         "files": files,
     }
+    if job is not None:
+        receipt["job"] = job
     publish(fs, receipt_file, dumps(receipt))
     log.debug("shard %d: %d rows, %d skipped", shard_index, len(rows), len(skipped))
     return receipt
