@@ -5,8 +5,8 @@ No torch import here: the CLI imports this module for ``--help``.
 Presets:
 
 - ``base``: the paper's recipe — ViT-B/16 at 224 px, 8192 × 32 codebook, 3-block decoder, CLIP
-  ViT-B/16 teacher, batch 512, 100 epochs, lr 5e-5 × batch/128 with 10 warmup epochs then cosine
-  to 1e-5, AdamW (0.9, 0.99), weight decay 1e-4. No dead-code restarts (as the reference).
+  ViT-B/16 teacher, batch 512, 100 epochs, ``train.blr`` 5e-5 per 128 images (lr = blr × batch /
+  128) with 10 warmup epochs then cosine to 1e-5, AdamW (0.9, 0.99), weight decay 1e-4. No dead-code restarts (as the reference).
 - ``demo``: minutes on 2 CPU cores — 96 px / patch 16 (a 6 × 6 grid), the tiny encoder with a
   1-block decoder, the offline EfficientNet-Lite0 teacher (at 96 px), a 512 × 32 codebook with dead-code
   restarts, batch 64 for 8 epochs at a higher learning rate (a short run needs it).
@@ -19,6 +19,7 @@ from typing import ClassVar, Literal
 
 from engine.config import StageConfig
 from engine.layout import DEMO, RUNS
+from engine.metrics import LogSpec
 
 # Encoder size names; the numbers live beside the model (tokenize_corpus.vqkd.VQKD_SIZES).
 ModelSize = Literal["tiny", "small", "base"]
@@ -53,28 +54,33 @@ class TeacherSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    """Optimisation and loop settings (docs/method.md §1, "Training")."""
+    """Optimisation and loop settings (docs/method.md §1, "Training").
 
-    batch_size: int = 512  # global, over all DDP ranks
+    The learning rate is ``blr`` per ``REFERENCE_BATCH`` = 128 images, scaled linearly to the
+    global batch: lr = blr * batch_size / 128. This is the reference's own rule for the tokenizer
+    (its ``--lr`` is multiplied by batch / 128), so ``train.blr`` equals the reference's ``--lr``.
+    """
+
+    REFERENCE_BATCH: ClassVar[int] = 128
+
     epochs: int = 100
-    lr_base: float = 5e-5  # per 128 images; lr = lr_base * batch_size / 128
-    warmup_epochs: float = 10.0
+    batch_size: int = 512  # global, over all DDP ranks
+    blr: float = 5e-5  # learning rate per 128 images: lr = blr * batch_size / 128
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # autocast of the teacher and the encoder (weights, optimiser, task layer and codebook stay
+    # fp32); auto: bf16 where the hardware is fast at it, else fp32. config.yaml records the result
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    warmup_epochs: float = 10.0  # linear warmup; the peak is reached at the last warmup step
     min_lr: float = 1e-5
     betas: tuple[float, ...] = (0.9, 0.99)
     eps: float = 1e-8
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # not on biases, norms and other 1-D parameters
     crop_scale: tuple[float, ...] = (0.08, 1.0)  # RandomResizedCrop area range
     num_workers: int = 4  # DataLoader workers per rank
-    seed: int = 0
     resume: bool = False  # continue from out_dir/checkpoint.pth
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = 1  # epochs between evaluation passes (the last epoch always evaluates)
     log_every: int = 10  # steps between metrics.jsonl step records
-
-    @property
-    def lr(self) -> float:
-        """Peak learning rate, linearly scaled with the global batch (5e-5 per 128 images)."""
-        return self.lr_base * self.batch_size / 128
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class VQKDConfig(StageConfig):
     teacher: TeacherSection = field(default_factory=TeacherSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    log: LogSpec = field(default_factory=LogSpec)
 
     presets: ClassVar[dict[str, dict]] = {
         "base": {},
@@ -115,7 +122,7 @@ class VQKDConfig(StageConfig):
             "train": {
                 "batch_size": 64,
                 "epochs": 8,
-                "lr_base": 1e-3,
+                "blr": 1e-3,
                 "warmup_epochs": 1.0,
                 "min_lr": 1e-5,
                 "num_workers": 2,
@@ -124,3 +131,8 @@ class VQKDConfig(StageConfig):
             "eval": {"max_images": 1000},
         },
     }
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: ``train.blr`` per 128 images, scaled to ``train.batch_size``."""
+        return self.train.blr * self.train.batch_size / TrainSection.REFERENCE_BATCH
