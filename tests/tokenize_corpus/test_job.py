@@ -21,8 +21,9 @@ from shards.decode import decode_image
 from shards.reader import open_token_dataset
 from shards.validate import main as validate_main
 from shards.views import AugConfig, render_view, to_unit
-from tokenize_corpus import job as job_module
+from tokenize_corpus import cluster as cluster_module
 from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+from tokenize_corpus.resume import ResumeRefused
 from tokenize_corpus.tokenizer import load_tokenizer
 
 VENV_BIN = Path(sys.executable).parent
@@ -60,6 +61,7 @@ def config(images: str, tokenizer: str, out: Path, **cluster) -> TokenizeConfig:
         seeds=(0, 1, 2),
         aug=AugConfig(size=32),
         batch_size=5,  # not a multiple of K: batches straddle images
+        precision="fp32",
         cluster=ClusterConfig(**{"n_workers": 1, "dashboard": False, **cluster}),
     )
 
@@ -146,7 +148,7 @@ def test_rerun_on_finished_dataset_does_no_tokenizer_work(
     def no_cluster(*args, **kwargs):
         raise AssertionError("a finished dataset must not start a cluster")
 
-    monkeypatch.setattr(job_module, "open_client", no_cluster)
+    monkeypatch.setattr(cluster_module, "open_client", no_cluster)
     summary = tokenize(config(corpus, tokenizer_path, out, n_workers=1))
     assert summary["exit_code"] == 0
     assert summary["shards_tokenized"] == 0 and summary["shards_already_done"] == 3
@@ -165,7 +167,7 @@ def test_out_dir_with_other_settings_is_refused(one_worker_run, corpus, tokenize
     out, _ = one_worker_run
     cfg = config(corpus, tokenizer_path, out)
     cfg = TokenizeConfig(**{**cfg.__dict__, "seeds": (0, 1)})
-    with pytest.raises(ConfigError, match="seeds"):
+    with pytest.raises(ResumeRefused, match="seeds"):
         tokenize(cfg)
 
 

@@ -1,0 +1,330 @@
+"""One token-dataset directory: its filesystem, paths, receipts, manifest, config and lock.
+
+:class:`TokenDatasetDir` is what the stage-2 driver holds for ``out_dir`` (docs/design.md §3-§4):
+the filesystem is resolved once from the URL, and every question about the directory (which
+shards have a receipt, are their files intact, is another run writing here) is a method. It
+pickles as its URL, so a Dask task can carry it.
+
+Layout (names from ``shards.schema``)::
+
+    <root>/config.yaml            the last run's resolved config (what the user asked for)
+    <root>/receipts/shard-<i>.json one per finished image shard; written last, marks it done
+    <root>/parquet/seed=<s>/...   token files listed in the receipts
+    <root>/wds/tokens-<i>.tar.gz
+    <root>/manifest.json          assembled from the receipts when every shard is done
+    <root>/README.md              the dataset card
+    <root>/.lock                  held (flock) while a run writes here (local disks)
+    <root>/.lock.json             the same for object stores: a heartbeat record
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from engine.errors import UserError
+from shards import schema
+from shards.manifest import dataset_fs, dumps, is_local, join, read_json
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+LOCK_NAME = ".lock"
+REMOTE_LOCK_NAME = ".lock.json"
+# Object-store locks: the holder rewrites its record this often; an older record is stale (its
+# run was killed) and may be taken over.
+HEARTBEAT_SECONDS = 20.0
+STALE_SECONDS = 90.0
+# Folders holding token files; anything in them that no receipt lists is an orphan.
+DATA_DIRS = (schema.PARQUET_DIR, schema.WDS_DIR)
+
+
+class DatasetBusy(UserError):
+    """Another run is writing into the same token-dataset directory."""
+
+
+class TokenDatasetDir:
+    """A token-dataset directory (local path or fsspec URL)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = str(url)
+        self.fs, self.root = dataset_fs(self.url)
+
+    def __reduce__(self) -> tuple:
+        return (TokenDatasetDir, (self.url,))
+
+    def __repr__(self) -> str:
+        return f"TokenDatasetDir({self.url!r})"
+
+    # ---- paths and plain files -----------------------------------------------------------------
+
+    @property
+    def local(self) -> bool:
+        """Whether this is a local disk (atomic renames, flock) rather than an object store."""
+        return is_local(self.fs)
+
+    def path(self, relative: str) -> str:
+        """The filesystem path of member ``relative``."""
+        return join(self.root, relative)
+
+    def url_of(self, relative: str) -> str:
+        """A member as the user would spell it (``out_dir/relative``)."""
+        return f"{self.url.rstrip('/')}/{relative}"
+
+    def exists(self, relative: str = "") -> bool:
+        return self.fs.exists(self.path(relative) if relative else self.root)
+
+    def read_json(self, relative: str) -> Any:
+        return read_json(self.fs, self.path(relative))
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Publish ``data`` at ``relative`` atomically (``shards.writer.publish``)."""
+        from shards.writer import publish
+
+        self.fs.makedirs(self.root, exist_ok=True)
+        publish(self.fs, self.path(relative), data)
+
+    def remove(self, relative: str) -> bool:
+        """Delete a member; False when it was not there."""
+        try:
+            self.fs.rm_file(self.path(relative))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def sha256(self, relative: str) -> str:
+        """Hex sha256 of a member's bytes, read in 4 MiB blocks."""
+        digest = hashlib.sha256()
+        with self.fs.open(self.path(relative), "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    # ---- receipts and manifest -----------------------------------------------------------------
+
+    def receipt(self, shard_index: int) -> dict | None:
+        """The receipt of image shard ``shard_index``, or None when it has none."""
+        try:
+            return self.read_json(schema.receipt_path(shard_index))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # a damaged receipt marks nothing done
+
+    def receipts(self) -> dict[int, dict]:
+        """Every readable receipt, by shard index."""
+        folder = self.path(schema.RECEIPTS_DIR)
+        if not self.fs.exists(folder):
+            return {}
+        found: dict[int, dict] = {}
+        for path in sorted(self.fs.ls(folder, detail=False)):
+            name = str(path).rsplit("/", 1)[-1]
+            if not (name.startswith("shard-") and name.endswith(".json")):
+                continue
+            try:
+                receipt = read_json(self.fs, path)
+                found[int(receipt["shard_index"])] = receipt
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+                log.warning("ignoring unreadable receipt %s", path)
+        return found
+
+    def manifest(self) -> dict | None:
+        """manifest.json, or None when the dataset is not complete."""
+        try:
+            return self.read_json(schema.MANIFEST_NAME)
+        except FileNotFoundError:
+            return None
+
+    def withdraw_manifest(self) -> None:
+        """Remove manifest.json: the dataset is incomplete until a run finishes it again."""
+        self.remove(schema.MANIFEST_NAME)
+
+    def damaged_files(self, receipt: dict) -> list[str]:
+        """The files of ``receipt`` that are missing or whose size or sha256 differ from it."""
+        damaged = []
+        for entry in receipt.get("files", []):
+            try:
+                # the size first: cheap, and a short file needs no hashing to be found
+                intact = self.fs.size(self.path(entry["path"])) == entry["size"]
+                intact = intact and self.sha256(entry["path"]) == entry["sha256"]
+            except FileNotFoundError:
+                intact = False
+            if not intact:
+                damaged.append(entry["path"])
+        return damaged
+
+    def remove_shard(self, receipt: dict) -> None:
+        """Withdraw a shard: its receipt first (so it is never done with missing files), then
+        every file it lists."""
+        self.remove(schema.receipt_path(int(receipt["shard_index"])))
+        for entry in receipt.get("files", []):
+            self.remove(entry["path"])
+
+    def remove_orphans(self, receipts: Iterable[dict], num_shards: int) -> list[str]:
+        """Delete receipts of shards >= ``num_shards`` and token files no kept receipt lists.
+
+        After a run whose source changed shape (fewer shards, another shard count in the file
+        names), files of the old layout would otherwise sit beside the new ones, and a reader
+        globbing ``parquet/`` would mix them.
+        """
+        keep = {entry["path"] for r in receipts for entry in r.get("files", [])}
+        removed = []
+        for index in self.receipts():
+            if index >= num_shards:
+                self.remove(schema.receipt_path(index))
+                removed.append(schema.receipt_path(index))
+        for folder in DATA_DIRS:
+            if not self.exists(folder):
+                continue
+            for path in self.fs.find(self.path(folder)):
+                relative = str(path)[len(self.root) + 1 :]
+                if relative not in keep:
+                    self.remove(relative)
+                    removed.append(relative)
+        if removed:
+            log.info("removed %d files no receipt lists (an earlier layout)", len(removed))
+        return removed
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary files left by a killed run (the writer's ``.<name>.<random>.tmp``).
+
+        Only local disks have them (object stores publish whole objects); their random names
+        would otherwise make a resumed dataset differ from an uninterrupted one.
+        """
+        if not self.local or not self.exists():
+            return 0
+        stale = [
+            p
+            for p in self.fs.find(self.root)
+            if p.rsplit("/", 1)[-1].startswith(".") and p.endswith(".tmp")
+        ]
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+        if stale:
+            log.info("removed %d partial files left by an interrupted run", len(stale))
+        return len(stale)
+
+    def write_config(self, text: str) -> None:
+        """Save the run's resolved config as ``config.yaml``."""
+        self.write_bytes(CONFIG_NAME, text.encode("utf-8"))
+
+    def write_manifest(self, receipts: list[dict], info: dict) -> dict:
+        """manifest.json + the dataset card, assembled from ``receipts`` (shards.writer)."""
+        from shards.writer import write_manifest
+
+        return write_manifest(self.url, receipts, info)
+
+    # ---- one writer at a time ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold this directory for one run; a second run is refused with :class:`DatasetBusy`.
+
+        Local disks: an exclusive ``flock`` on ``.lock`` (the kernel releases it when the process
+        dies, so a killed run never blocks the next). Object stores have no locks: a heartbeat
+        record ``.lock.json`` that a live run refreshes every ~20 s; one older than 90 s belongs
+        to a killed run and is taken over.
+        """
+        self.fs.makedirs(self.root, exist_ok=True)
+        if self.local:
+            with self._flock():
+                yield
+        else:
+            with self._remote_lock():
+                yield
+
+    @contextlib.contextmanager
+    def _flock(self) -> Iterator[None]:
+        import fcntl
+
+        path = self.path(LOCK_NAME)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise DatasetBusy(_busy_message(self.url, _read_text(path))) from None
+            # The holder before us may have removed the file between our open and our flock:
+            # then we hold a lock on a deleted file; open the current one again.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, _holder().encode())
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _remote_lock(self) -> Iterator[None]:
+        path = self.path(REMOTE_LOCK_NAME)
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            held = read_json(self.fs, path)
+            if time.time() - float(held.get("heartbeat", 0)) < STALE_SECONDS:
+                raise DatasetBusy(_busy_message(self.url, json.dumps(held)))
+            log.warning("taking over the lock of a run that stopped: %s", held)
+        run = uuid.uuid4().hex
+
+        def beat() -> None:
+            record = json.loads(_holder())
+            self.fs.pipe_file(path, dumps({**record, "run": run, "heartbeat": time.time()}))
+
+        beat()
+        time.sleep(1.0)  # two runs that started together: the last writer wins, the other leaves
+        self.fs.invalidate_cache()
+        if read_json(self.fs, path).get("run") != run:
+            raise DatasetBusy(_busy_message(self.url, json.dumps(read_json(self.fs, path))))
+        stop = threading.Event()
+
+        def keep_alive() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                with contextlib.suppress(Exception):
+                    beat()
+
+        thread = threading.Thread(target=keep_alive, name="dataset-lock", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+
+
+def _holder() -> str:
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _busy_message(url: str, holder: str) -> str:
+    return (
+        f"out_dir={url} is being written by another run ({holder or 'holder unknown'}); wait for "
+        "it to finish, or pick another out_dir. Two runs into one token dataset would mix their "
+        "shards."
+    )

@@ -1,0 +1,144 @@
+"""What a token shard was made from: the job's identity and the image shard's (docs/design.md §4).
+
+Every receipt carries both, so a rerun can tell, shard by shard, whether finished work still
+belongs to the current command:
+
+- the **job identity** (:func:`job_identity`): tokenizer fingerprint, augmentation, seeds,
+  resolved precision, formats and schema version: everything that shapes a token. A receipt
+  whose job identity differs from the current run's comes from another dataset; the driver
+  refuses to mix the two (README, "Stage 2: resume").
+- the **image shard's identity** (:func:`image_shard_identity`): its kind, its listing (for
+  folder sources the keys, files and labels of the slice; for tar/Parquet files the file's size)
+  and a checksum of its contents (sha256 of the file, or of the records read from a folder).
+  A receipt whose image shard differs was made from other pixels: that shard is redone.
+
+The checksum of a folder slice is :class:`RecordsDigest` over the records ``iter_shard`` yields:
+``key NUL len NUL bytes`` per record, in shard order, so the worker (while reading) and the
+driver (when checking a resume) compute the same value without sharing state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from shards import schema
+
+if TYPE_CHECKING:
+    from shards.images import ImageRecord, ImageShard
+    from shards.views import AugConfig
+
+# Image-shard fields compared on resume, by shard kind (the URL is not: a moved copy of the same
+# bytes is the same input).
+COMPARED = {
+    "folder": ("kind", "listing_sha256", "records", "records_sha256"),
+    "webdataset": ("kind", "size", "sha256"),
+    "parquet": ("kind", "size", "sha256"),
+}
+
+
+def job_identity(
+    fingerprint: str,
+    aug: AugConfig,
+    seeds: tuple[int, ...],
+    precision: str,
+    formats: tuple[str, ...],
+) -> dict[str, Any]:
+    """The settings every token of the dataset depends on (JSON-able, stored in each receipt)."""
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "tokenizer_fingerprint": fingerprint,
+        "aug": _plain(dataclasses.asdict(aug)),
+        "seeds": [int(s) for s in seeds],
+        "precision": precision,
+        "formats": sorted(formats),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so a value read back from JSON compares equal."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def identity_changes(old: dict | None, new: dict) -> list[str]:
+    """Names of the job-identity fields that differ (all of them when ``old`` is missing)."""
+    if not isinstance(old, dict):
+        return sorted(new)
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+class RecordsDigest:
+    """sha256 over the records of one image shard, in order (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self.count = 0
+
+    def update(self, record: ImageRecord) -> None:
+        self._digest.update(f"{record.key}\0{len(record.data)}\0".encode())
+        self._digest.update(record.data)
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def listing_sha256(shard: ImageShard) -> str | None:
+    """sha256 of a folder slice's listing (key, file, label per image); None for file shards."""
+    if shard.kind != "folder":
+        return None
+    digest = hashlib.sha256()
+    labels = shard.labels or (-1,) * len(shard.keys)
+    for key, rel, label in zip(shard.keys, shard.files, labels, strict=True):
+        digest.update(f"{key}\0{rel}\0{int(label)}\n".encode())
+    return digest.hexdigest()
+
+
+def file_facts(url: str) -> dict[str, Any]:
+    """Size and sha256 of one tar/Parquet file (read in 4 MiB blocks)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return {"size": int(fs.size(path)), "sha256": digest.hexdigest()}
+
+
+def image_shard_identity(shard: ImageShard, records: RecordsDigest | None = None) -> dict:
+    """The image shard's facts for its receipt: kind, listing and checksum (see module doc).
+
+    ``records``: the digest of the records a worker just read; None = read them here (the
+    driver checking a resume; folder slices only, file shards are hashed as files).
+    """
+    info: dict[str, Any] = {"kind": shard.kind}
+    if shard.kind == "folder":
+        if records is None:
+            from shards.images import iter_shard
+
+            records = RecordsDigest()
+            for record in iter_shard(shard):
+                records.update(record)
+        info.update(
+            listing_sha256=listing_sha256(shard),
+            records=records.count,
+            records_sha256=records.hexdigest(),
+        )
+        return info
+    if records is not None:
+        info.update(records=records.count, records_sha256=records.hexdigest())
+    info.update(file_facts(shard.url))
+    return info
+
+
+def image_shard_changes(stored: dict | None, current: dict) -> list[str]:
+    """The compared image-shard fields that differ between a receipt and the source now."""
+    stored = stored or {}
+    fields = COMPARED.get(current.get("kind", ""), tuple(current))
+    return [f for f in fields if stored.get(f) != current.get(f)]

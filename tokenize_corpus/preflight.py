@@ -1,0 +1,152 @@
+"""Everything stage 2 checks before a cluster starts (docs/design.md §4).
+
+A user's mistake (a path that does not exist, an empty folder, a glob that matches nothing, a view
+size the tokenizer cannot take, ``aug.scale=[1.0,0.2]``, fp16 on a CPU) is found here, on the
+driver, in a second, and raised as a :class:`engine.config.ConfigError` (the CLI exits 2 with the
+message) instead of failing every shard inside the workers. Nothing is written before these
+checks pass, so a refused run leaves ``out_dir`` as it was.
+
+The tokenizer is read with ``tokenizer_info`` (its fingerprint and config straight from the
+checkpoint); the model itself is only built on the workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from engine.config import ConfigError
+from tokenize_corpus.config import TokenizeConfig
+
+if TYPE_CHECKING:
+    from shards.images import ImageShard
+
+# A token must fit the uint16 columns of the token dataset (docs/design.md §3).
+MAX_CODEBOOK = 65536
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks found: the inputs the run will use."""
+
+    images: str  # the image source with local paths made absolute
+    tokenizer_path: str  # likewise
+    shards: list[ImageShard]
+    tokenizer: dict  # tokenizer_info(): fingerprint, codebook_size, grid, image_size, ...
+    precision: str | None  # resolved here for a LocalCluster; None = resolve on the workers
+
+
+def absolute(source: str) -> str:
+    """Local paths of a source made absolute (each comma-separated part); URLs unchanged."""
+    parts, depth, current = [], 0, []
+    for ch in source:  # split on commas outside braces (brace patterns hold commas)
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return ",".join(absolute_path(p.strip()) for p in parts if p.strip())
+
+
+def absolute_path(path: str) -> str:
+    """One local path made absolute (``~`` expanded, ``file://`` dropped); a URL unchanged."""
+    if path.startswith("file://"):
+        path = path.removeprefix("file://")
+    elif "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def check_values(cfg: TokenizeConfig) -> None:
+    """Values that need no file: required keys, seeds, formats, sizes, the augmentation."""
+    from shards.schema import FORMATS
+    from shards.views import sample_view
+
+    if not cfg.images:
+        raise ConfigError("images is empty; pass images=<folder, tar shards or parquet files>")
+    if not cfg.tokenizer:
+        raise ConfigError(
+            "tokenizer is empty; pass tokenizer=<VQ-KD checkpoint (stage vqkd output)>"
+        )
+    if not cfg.out_dir:
+        raise ConfigError("out_dir is empty; pass out_dir=<folder for the token dataset>")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"seeds={list(cfg.seeds)} must be a non-empty list of distinct integers")
+    if (
+        not cfg.formats
+        or set(cfg.formats) - set(FORMATS)
+        or len(set(cfg.formats)) != len(cfg.formats)
+    ):
+        raise ConfigError(f"formats={list(cfg.formats)}: choose one or more of {list(FORMATS)}")
+    if cfg.batch_size < 1 or cfg.shard_size < 1 or cfg.cluster.n_workers < 1:
+        raise ConfigError("batch_size, shard_size and cluster.n_workers must be positive")
+    if cfg.cluster.threads_per_worker < 1:
+        raise ConfigError("cluster.threads_per_worker must be >= 1")
+    if cfg.cluster.retries < 0:
+        raise ConfigError("cluster.retries must be >= 0")
+    try:  # the workers would call exactly this for every image
+        sample_view(cfg.aug, "preflight", cfg.seeds[0], 64, 48)
+    except ValueError as err:
+        raise ConfigError(f"{err}; fix the aug.* setting (see pipeline run --help)") from None
+
+
+def list_source(images: str, shard_size: int) -> list[ImageShard]:
+    """The image shards of ``images``, or a ConfigError that says what was wrong."""
+    from shards.images import list_shards
+
+    try:
+        shards = list_shards(images, shard_size)
+    except (FileNotFoundError, ValueError, NotADirectoryError, PermissionError) as err:
+        raise ConfigError(
+            f"images={images}: {err}; pass an existing folder of images, tar shards (a brace "
+            "pattern, glob or comma list) or parquet files"
+        ) from None
+    if not shards:
+        raise ConfigError(f"images={images}: no images found; check the path")
+    return shards
+
+
+def check_tokenizer(cfg: TokenizeConfig, path: str) -> dict:
+    """The tokenizer's describe() block, read from its checkpoint; checked against the config."""
+    from tokenize_corpus.tokenizer import tokenizer_info
+
+    try:
+        info = tokenizer_info(path)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    if info["image_size"] != cfg.aug.size:
+        raise ConfigError(
+            f"aug.size={cfg.aug.size} does not match the tokenizer's image_size="
+            f"{info['image_size']} ({cfg.tokenizer}); set aug.size={info['image_size']}"
+        )
+    if info["codebook_size"] > MAX_CODEBOOK:
+        raise ConfigError(
+            f"the tokenizer's codebook_size={info['codebook_size']} does not fit uint16 tokens"
+        )
+    return info
+
+
+def local_precision(cfg: TokenizeConfig) -> str | None:
+    """precision resolved for a LocalCluster on this machine; None for an external cluster."""
+    if cfg.cluster.address:
+        return None
+    import torch
+
+    from engine.precision import resolve_precision
+
+    gpu = cfg.cluster.device != "cpu" and torch.cuda.is_available()
+    if cfg.cluster.device == "cuda" and not gpu:
+        raise ConfigError("cluster.device=cuda but this machine has no GPU; use device=auto")
+    return resolve_precision(cfg.precision, "cuda" if gpu else "cpu")
+
+
+def preflight(cfg: TokenizeConfig) -> Preflight:
+    """Run every check that needs no cluster; raise ConfigError (or another UserError)."""
+    check_values(cfg)
+    images, tokenizer_path = absolute(cfg.images), absolute_path(cfg.tokenizer)
+    tokenizer = check_tokenizer(cfg, tokenizer_path)
+    shards = list_source(images, cfg.shard_size)
+    return Preflight(images, tokenizer_path, shards, tokenizer, local_precision(cfg))

@@ -1,0 +1,115 @@
+"""Which finished shards a rerun keeps (docs/design.md §4; README, "Stage 2: resume").
+
+A receipt is kept only when everything it was made from still holds:
+
+1. **the job identity** (tokenizer fingerprint, augmentation, seeds, precision, formats, schema
+   version) equals the current run's. When any receipt differs, the run is **refused** before
+   anything is written, naming the fields: the directory holds another dataset (for example the
+   tokenizer file was replaced under the same path), and redoing it silently would destroy a
+   dataset someone may be reading. Use a new ``out_dir``, or delete the old one to rebuild.
+2. **the image shard** (listing and checksum, ``tokenize_corpus.identity``) equals the source
+   now, and the source has the same number of shards: otherwise the shard is **redone** (its
+   tokens belong to other pixels).
+3. **its token files** exist with the recorded size and sha256: otherwise it is **redone**, so a
+   rerun repairs corruption.
+
+Checking costs one read of the image shards and the token files that have receipts (hashing,
+no decode), done in a thread pool: a small fraction of the tokenization itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine.errors import UserError
+from tokenize_corpus.identity import identity_changes, image_shard_changes, image_shard_identity
+
+if TYPE_CHECKING:
+    from shards.dataset import TokenDatasetDir
+    from shards.images import ImageShard
+
+log = logging.getLogger(__name__)
+
+# Threads hashing image shards and token files (I/O bound; hashlib releases the GIL).
+HASH_THREADS = 8
+
+
+class ResumeRefused(UserError):
+    """out_dir holds shards made by another job; the message names what differs."""
+
+
+@dataclass
+class ResumePlan:
+    """The verdict on each image shard of the current source."""
+
+    kept: dict[int, dict] = field(default_factory=dict)  # shard index -> receipt kept as is
+    redo: dict[int, str] = field(default_factory=dict)  # shard index -> why its receipt is not
+    todo: list[ImageShard] = field(default_factory=list)  # shards to tokenize, in order
+
+
+def check_job_identity(dataset: TokenDatasetDir, receipts: dict[int, dict], identity: dict) -> None:
+    """Refuse (``ResumeRefused``) when any receipt was made by another job."""
+    foreign = {i: identity_changes(r.get("job"), identity) for i, r in receipts.items()}
+    foreign = {i: changed for i, changed in foreign.items() if changed}
+    if not foreign:
+        return
+    first = min(foreign)
+    old = receipts[first].get("job") or {}
+    fields = sorted({f for changed in foreign.values() for f in changed})
+    detail = "; ".join(
+        f"{f}: {_short(old.get(f))} there, {_short(identity.get(f))} now" for f in fields
+    )
+    if not receipts[first].get("job"):
+        detail = "its receipts record no job identity (written by an older version)"
+    raise ResumeRefused(
+        f"out_dir={dataset.url} holds {len(foreign)} finished shard(s) made by another job "
+        f"({detail}). Mixing them with this run would make a dataset of two kinds of tokens. "
+        "Use a new out_dir, or delete this one to rebuild it with the current settings."
+    )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    if isinstance(value, str) and len(value) == 64:  # a fingerprint
+        text = repr(value[:12] + "...")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _verdict(dataset: TokenDatasetDir, shard: ImageShard, receipt: dict, num_shards: int) -> str:
+    """ "" when the receipt still holds for ``shard``, else why it does not."""
+    if int(receipt.get("num_shards", -1)) != num_shards:
+        return f"the source now has {num_shards} shards (was {receipt.get('num_shards')})"
+    try:
+        current = image_shard_identity(shard)
+    except Exception as err:  # unreadable now: the task will report it properly
+        return f"image shard unreadable now ({type(err).__name__}: {err})"
+    changed = image_shard_changes(receipt.get("image_shard"), current)
+    if changed:
+        return f"image shard changed ({', '.join(changed)})"
+    damaged = dataset.damaged_files(receipt)
+    if damaged:
+        return f"token files missing or damaged ({', '.join(damaged[:3])})"
+    return ""
+
+
+def plan_resume(dataset: TokenDatasetDir, shards: list[ImageShard], identity: dict) -> ResumePlan:
+    """Split the current shards into kept and to-do (see the module docstring)."""
+    receipts = dataset.receipts()
+    check_job_identity(dataset, receipts, identity)
+    plan = ResumePlan()
+    with_receipt = [s for s in shards if s.index in receipts]
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        verdicts = list(
+            pool.map(lambda s: _verdict(dataset, s, receipts[s.index], len(shards)), with_receipt)
+        )
+    for shard, why in zip(with_receipt, verdicts, strict=True):
+        if why:
+            plan.redo[shard.index] = why
+            log.warning("%s will be redone: %s", shard.name, why)
+        else:
+            plan.kept[shard.index] = receipts[shard.index]
+    plan.todo = [s for s in shards if s.index not in plan.kept]
+    return plan

@@ -1,0 +1,174 @@
+"""The stage-2 task: tokenize one image shard and write its token files + receipt (docs/design.md §4).
+
+:func:`tokenize_shard` runs on a Dask worker. It reads the image shard, decodes every image once,
+renders its K views (one per seed) from that decode, tokenizes the views in batches and writes
+the shard's files and then its receipt (``shards.writer.write_shard``). Decoding runs in a
+prefetch thread so it overlaps the tokenizer's forward pass. Each row carries the sha256 of the
+image bytes it was rendered from; the receipt carries the job's identity and the image shard's
+listing and checksum (``tokenize_corpus.identity``).
+
+Failure model: a bad image is skipped and listed in the receipt; a bad shard (``BadShard``) fails
+that shard alone without retries (it is deterministic); any other exception is retried by Dask.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from tokenize_corpus.identity import RecordsDigest, image_shard_identity
+from tokenize_corpus.prefetch import prefetch
+from tokenize_corpus.worker import ShardJob, worker_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from shards.images import ImageShard
+    from tokenize_corpus.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def decoded_views(shard: ImageShard, job: ShardJob, digest: RecordsDigest) -> Iterator[tuple]:
+    """Per record, in shard order: ``("row", record, views, pixels [K,3,S,S] uint8)`` or
+    ``("skip", key, why)``.
+
+    Each image is decoded once and its K views are rendered from that decode (docs/design.md §2).
+    ``digest`` is fed every record so the receipt carries a checksum of what was read.
+    """
+    import torch
+
+    from shards.decode import BadImage, decode_image
+    from shards.images import iter_shard
+    from shards.views import render_view, sample_view
+
+    seen: set[str] = set()
+    for record in iter_shard(shard):
+        digest.update(record)
+        if record.error:
+            yield ("skip", record.key, record.error)
+            continue
+        if record.key in seen:
+            yield ("skip", record.key, "duplicate key (first occurrence kept)")
+            continue
+        seen.add(record.key)
+        if not record.key or "." in record.key:
+            # WebDataset splits member names at the key's first dot: such a key cannot be stored.
+            yield ("skip", record.key, "key is empty or contains '.'")
+            continue
+        try:
+            image = decode_image(record.data)
+        except BadImage as err:
+            yield ("skip", record.key, str(err))
+            continue
+        views = [sample_view(job.aug, record.key, s, image.width, image.height) for s in job.seeds]
+        pixels = torch.stack([render_view(image, v) for v in views])  # [K, 3, S, S] uint8
+        yield ("row", record, views, pixels)
+
+
+def encode_views(tokenizer: Tokenizer, pixels: torch.Tensor, precision: str) -> torch.Tensor:
+    """uint8 views [B, 3, S, S] -> tokens [B, N] int64 on CPU.
+
+    The encoder runs under autocast at ``precision``; the task layer and the codebook lookup in
+    fp32 (``Tokenizer.encode``, docs/method.md §1).
+    """
+    import torch
+
+    from shards.views import to_unit
+
+    with torch.inference_mode():
+        unit = to_unit(pixels.to(tokenizer.device, non_blocking=True))  # [B, 3, S, S] in [0, 1]
+        tokens = tokenizer.encode(unit, precision=precision)
+    return tokens.cpu()  # [B, N]
+
+
+def tokenize_shard(shard: ImageShard, job: ShardJob) -> dict:
+    """One Dask task: tokenize image shard ``shard`` and write its files + receipt.
+
+    Returns ``{"index", "name", "receipt", "rows", "skipped", "views", "seconds", ...}``, or
+    ``{"index", "name", "failed": reason}`` for a bad shard (deterministic: not worth a retry).
+    """
+    import numpy as np
+    import torch
+
+    from shards.images import BadShard
+    from shards.writer import TokenRow, write_shard
+
+    start = time.perf_counter()
+    tokenizer = worker_tokenizer(job)
+    k, num_tokens = len(job.seeds), tokenizer.grid[0] * tokenizer.grid[1]
+    rows: list[TokenRow] = []
+    skipped: list[tuple[str, str]] = []
+    pending: list[tuple[TokenRow, int, torch.Tensor]] = []  # views waiting for a full batch
+    encode_seconds = 0.0
+
+    def flush(count: int) -> None:
+        nonlocal encode_seconds
+        batch, pending[:] = pending[:count], pending[count:]
+        tick = time.perf_counter()
+        tokens = encode_views(tokenizer, torch.stack([p for _, _, p in batch]), job.precision)
+        encode_seconds += time.perf_counter() - tick
+        tokens = tokens.numpy().astype(np.uint16)  # [B, N]; codebook < 65536 checked by driver
+        for (row, seed_position, _), row_tokens in zip(batch, tokens, strict=True):
+            row.tokens[seed_position] = row_tokens
+
+    digest = RecordsDigest()
+    depth = max(2, 2 * job.batch_size // k)  # enough decoded images ahead for about two batches
+    try:
+        for item in prefetch(decoded_views(shard, job, digest), depth):
+            if item[0] == "skip":
+                skipped.append((item[1], item[2]))
+                continue
+            _, record, views, pixels = item
+            row = TokenRow(
+                key=record.key,
+                label=int(record.label),
+                views=views,
+                tokens=np.zeros((k, num_tokens), np.uint16),
+                image_sha256=record.sha256,
+            )
+            rows.append(row)
+            pending.extend((row, position, pixels[position]) for position in range(k))
+            while len(pending) >= job.batch_size:
+                flush(job.batch_size)
+    except BadShard as err:
+        log.warning("%s (%s) is a bad shard: %s", shard.name, shard.url, err)
+        return {"index": shard.index, "name": shard.name, "failed": f"bad shard {shard.url}: {err}"}
+    if pending:
+        flush(len(pending))
+    receipt = write_shard(
+        job.out_dir,
+        shard.index,
+        job.num_shards,
+        shard.url,
+        job.seeds,
+        rows,
+        skipped,
+        job.formats,
+        tokenizer=tokenizer.describe(),
+        num_tokens=num_tokens,
+        image_shard_info=image_shard_identity(shard, digest),
+        job=job.identity,
+    )
+    return {
+        "index": shard.index,
+        "name": shard.name,
+        "receipt": receipt,
+        "rows": len(rows),
+        "skipped": len(skipped),
+        "views": len(rows) * k,
+        "seconds": time.perf_counter() - start,
+        "encode_seconds": encode_seconds,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB); Linux reports ru_maxrss in KiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
