@@ -19,6 +19,7 @@ from typing import ClassVar, Literal
 
 from engine.config import StageConfig
 from engine.layout import DEMO, RUNS
+from shards.views import AugConfig
 from engine.metrics import LogSpec
 
 # Encoder size names; the numbers live beside the model (tokenize_corpus.vqkd.VQKD_SIZES).
@@ -136,3 +137,54 @@ class VQKDConfig(StageConfig):
     def lr(self) -> float:
         """Peak learning rate: ``train.blr`` per 128 images, scaled to ``train.batch_size``."""
         return self.train.blr * self.train.batch_size / TrainSection.REFERENCE_BATCH
+
+# ---- stage 2: ``pipeline run stage=tokenize`` (docs/design.md §4) -------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the tasks run: an existing Dask scheduler, or a LocalCluster started for the run."""
+
+    address: str | None = None  # "tcp://host:8786" = use that scheduler; null = LocalCluster
+    n_workers: int = 2  # LocalCluster worker processes (one task at a time each)
+    threads_per_worker: int = 1  # torch intra-op threads in each worker
+    memory_limit: str = "auto"  # per LocalCluster worker, e.g. "4GiB"; "0" = no limit
+    retries: int = 2  # Dask retries of a failed shard task (BadShard is never retried)
+    dashboard: bool = True  # serve the Dask dashboard (needs bokeh) and log its link
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per worker when there are GPUs
+
+
+@dataclass(frozen=True)
+class TokenizeConfig(StageConfig):
+    """Stage 2: tokenize image shards at K view seeds into a token dataset."""
+
+    images: str = ""  # folder, tar shards (brace pattern / glob / comma list), parquet; fsspec ok
+    tokenizer: str = ""  # VQ-KD checkpoint (ours or official); local path or fsspec URL
+    out_dir: str = RUNS.tokenize  # the token dataset root; local path or fsspec URL
+    seeds: tuple[int, ...] = (0, 1, 2, 3)  # one view per seed per image
+    aug: AugConfig = field(default_factory=AugConfig)  # aug.size must equal the tokenizer's
+    formats: tuple[str, ...] = ("parquet", "webdataset")  # token files to write
+    batch_size: int = 64  # views per tokenizer forward
+    shard_size: int = 256  # images per shard, for folder sources (tar/parquet: one shard per file)
+    # encoder autocast (task layer + codebook lookup stay fp32); auto: bf16 where the workers'
+    # hardware is fast at it (CUDA, AVX512-BF16/AMX CPUs), else fp32; part of the dataset identity
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_level: Literal["warning", "info", "debug"] = "warning"  # Dask's own logging (info: verbose)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    presets: ClassVar[dict[str, dict]] = {
+        "demo": {
+            "images": DEMO.pack_shards,
+            "tokenizer": DEMO.tokenizer,
+            "out_dir": DEMO.tokenize,
+            "aug": {"size": 96},  # the demo tokenizer's image size
+            "batch_size": 32,
+            "cluster": {"n_workers": 2},
+        },
+        "base": {
+            "seeds": [0, 1, 2, 3],
+            "aug": {"size": 224},
+            "batch_size": 64,
+            "shard_size": 1000,
+        },
+    }
