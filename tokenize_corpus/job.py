@@ -202,6 +202,8 @@ def _finish(
         "identity": receipts[0]["job"] if receipts else None,
     }
     if results or dataset.manifest() is None:
+        # a worker killed mid-write (Dask reran its task elsewhere) leaves a temporary file
+        dataset.remove_partial_files()
         dataset.write_manifest(receipts, info)
     summary["manifest"] = dataset.url_of(MANIFEST_NAME)
     summary["exit_code"] = 0

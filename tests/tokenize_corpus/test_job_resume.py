@@ -21,7 +21,9 @@ from shards.views import AugConfig
 from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
 
 SHARDS = 16
-OVERRIDES = ["seeds=[0,1]", "aug.size=32", "batch_size=4", "cluster.dashboard=false"]
+OVERRIDES = [
+    "seeds=[0,1]", "aug.size=32", "batch_size=4", "precision=fp32", "cluster.dashboard=false"
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,7 @@ def config(images: str, tokenizer: str, out: Path, **cluster) -> TokenizeConfig:
         seeds=(0, 1),
         aug=AugConfig(size=32),
         batch_size=4,
+        precision="fp32",
         cluster=ClusterConfig(**{"n_workers": 1, "dashboard": False, **cluster}),
     )
 

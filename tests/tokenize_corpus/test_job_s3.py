@@ -65,6 +65,7 @@ def test_tokenize_from_and_to_s3_then_rerun_skips(tmp_path, s3_endpoint):
         seeds=(0, 1),
         aug=AugConfig(size=32),
         batch_size=4,
+        precision="fp32",
         cluster=ClusterConfig(n_workers=1, dashboard=False),
     )
     summary = tokenize(cfg)
