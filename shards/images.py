@@ -4,21 +4,39 @@ Every source is split into :class:`ImageShard` s in a deterministic order, and :
 yields one :class:`ImageRecord` per image in a stable order. Nothing is decoded here (see
 ``shards.decode``); a member that cannot be an image at all (no image member, duplicate key) comes
 out as a record with ``error`` set so the caller can list it instead of losing it silently.
+``ImageRecord.sha256`` is the image digest a token dataset binds each row to: sha256 over the
+record's bytes exactly as stored in the source, before decode.
 
 Sources (``images=``), local paths or fsspec URLs (``s3://...``):
 
 - a folder of images. ImageFolder layout (``root/<class>/.../<file>``): labels are the index of
   the class in the sorted list of class folders; files directly under ``root`` are then ignored.
   Flat layout (image files directly under ``root``, no class folder holding images): label -1.
-  Keys are the relative path without extension (``n01440764/n01440764_10026``), sorted, and split
-  into shards of ``shard_size``. Hidden entries (names starting with ".") are ignored.
+  Split into shards of ``shard_size`` in key order. Symlinks are resolved so each real file is
+  listed once: a link to a file or folder inside ``root`` is not followed (the target is listed
+  at its own path), a link to outside is followed once, and a directory cycle
+  (``c1/loop -> ..``) is skipped with a warning (see :func:`_walk_local`).
 - WebDataset tars: a brace pattern (``dir/shard-{000000..000009}.tar``), a glob, a comma list, a
   list, or a folder holding ``*.tar`` (``index.json`` from ``pipeline run stage=pack`` is honoured
   when present). One shard per tar. The ImageNet convention: ``<key>.jpg|jpeg|png|webp`` and an
   optional ``<key>.cls`` holding the integer label.
 - Parquet files in the Hugging Face imagenet layout (column ``image`` = struct{bytes, path} or
-  plain binary, optional integer column ``label``): one shard per file; the key is ``image.path``
-  without its extension, or ``<file stem>/<row>`` when there is no path.
+  plain binary, optional integer column ``label``): one shard per file.
+
+The key rule, the same for every source and therefore for ``stage=pack`` and a folder given to
+``stage=tokenize`` (pack reads its input through this module):
+
+- the name: a folder file's relative path (``/`` separators) without its last extension; a tar
+  member's name up to the first dot of its basename (WebDataset's split); a Parquet row's
+  ``image.path`` without its last extension, or ``<file stem>/<row>`` when there is no path;
+- dots: every remaining ``.`` becomes ``_`` (:func:`image_key`), so no key holds a dot
+  (``n01/img.001.JPEG`` -> ``n01/img_001``);
+- extensions: matched case-insensitively against :data:`IMAGE_EXTENSIONS`; other files are not
+  images (a folder) or other members of the sample (a tar: ``.cls``);
+- duplicates: when two files or samples give one key (``a.jpg`` and ``a.png``, ``a.b.jpg`` and
+  ``a_b.jpg``, a key twice in a tar), the first in sorted order (folders) or stream order (tars,
+  Parquet) keeps it and every other one is an error record ``duplicate key ...``;
+- hidden entries (any path component starting with ``.``) are ignored.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -66,6 +85,8 @@ class ImageShard:
     keys: tuple[str, ...] = ()  # folder sources only: the keys of this shard, in order
     files: tuple[str, ...] = ()  # folder sources only: relative file path of each key
     labels: tuple[int, ...] = ()  # folder sources only: label of each key (-1 = none)
+    # folder sources only: "" or why the key is skipped (a duplicate), one per key; () = none
+    errors: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -257,21 +278,93 @@ def _series(path: str) -> str:
     return posixpath.join(folder, prefix) if folder else prefix
 
 
+def image_key(name: str) -> str:
+    """The key rule for every source: ``name`` (a path without its last extension) with each dot
+    replaced by ``_``, so a key never holds a dot (WebDataset splits member names at a basename's
+    first dot, and the token writer refuses dotted keys): ``a.b/c.d`` -> ``a_b/c_d``."""
+    return name.replace(".", "_")
+
+
 def _walk_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Every file under root, relative, posix separators; symlinks followed on local disks."""
+    """Every file under root, relative, posix separators, each real file once (see _walk_local)."""
     root = root.rstrip("/") or "/"
-    rel: list[str] = []
     if isinstance(fs, LocalFileSystem):
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            base = os.path.relpath(dirpath, root)
-            for name in filenames:
-                path = name if base == "." else os.path.join(base, name)
-                rel.append(path.replace(os.sep, "/"))
-    else:
-        for path in fs.find(root):
-            rel.append(posixpath.relpath(path, root))
-    return rel
+        return _walk_local(root)
+    rel = [posixpath.relpath(path, root) for path in fs.find(root)]
+    return [r for r in rel if not any(p.startswith(".") for p in r.split("/"))]
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_local(root: str) -> list[str]:
+    """Walk a local folder in sorted order, resolving symlinks so each real file is listed once.
+
+    - A symlink whose target lies inside the folder is not followed: the target is listed at its
+      own path (so ``c1/x.jpg -> ../c2/x.jpg`` never labels an image of c2 as c1), and a
+      directory link to an ancestor (``c1/loop -> ..``) is a cycle, skipped with a warning.
+    - A symlink to outside the folder is followed (a folder of links into a shared store), each
+      real directory and file once: the first path in sorted order wins.
+    - Hidden entries (names starting with ".") and broken links are skipped.
+    """
+    real_root = os.path.realpath(root)
+    files: list[str] = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every directory and file visited
+    notes: dict[str, list[str]] = {"loops": [], "inside": [], "twice": [], "broken": []}
+
+    def visit(folder: str, rel: str, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            log.warning("%s: cannot list %s: %s", root, rel or ".", err)
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                st = os.stat(entry.path)  # follows symlinks
+            except OSError:
+                notes["broken"].append(path)
+                continue
+            ident = (st.st_dev, st.st_ino)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if is_dir and ident in ancestors:
+                    notes["loops"].append(f"{path} -> {os.readlink(entry.path)}")
+                    continue
+                if _inside(target, real_root):
+                    notes["inside"].append(path)
+                    continue
+            if ident in seen:
+                notes["loops" if is_dir and ident in ancestors else "twice"].append(path)
+                continue
+            seen.add(ident)
+            if is_dir:
+                visit(entry.path, path, ancestors | {ident})
+            elif stat.S_ISREG(st.st_mode):
+                files.append(path)
+
+    st = os.stat(root)
+    seen.add((st.st_dev, st.st_ino))
+    visit(root, "", frozenset({(st.st_dev, st.st_ino)}))
+    if notes["loops"]:
+        log.warning(
+            "%s: skipped %d symlink cycle(s): %s",
+            root,
+            len(notes["loops"]),
+            ", ".join(notes["loops"][:5]),
+        )
+    for what, text in (
+        ("inside", "symlink(s) to files already listed at their own path"),
+        ("twice", "paths reaching an already listed file or folder again"),
+        ("broken", "broken symlink(s)"),
+    ):
+        if notes[what]:
+            log.warning("%s: skipped %d %s, e.g. %s", root, len(notes[what]), text, notes[what][0])
+    return files
 
 
 def _is_image_file(rel: str) -> bool:
@@ -283,8 +376,11 @@ def _is_image_file(rel: str) -> bool:
 
 def _scan_folder(
     fs: fsspec.AbstractFileSystem, root: str
-) -> tuple[tuple[str, ...], list[tuple[str, str, int]]]:
-    """(classes, [(key, relative file, label)] sorted by key then file) of an image folder."""
+) -> tuple[tuple[str, ...], list[tuple[str, str, int, str]]]:
+    """(classes, [(key, relative file, label, error)] sorted by key then file) of an image folder.
+
+    ``error`` is "" or, for every file after the first one with the same key, why it is skipped.
+    """
     files = [r for r in _walk_files(fs, root) if _is_image_file(r)]
     nested = [r for r in files if "/" in r]
     if nested:
@@ -293,11 +389,20 @@ def _scan_folder(
         if ignored:
             log.warning("%s: ignoring %d image files outside the class folders", root, ignored)
         class_index = {c: i for i, c in enumerate(classes)}
-        rows = [(r.rsplit(".", 1)[0], r, class_index[r.split("/", 1)[0]]) for r in nested]
+        listed = [
+            (image_key(r.rsplit(".", 1)[0]), r, class_index[r.split("/", 1)[0]]) for r in nested
+        ]
     else:
         classes = ()
-        rows = [(r.rsplit(".", 1)[0], r, -1) for r in files]
-    rows.sort(key=lambda row: (row[0], row[1]))
+        listed = [(image_key(r.rsplit(".", 1)[0]), r, -1) for r in files]
+    listed.sort(key=lambda row: (row[0], row[1]))
+    rows: list[tuple[str, str, int, str]] = []
+    first: dict[str, str] = {}
+    for key, rel, label in listed:
+        # a.jpg and a.png (or a.b.jpg and a_b.jpg): one key; the first file in sorted order keeps it
+        error = f"duplicate key (also {first[key]})" if key in first else ""
+        first.setdefault(key, rel)
+        rows.append((key, rel, label, error))
     return classes, rows
 
 
@@ -327,6 +432,7 @@ def _list_folder(
                 keys=tuple(r[0] for r in chunk),
                 files=tuple(r[1] for r in chunk),
                 labels=tuple(r[2] for r in chunk),
+                errors=tuple(r[3] for r in chunk) if any(r[3] for r in chunk) else (),
             )
         )
     return shards
@@ -338,14 +444,14 @@ def _list_folder(
 def _iter_folder(shard: ImageShard) -> Iterator[ImageRecord]:
     fs, root = fsspec.core.url_to_fs(shard.url)
     labels = shard.labels or (-1,) * len(shard.keys)
+    errors = shard.errors or ("",) * len(shard.keys)
     files = shard.files
-    if len(files) != len(shard.keys) or len(labels) != len(shard.keys):
+    if not len(files) == len(labels) == len(errors) == len(shard.keys):
         raise BadShard(f"{shard.name}: keys, files and labels differ in length; re-list the shards")
     seen: dict[str, str] = {}
-    for key, rel, label in zip(shard.keys, files, labels, strict=True):
-        if key in seen:
-            # a.jpg and a.png in one folder: one key, two files; the first in sorted order wins
-            yield ImageRecord(key, b"", label, f"duplicate key (also {seen[key]})")
+    for key, rel, label, error in zip(shard.keys, files, labels, errors, strict=True):
+        if error or key in seen:
+            yield ImageRecord(key, b"", label, error or f"duplicate key (also {seen[key]})")
             continue
         seen[key] = rel
         try:
@@ -380,6 +486,7 @@ def _iter_tar(url: str) -> Iterator[ImageRecord]:
             for info in tar:
                 if info.isfile():
                     key, ext = split_member_name(info.name)
+                    key = image_key(key) if key is not None else None
                     if key is not None and key != group_key:
                         if group_key is not None:
                             yield _tar_record(group_key, group, group_errors, seen)
@@ -477,7 +584,7 @@ def _iter_parquet(url: str) -> Iterator[ImageRecord]:
                 labels = batch.column("label").to_pylist() if "label" in columns else None
                 for i, data in enumerate(data_col):
                     path = path_col[i] if path_col else None
-                    key = path.rsplit(".", 1)[0] if path else f"{stem}/{row}"
+                    key = image_key(path.rsplit(".", 1)[0]) if path else f"{stem}/{row}"
                     label = labels[i] if labels and labels[i] is not None else -1
                     row += 1
                     if key in seen:

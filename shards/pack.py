@@ -10,9 +10,10 @@ count, sha256 of the keys, sha256 and size of the tar) is written last, so a rea
 ``index.json`` finds complete shards.
 
 Records the source reports as errors (no image member, duplicate key, ...) are skipped and listed
-in ``index.json``; image bytes are not decoded here (stage 2 decodes and lists bad images). A
-WebDataset key ends at the first dot of the file name, so a key whose last path component holds
-a dot (``img.001``) is stored with those dots replaced by ``_`` and the renaming is listed too.
+in ``index.json``; image bytes are not decoded here (stage 2 decodes and lists bad images). Keys
+follow the one key rule of ``shards.images`` (the same for a folder given to ``stage=tokenize``):
+a dot in a name becomes ``_`` (``img.001.png`` -> ``img_001``), and for folder sources each such
+renaming is listed in ``index.json`` (``renamed``: key -> file without extension).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, ClassVar
 
 from engine.config import StageConfig
 from engine.layout import DEMO, RUNS
-from shards.images import PACK_INDEX_FORMAT
+from shards.images import PACK_INDEX_FORMAT, image_key
 from shards.tarfiles import add_member
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
     written_keys: set[str] = set()
     with tqdm(total=total, unit="img", desc="pack", dynamic_ncols=True) as bar:
         for source in sources:
+            # folder sources: the file each key came from, to list the keys the key rule renamed
+            names: dict[str, str] = {}
+            for k, f in zip(source.keys, source.files, strict=False):
+                names.setdefault(k, f.rsplit(".", 1)[0])  # the first file keeps a key
             records = iter_shard(source)
             while True:
                 try:
@@ -103,6 +108,9 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
                     continue
                 if key != record.key:
                     renamed[key] = record.key
+                original = names.get(record.key)
+                if original is not None and original != key:
+                    renamed[key] = original
                 written_keys.add(key)
                 writer.add(key, record.data, record.label)
     shards = writer.close()
@@ -137,10 +145,10 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
 
 
 def wds_key(key: str) -> str:
-    """The key as WebDataset will read it back: no dot in its last path component."""
-    head, _, base = key.rpartition("/")
-    base = base.replace(".", "_")
-    return f"{head}/{base}" if head else base
+    """The key as WebDataset will read it back: ``shards.images.image_key`` (no dot anywhere).
+
+    Every source's keys already follow that rule; this is a guard for the member names."""
+    return image_key(key)
 
 
 def image_extension(data: bytes) -> str:

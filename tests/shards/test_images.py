@@ -16,6 +16,7 @@ from shards.images import (
     BadShard,
     ImageRecord,
     ImageShard,
+    image_key,
     iter_shard,
     list_classes,
     list_shards,
@@ -268,10 +269,10 @@ def test_member_names_are_never_filesystem_paths(tmp_path, monkeypatch):
         tar.addfile(info)
     before = sorted(p for p in tmp_path.rglob("*"))
     recs = records(list_shards(url))
-    assert [(r.key, r.data) for r in recs] == [
-        ("../../etc/passwd", b"x"),
-        (str(target), b"y"),
-        ("../" + target.name, b"z"),
+    assert [(r.key, r.data) for r in recs] == [  # the key rule: no dots (image_key)
+        ("__/__/etc/passwd", b"x"),
+        (image_key(str(target)), b"y"),
+        ("__/" + image_key(target.name), b"z"),
     ]
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert not target.with_suffix(".jpg").exists()
@@ -407,3 +408,50 @@ def test_record_digest_is_sha256_of_the_stored_bytes(tmp_path):
         (record,) = list(iter_shard(list_shards(str(source))[0]))
         assert record.key == "a" and record.sha256 == expected
     assert ImageRecord("k", b"", -1, "broken").sha256 == ""
+
+
+def test_symlink_loop_lists_each_real_file_once(tmp_path, caplog):
+    """Issue 8, reproduction 4: ``c1/loop -> ..`` made 12 images ~500 rows, c2's labelled c1."""
+    root = tmp_path / "imgs"
+    for c in ("c1", "c2"):
+        (root / c).mkdir(parents=True)
+        for j in range(6):
+            (root / c / f"{c}_{j}.png").write_bytes(png((j, len(c), 0)))
+    os.symlink("..", root / "c1" / "loop")
+    os.symlink("../c2/c2_0.png", root / "c1" / "alias.png")  # a file link inside the folder
+    outside = tmp_path / "store"
+    outside.mkdir()
+    (outside / "far.png").write_bytes(png((7, 7, 7)))
+    os.symlink(outside, root / "c2" / "shared")  # a folder link to outside: followed, once
+    os.symlink(outside, root / "c2" / "shared_again")
+    recs = records(list_shards(str(root), shard_size=5))
+    keys = [(r.key, r.label) for r in recs]
+    assert len(recs) == 13 and all(r.error is None for r in recs)
+    assert keys == sorted(keys) and len({k for k, _ in keys}) == 13
+    assert ("c2/shared/far", 1) in keys and not any("shared_again" in k for k, _ in keys)
+    assert not any("loop" in k or "alias" in k for k, _ in keys)
+    assert {label for key, label in keys if key.startswith("c2/")} == {1}
+    assert "symlink cycle" in caplog.text and "c1/loop" in caplog.text
+
+
+def test_key_rule_is_the_same_for_pack_and_a_folder_given_to_tokenize(tmp_path):
+    """Dots, extensions and duplicates: pack's keys are the folder listing's keys."""
+    from shards.pack import PackConfig, pack
+
+    root = tmp_path / "imgs"
+    (root / "a.b").mkdir(parents=True)
+    names = ["a.b/x.1.JPG", "a.b/x_1.png", "a.b/y.PNG", "a.b/y.jpg", "a.b/z.tiff", "a.b/n.txt"]
+    for j, name in enumerate(names):
+        (root / name).write_bytes(png((j, 0, 0)))
+    listed = records(list_shards(str(root), shard_size=2))
+    assert [(r.key, r.error) for r in listed] == [
+        ("a_b/x_1", None),
+        ("a_b/x_1", "duplicate key (also a.b/x.1.JPG)"),
+        ("a_b/y", None),
+        ("a_b/y", "duplicate key (also a.b/y.PNG)"),
+        ("a_b/z", None),
+    ]
+    pack(PackConfig(images=str(root), out_dir=str(tmp_path / "packed"), shard_size=2))
+    packed = records(list_shards(str(tmp_path / "packed")))
+    good = [(r.key, r.sha256, r.label) for r in listed if r.error is None]
+    assert [(r.key, r.sha256, r.label) for r in packed] == good

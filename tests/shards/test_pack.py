@@ -126,9 +126,9 @@ def test_keys_with_dots_are_renamed(tmp_path):
     assert summary["images"] == 2 and summary["skipped"] == 1
     index = json.loads((out / "index.json").read_text())
     assert index["renamed"] == {"img_001": "img.001"}
-    assert index["skipped"] == [{"key": "img_001", "reason": "duplicate key"}]
+    assert index["skipped"] == [{"key": "img_001", "reason": "duplicate key (also img.001.png)"}]
     assert [k for k, *_ in records(str(out))] == ["img_001", "plain"]
-    assert wds_key("a.b/c.d.e") == "a.b/c_d_e"
+    assert wds_key("a.b/c.d.e") == "a_b/c_d_e"
 
 
 def test_bad_source_shard_sets_exit_code(tmp_path):
