@@ -1,8 +1,14 @@
-"""Benchmark stage 2 (issue: "Figures to reach"): end-to-end vs forward-only throughput, 2 vs 1
-workers, bytes per token, worker peak memory as the corpus grows 8x, rerun time.
+"""Benchmark stage 2: views/s per worker at each precision end to end through Dask and
+forward-only, 2 vs 1 workers, bytes per token, worker peak memory as the corpus grows 8x, rerun
+time (BENCHMARKS.md, "Stage 2").
 
     .venv/bin/python benchmarks/bench_tokenize.py                      # full: 1000 images, ViT-B/16
     .venv/bin/python benchmarks/bench_tokenize.py --images 32 --shard-size 8 --mem-shards 1
+    .venv/bin/python benchmarks/bench_tokenize.py --precisions auto,fp32 --skip-memory
+
+Precisions are measured interleaved in one run (forward-only for each, then the 1-worker job for
+each, then forward-only again), so their ratio is not skewed by a shared machine's drift; the
+first precision listed is the one the 2-worker run and the rerun use.
 
 The ImageNet sample is packed into WebDataset shards with ``shards.pack`` (the first ``--images``
 files, linked into a scratch folder). The tokenizer has random weights (speed does not depend on
@@ -29,7 +35,9 @@ DEFAULT_SAMPLE = imagenet_sample_dir()  # $IMAGENET_SAMPLE, see engine/layout.py
 RESULTS = Path(__file__).resolve().parent / "results" / "tokenize.json"
 
 
-def forward_only(tokenizer_path: str, batch_size: int, threads: int, batches: int) -> float:
+def forward_only(
+    tokenizer_path: str, batch_size: int, threads: int, batches: int, precision: str = "fp32"
+) -> float:
     """Views/s of ``Tokenizer.encode`` alone on random pixels (1 warm-up batch not timed)."""
     import torch
 
@@ -40,10 +48,10 @@ def forward_only(tokenizer_path: str, batch_size: int, threads: int, batches: in
     size = tokenizer.image_size
     pixels = torch.rand(batch_size, 3, size, size)  # [B, 3, S, S]
     with torch.inference_mode():
-        tokenizer.encode(pixels)
+        tokenizer.encode(pixels, precision=precision)
         start = time.perf_counter()
         for _ in range(batches):
-            tokenizer.encode(pixels)
+            tokenizer.encode(pixels, precision=precision)
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -90,9 +98,17 @@ def make_tokenizer(model: str, path: Path) -> str:
     return save_tokenizer(vqkd, path)
 
 
-def run(images: str, tokenizer: str, out: Path, args: argparse.Namespace, workers: int) -> dict:
+def run(
+    images: str,
+    tokenizer: str,
+    out: Path,
+    args: argparse.Namespace,
+    workers: int,
+    precision: str = "fp32",
+) -> dict:
     from shards.views import AugConfig
-    from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+    from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+    from tokenize_corpus.job import tokenize
 
     cfg = TokenizeConfig(
         images=images,
@@ -101,6 +117,7 @@ def run(images: str, tokenizer: str, out: Path, args: argparse.Namespace, worker
         seeds=tuple(range(args.seeds)),
         aug=AugConfig(size=224),
         batch_size=args.batch_size,
+        precision=precision,
         cluster=ClusterConfig(n_workers=workers, threads_per_worker=args.threads, dashboard=False),
     )
     start = time.perf_counter()
@@ -109,6 +126,52 @@ def run(images: str, tokenizer: str, out: Path, args: argparse.Namespace, worker
     if summary["exit_code"]:
         raise SystemExit(f"tokenize failed: {summary}")
     return summary
+
+
+def resolved(precision: str) -> str:
+    from engine.precision import resolve_precision
+
+    return resolve_precision(precision, "cpu")
+
+
+def precision_runs(images: str, tokenizer: str, scratch: Path, args: argparse.Namespace) -> dict:
+    """Forward-only and the 1-worker job at every precision, interleaved (see the docstring)."""
+    precisions = args.precisions
+    fwd = {p: [] for p in precisions}
+    for p in precisions:
+        fwd[p].append(
+            forward_only(
+                tokenizer, args.batch_size, args.threads, args.forward_batches, resolved(p)
+            )
+        )
+    jobs = {p: run(images, tokenizer, scratch / f"tokens1-{p}", args, 1, p) for p in precisions}
+    for p in reversed(precisions):
+        fwd[p].append(
+            forward_only(
+                tokenizer, args.batch_size, args.threads, args.forward_batches, resolved(p)
+            )
+        )
+    out = {}
+    for p in precisions:
+        one, forward = jobs[p], sum(fwd[p]) / len(fwd[p])
+        # End to end per worker: views over the summed task time of one worker (tokenizer load
+        # included), against forward-only at the same batch size, threads and precision.
+        e2e = one["views_this_run"] / one["task_seconds"]
+        out[p] = {
+            "resolved": one["precision"],
+            "forward_only_views_per_s": round(forward, 2),
+            "forward_only_before_after": [round(v, 2) for v in fwd[p]],
+            "end_to_end_views_per_s_1_worker": round(e2e, 2),
+            "end_to_end_over_forward_only": round(e2e / forward, 3),
+            "end_to_end_views_per_s_1_worker_wall": round(
+                one["views_this_run"] / one["run_seconds"], 2
+            ),
+            "forward_share_of_task_time": round(one["encode_seconds"] / one["task_seconds"], 3),
+            "run_seconds_1_worker": one["run_seconds"],
+            "wall_seconds_1_worker": round(one["wall_seconds"], 2),
+            "worker_peak_rss_mb_1_worker": one["worker_peak_rss_mb"],
+        }
+    return out
 
 
 def main() -> None:
@@ -121,6 +184,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--model", default="base", choices=["tiny", "small", "base"])
     parser.add_argument("--forward-batches", type=int, default=3)
+    parser.add_argument(
+        "--precisions", type=lambda s: s.split(","), default=["auto", "fp32"],
+        help="comma list; the first is used for the 2-worker run and the rerun",
+    )  # fmt: skip
     parser.add_argument("--mem-shards", type=int, default=2, help="shards of the 1x memory corpus")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -128,45 +195,33 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     scratch = Path(tempfile.mkdtemp(prefix="bench_tokenize_"))
+    main_precision = args.precisions[0]
     try:
         images = pack_sample(args.sample, args.images, args.shard_size, scratch / "sample")
         tokenizer = make_tokenizer(args.model, scratch / "tokenizer.pth")
-        # Forward-only before and after the 1-worker run (a shared VM's sustained speed drifts
-        # over minutes): the limit is their mean.
-        forward_before = forward_only(
-            tokenizer, args.batch_size, args.threads, args.forward_batches
-        )
-        one = run(images, tokenizer, scratch / "tokens1", args, workers=1)
-        forward_after = forward_only(tokenizer, args.batch_size, args.threads, args.forward_batches)
-        forward = (forward_before + forward_after) / 2
-        rerun = run(images, tokenizer, scratch / "tokens1", args, workers=1)
-        two = run(images, tokenizer, scratch / "tokens2", args, workers=2)
-        manifest = json.loads((scratch / "tokens1" / "manifest.json").read_text())
-        # End to end per worker: views over the summed task time of one worker (tokenizer load
-        # included), against forward-only at the same batch size and threads.
-        e2e = one["views_this_run"] / one["task_seconds"]
+        per_precision = precision_runs(images, tokenizer, scratch, args)
+        first = scratch / f"tokens1-{main_precision}"
+        rerun = run(images, tokenizer, first, args, 1, main_precision)
+        one = per_precision[main_precision]
+        two = run(images, tokenizer, scratch / "tokens2", args, 2, main_precision)
+        manifest = json.loads((first / "manifest.json").read_text())
         result = {
             "config": {**vars(args), "sample": str(args.sample), "out": str(args.out)},
-            "views": one["views"],
-            "forward_only_views_per_s": round(forward, 2),
-            "forward_only_before_after": [round(forward_before, 2), round(forward_after, 2)],
-            "end_to_end_views_per_s_1_worker": round(e2e, 2),
-            "end_to_end_over_forward_only": round(e2e / forward, 3),
-            # The same, over the wall time of the task phase (Dask overhead included).
-            "end_to_end_views_per_s_1_worker_wall": round(
-                one["views_this_run"] / one["run_seconds"], 2
-            ),
-            "forward_share_of_task_time": round(one["encode_seconds"] / one["task_seconds"], 3),
-            "run_seconds_1_worker": one["run_seconds"],
+            "views": rerun["views"],
+            "precisions": per_precision,
             "run_seconds_2_workers": two["run_seconds"],
-            "speedup_2_workers": round(one["run_seconds"] / two["run_seconds"], 3),
-            "wall_seconds_1_worker": round(one["wall_seconds"], 2),
+            "speedup_2_workers": round(one["run_seconds_1_worker"] / two["run_seconds"], 3),
             "wall_seconds_2_workers": round(two["wall_seconds"], 2),
             "bytes_per_token": manifest["totals"]["bytes_per_token"],
             "rerun_seconds": round(rerun["wall_seconds"], 3),
-            "rerun_over_first_run": round(rerun["wall_seconds"] / one["wall_seconds"], 4),
-            "worker_peak_rss_mb_1_worker": one["worker_peak_rss_mb"],
+            "rerun_over_first_run": round(rerun["wall_seconds"] / one["wall_seconds_1_worker"], 4),
         }
+        if "fp32" in per_precision and main_precision != "fp32":
+            result[f"{main_precision}_over_fp32_end_to_end"] = round(
+                one["end_to_end_views_per_s_1_worker"]
+                / per_precision["fp32"]["end_to_end_views_per_s_1_worker"],
+                3,
+            )
         if not args.skip_memory:
             base_tars = sorted(Path(images).parent.glob("*.tar"))[: args.mem_shards]
             small = scratch / "mem_small"
@@ -174,8 +229,10 @@ def main() -> None:
             for i, tar in enumerate(base_tars):
                 os.symlink(tar.resolve(), small / f"shard-{i:06d}.tar")
             grown = repeat_shards(str(small / "*.tar"), 8, scratch / "mem8")
-            m1 = run(str(small / "*.tar"), tokenizer, scratch / "tokens_m1", args, workers=1)
-            m8 = run(grown, tokenizer, scratch / "tokens_m8", args, workers=1)
+            m1 = run(
+                str(small / "*.tar"), tokenizer, scratch / "tokens_m1", args, 1, main_precision
+            )
+            m8 = run(grown, tokenizer, scratch / "tokens_m8", args, 1, main_precision)
             result.update(
                 worker_peak_rss_mb_corpus_1x=m1["worker_peak_rss_mb"],
                 worker_peak_rss_mb_corpus_8x=m8["worker_peak_rss_mb"],

@@ -37,6 +37,8 @@ def set_dask_logging(level: str) -> int:
     numeric = getattr(logging, level.upper())
     for name in DASK_LOGGERS:
         logging.getLogger(name).setLevel(numeric)
+    if numeric >= logging.WARNING:  # bokeh warns about its host wildcard on every start
+        logging.getLogger("bokeh").setLevel(logging.ERROR)
     return numeric
 
 

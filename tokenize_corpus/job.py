@@ -43,7 +43,7 @@ def _job(cfg: TokenizeConfig, pre: Preflight, precision: str, identity: dict):
     from tokenize_corpus.worker import ShardJob
 
     return ShardJob(
-        out_dir=cfg.out_dir,
+        out_dir=pre.out_dir,
         num_shards=len(pre.shards),
         seeds=tuple(cfg.seeds),
         aug=cfg.aug,
@@ -81,7 +81,7 @@ def tokenize(cfg: TokenizeConfig) -> dict:
         pre.tokenizer["codebook_size"],
         *pre.tokenizer["grid"],
     )
-    dataset = TokenDatasetDir(cfg.out_dir)
+    dataset = TokenDatasetDir(pre.out_dir)
     with dataset.lock(), contextlib.ExitStack() as stack:
         client = None
         precision = pre.precision
@@ -163,7 +163,7 @@ def _finish(
     num_shards = len(pre.shards)
     images = sum(r["rows"] for r in receipts)
     summary: dict[str, Any] = {
-        "out_dir": cfg.out_dir,
+        "out_dir": pre.out_dir,
         "shards": num_shards,
         "shards_tokenized": len(results),
         "shards_already_done": len(plan.kept),
@@ -208,8 +208,8 @@ def _finish(
     summary["manifest"] = dataset.url_of(MANIFEST_NAME)
     summary["exit_code"] = 0
     summary["next"] = [
-        f"pipeline validate {cfg.out_dir} 'images={pre.images}'",
-        f"pipeline run stage=pretrain 'images={pre.images}' tokens={cfg.out_dir}",
+        f"pipeline validate {pre.out_dir} 'images={pre.images}'",
+        f"pipeline run stage=pretrain 'images={pre.images}' tokens={pre.out_dir}",
     ]
     return summary
 

@@ -32,6 +32,7 @@ class Preflight:
 
     images: str  # the image source with local paths made absolute
     tokenizer_path: str  # likewise
+    out_dir: str  # likewise (workers may run in another directory)
     shards: list[ImageShard]
     tokenizer: dict  # tokenizer_info(): fingerprint, codebook_size, grid, image_size, ...
     precision: str | None  # resolved here for a LocalCluster; None = resolve on the workers
@@ -149,4 +150,5 @@ def preflight(cfg: TokenizeConfig) -> Preflight:
     images, tokenizer_path = absolute(cfg.images), absolute_path(cfg.tokenizer)
     tokenizer = check_tokenizer(cfg, tokenizer_path)
     shards = list_source(images, cfg.shard_size)
-    return Preflight(images, tokenizer_path, shards, tokenizer, local_precision(cfg))
+    out_dir = absolute_path(cfg.out_dir)
+    return Preflight(images, tokenizer_path, out_dir, shards, tokenizer, local_precision(cfg))
