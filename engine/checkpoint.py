@@ -13,6 +13,7 @@ convert it.
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import pickle
@@ -131,7 +132,10 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
         device = torch.device(map_location)
         return {k: v.to(device) for k, v in state.items()}
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        # Training scripts (the reference's among them) store their argparse namespace: plain
+        # values in a plain container, safe to rebuild.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # not a refused class: damaged or not torch
             raise CheckpointError(

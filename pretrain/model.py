@@ -107,6 +107,11 @@ def beit_config(size: str = "base", **overrides: object) -> BEiTConfig:
     return BEiTConfig(**{**BEIT_SIZES[size], **overrides})
 
 
+def _linspace(end: float, steps: int) -> list[float]:
+    """``steps`` rates from 0 to ``end`` (torch.linspace in fp32, as the reference)."""
+    return [x.item() for x in torch.linspace(0, end, steps, device="cpu")]
+
+
 def _trunc_normal(tensor: torch.Tensor) -> None:
     # The reference truncates at +-1 std (a=-std, b=std), not at +-2 absolute as timm does.
     nn.init.trunc_normal_(tensor, mean=0.0, std=INIT_STD, a=-INIT_STD, b=INIT_STD)
@@ -139,25 +144,28 @@ class BEiTv2(nn.Module):
                 window_size=None,  # no per-block table: the shared one is passed in forward
             )
 
-        # Stochastic depth grows linearly over the blocks; the head blocks continue the ramp
-        # from the tap point, as the reference does.
+        # Stochastic depth as the reference: the backbone ramps linearly over its own depth;
+        # the CLS head blocks take their rates from a ramp over max(depth, tap + head blocks),
+        # continuing from the tap point.
         early = cfg.early_layers
-        steps = max(cfg.depth, early + cfg.head_layers)
-        rates = [cfg.drop_path * i / max(steps - 1, 1) for i in range(steps)]  # linspace
-        self.blocks = nn.ModuleList([block(rates[i]) for i in range(cfg.depth)])
+        backbone_rates = _linspace(cfg.drop_path, cfg.depth)
+        head_rates = _linspace(cfg.drop_path, max(cfg.depth, early + cfg.head_layers))
+        self.blocks = nn.ModuleList([block(rate) for rate in backbone_rates])
         self.norm = LayerNorm(dim)
         self.lm_head = nn.Linear(dim, cfg.vocab_size)
+        self.cls_pt_layers: nn.ModuleList | None = None
+        self._init_backbone()
         if cfg.use_cls_head:
+            # Built after the init pass, as the reference builds them: they keep PyTorch's
+            # default init (uniform weights, non-zero biases) before the layer-id rescale.
             self.cls_pt_layers = nn.ModuleList(
-                [block(rates[i]) for i in range(early, early + cfg.head_layers)]
+                [block(head_rates[i]) for i in range(early, early + cfg.head_layers)]
             )
-        else:
-            self.cls_pt_layers = None
-        self.init_weights()
+        self._rescale_by_layer_id()
 
-    def init_weights(self) -> None:
-        """Reference init: truncated normal (std 0.02) weights, zero biases, unit norms, then
-        ``attn.proj`` and ``mlp.fc2`` of block l (1-based) divided by sqrt(2 l)."""
+    def _init_backbone(self) -> None:
+        """Reference init of everything but the CLS head: truncated normal (std 0.02, cut at
+        +-1 std) weights, zero biases, unit norms, truncated normal cls and mask tokens."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 _trunc_normal(module.weight)
@@ -168,15 +176,17 @@ class BEiTv2(nn.Module):
                 nn.init.zeros_(module.bias)
         _trunc_normal(self.cls_token)
         _trunc_normal(self.mask_token)
-        with torch.no_grad():
-            layers = list(enumerate(self.blocks, start=1))
-            if self.cls_pt_layers is not None:
-                # Head blocks count on from the tap point (block early+1, early+2, ...).
-                start = self.cfg.early_layers + 1
-                layers += list(enumerate(self.cls_pt_layers, start=start))
-            for layer_id, blk in layers:
-                blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    @torch.no_grad()
+    def _rescale_by_layer_id(self) -> None:
+        """``attn.proj`` and ``mlp.fc2`` of block l (1-based) divided by sqrt(2 l); the head
+        blocks count on from the tap point (block tap+1, tap+2, ...)."""
+        layers = list(enumerate(self.blocks, start=1))
+        if self.cls_pt_layers is not None:
+            layers += list(enumerate(self.cls_pt_layers, start=self.cfg.early_layers + 1))
+        for layer_id, blk in layers:
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names the reference exempts from weight decay beyond biases and 1-D params."""

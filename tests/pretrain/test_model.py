@@ -143,19 +143,21 @@ def test_forward_matches_manual_cls_head_computation():
     torch.testing.assert_close(unmasked, model.norm(x))
 
 
-def test_reference_init():
+INIT_CFG = BEiTConfig(
+    image_size=64,
+    patch_size=8,
+    width=192,
+    depth=4,
+    heads=3,
+    vocab_size=64,
+    head_from_layer=3,
+    layer_scale_init=0.1,
+)
+
+
+def test_backbone_init_is_the_references():
     torch.manual_seed(0)
-    cfg = BEiTConfig(
-        image_size=64,
-        patch_size=8,
-        width=192,
-        depth=4,
-        heads=3,
-        vocab_size=64,
-        head_from_layer=3,
-        layer_scale_init=0.1,
-    )
-    model = BEiTv2(cfg)
+    model = BEiTv2(INIT_CFG)
     # Truncated at +-1 std as the reference, so the spread is 0.02 * 0.5396.
     trunc_std = 0.02 * 0.5396
     qkv = model.blocks[0].attn.qkv.weight
@@ -167,24 +169,58 @@ def test_reference_init():
             assert w.std().item() == pytest.approx(trunc_std / math.sqrt(2 * layer_id), rel=0.08)
         assert torch.all(blk.gamma_1 == 0.1) and torch.all(blk.gamma_2 == 0.1)
         assert torch.all(blk.attn.q_bias == 0) and torch.all(blk.mlp.fc1.bias == 0)
-    # Head blocks count on from the tap point: blocks 4 and 5 of a tap at 3.
-    for layer_id, blk in enumerate(model.cls_pt_layers, start=4):
-        assert blk.attn.proj.weight.std().item() == pytest.approx(
-            trunc_std / math.sqrt(2 * layer_id), rel=0.08
-        )
     assert torch.all(model.rel_pos_bias.relative_position_bias_table == 0)
     assert torch.all(model.norm.weight == 1) and torch.all(model.norm.bias == 0)
+    assert torch.all(model.lm_head.bias == 0) and model.lm_head.weight.abs().max() <= 0.02
+
+
+def _uniform_check(w: torch.Tensor, bound: float) -> None:
+    """``w`` looks drawn from U(-bound, bound): inside the bound, std bound/sqrt(3), flat."""
+    flat = w.detach().flatten()
+    assert flat.abs().max() <= bound
+    assert flat.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    # A uniform puts half its mass beyond bound/2 (a normal of that std puts ~39% there).
+    assert (flat.abs() > bound / 2).float().mean().item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_cls_head_keeps_pytorch_default_init_then_the_layer_id_rescale():
+    """The reference builds cls_pt_layers after its init pass (docs/method.md §3)."""
+    torch.manual_seed(0)
+    model = BEiTv2(INIT_CFG)
+    width, hidden = INIT_CFG.width, int(INIT_CFG.width * INIT_CFG.mlp_ratio)
+    for layer_id, blk in enumerate(model.cls_pt_layers, start=INIT_CFG.early_layers + 1):
+        scale = math.sqrt(2 * layer_id)  # blocks 4 and 5 of a tap at 3
+        # nn.Linear's default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), same bias.
+        _uniform_check(blk.attn.qkv.weight, 1 / math.sqrt(width))
+        _uniform_check(blk.mlp.fc1.weight, 1 / math.sqrt(width))
+        _uniform_check(blk.attn.proj.weight, 1 / math.sqrt(width) / scale)
+        _uniform_check(blk.mlp.fc2.weight, 1 / math.sqrt(hidden) / scale)
+        for bias, fan_in in ((blk.mlp.fc1.bias, width), (blk.attn.proj.bias, width)):
+            assert bias.abs().min() > 0 and bias.abs().max() <= 1 / math.sqrt(fan_in)
+        assert torch.all(blk.attn.q_bias == 0) and torch.all(blk.gamma_1 == 0.1)
+        assert torch.all(blk.norm1.weight == 1) and torch.all(blk.norm1.bias == 0)
 
 
 def test_drop_path_ramp_and_no_layer_scale():
     model = BEiTv2(BEiTConfig(**{**TINY.__dict__, "depth": 3, "drop_path": 0.2}))
     assert model.blocks[0].drop_path1.__class__.__name__ == "Identity"
-    # One linear ramp over max(depth, tap + head blocks) = 4 steps (tap 2 of 3): the head
-    # blocks continue it from the tap point, as the reference.
-    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2 * 2 / 3)
-    assert model.cls_pt_layers[-1].drop_path2.drop_prob == pytest.approx(0.2)
+    # The reference: the backbone ramps over its depth (3 blocks: 0, 0.1, 0.2); the head blocks
+    # take steps 2 and 3 of a ramp over max(depth, tap + head blocks) = 4 (tap 2 of 3).
+    rates = [blk.drop_path1.drop_prob for blk in model.blocks[1:]]
+    assert rates == pytest.approx([0.1, 0.2])
+    heads = [blk.drop_path2.drop_prob for blk in model.cls_pt_layers]
+    assert heads == pytest.approx([0.2 * 2 / 3, 0.2])
     no_scale = BEiTv2(BEiTConfig(**{**TINY.__dict__, "layer_scale_init": 0.0}))
     assert no_scale.blocks[0].gamma_1 is None
+
+
+def test_drop_path_rates_equal_the_references_linspace():
+    cfg = BEiTConfig(**{**TINY.__dict__, "depth": 12, "head_from_layer": 11, "drop_path": 0.1})
+    model = BEiTv2(cfg)
+    backbone = [0.0] + [b.drop_path1.drop_prob for b in model.blocks[1:]]
+    assert backbone == [x.item() for x in torch.linspace(0, 0.1, 12)]
+    ramp = [x.item() for x in torch.linspace(0, 0.1, 13)]  # tap 11 + 2 head blocks > 12
+    assert [b.drop_path1.drop_prob for b in model.cls_pt_layers] == ramp[11:13]
 
 
 def test_mim_loss_matches_manual_cross_entropy_and_backprops():
