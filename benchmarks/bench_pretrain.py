@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from engine.layout import imagenet_sample_dir
+from engine.optim import param_groups
 from pretrain.masking import block_mask, num_masked_for
 from pretrain.model import BEiTv2, beit_config, mim_loss
-from pretrain.train import param_groups
 from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,7 @@ from typing import ClassVar, Literal
 
 from engine.config import StageConfig
 from engine.layout import DEMO, RUNS
-
-# The paper's batch size: ``blr`` is the learning rate at this batch, scaled linearly.
-REFERENCE_BATCH = 2048
+from engine.metrics import LogSpec
 
 
 @dataclass(frozen=True)
@@ -50,27 +48,37 @@ class MaskSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Optimisation and bookkeeping (docs/method.md §3 defaults)."""
+    """Optimisation and bookkeeping (docs/method.md §3 defaults).
 
-    batch_size: int = 2048  # global batch (split evenly across DDP ranks)
+    The learning rate is ``blr`` per ``REFERENCE_BATCH`` = 2048 images, scaled linearly to the
+    global batch: lr = blr * batch_size / 2048. The reference's ``--lr`` is *not* scaled by the
+    batch (its 1.5e-3 is the rate of its batch 2048), so ``train.blr`` equals the reference's
+    ``--lr`` at batch 2048; at another batch the reference would keep ``--lr`` as given.
+    """
+
+    REFERENCE_BATCH: ClassVar[int] = 2048
+
     epochs: int = 300
-    # Base learning rate, defined at batch 2048 and scaled linearly: lr = blr * batch_size / 2048
-    # (see PretrainConfig.lr).
-    blr: float = 1.5e-3
+    batch_size: int = 2048  # global batch (split evenly across DDP ranks)
+    blr: float = 1.5e-3  # learning rate per 2048 images: lr = blr * batch_size / 2048
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # student autocast (weights, optimiser state and losses stay fp32); auto: bf16 where the
+    # hardware is fast at it (CUDA, AVX512-BF16/AMX CPUs), else fp32. config.yaml records the result
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile the student (see BENCHMARKS.md for when it pays)
+    # linear warmup over these epochs; the peak is reached at the last warmup step (reference)
     warmup_epochs: int = 10
     min_lr: float = 1e-5
     betas: tuple[float, ...] = (0.9, 0.98)  # (0.9, 0.999) for the 1600-epoch recipe
     eps: float = 1e-8
     weight_decay: float = 0.05  # not on biases, norms and other 1-D parameters
     clip_grad: float = 3.0  # 0 = no clipping
-    seed: int = 0
     num_workers: int = 8  # DataLoader workers per rank
     shuffle_buffer: int = 512  # in-shard shuffle buffer (samples), seeded
     resume: bool = False  # continue from out_dir/checkpoint.pth exactly where it stopped
     save_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     log_every: int = 10  # steps between metric lines in metrics.jsonl
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # bf16 autocast, on CUDA only
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,7 @@ class PretrainConfig(StageConfig):
     model: ModelSpec = field(default_factory=ModelSpec)
     mask: MaskSpec = field(default_factory=MaskSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    log: LogSpec = field(default_factory=LogSpec)
 
     presets: ClassVar[dict[str, dict]] = {
         # A tiny ViT on the ImageNet sample tokenized by the demo tokenizer: minutes on 2 cores.
@@ -119,4 +128,4 @@ class PretrainConfig(StageConfig):
     @property
     def lr(self) -> float:
         """Peak learning rate: ``blr`` (defined at batch 2048) scaled linearly to ``batch_size``."""
-        return self.train.blr * self.train.batch_size / REFERENCE_BATCH
+        return self.train.blr * self.train.batch_size / TrainSpec.REFERENCE_BATCH

@@ -16,9 +16,11 @@ import torch
 from support import pretrain_data as helpers
 
 from engine.config import build_config
+from engine.optim import param_groups
+from engine.schedule import lr_at
 from pretrain import train as train_module
 from pretrain.config import PretrainConfig
-from pretrain.train import lr_at, param_groups, pretrain
+from pretrain.train import pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,8 +76,9 @@ def epochs_of(metrics: Path) -> list[dict]:
 def test_lr_is_linearly_scaled_and_scheduled() -> None:
     cfg = build_config(PretrainConfig, {"train": {"batch_size": 256, "blr": 1.5e-3}})
     assert cfg.lr == pytest.approx(1.5e-3 * 256 / 2048)
+    assert cfg.train.REFERENCE_BATCH == 2048
     assert lr_at(0, 100, 10, 1.0, 0.01) == 0.0
-    assert lr_at(10, 100, 10, 1.0, 0.01) == pytest.approx(1.0)
+    assert lr_at(9, 100, 10, 1.0, 0.01) == pytest.approx(1.0)  # the peak at step W - 1
     assert lr_at(100, 100, 10, 1.0, 0.01) == pytest.approx(0.01)
 
 
@@ -85,7 +88,8 @@ def test_no_weight_decay_on_biases_norms_and_cls_token() -> None:
     model = BEiTv2(
         BEiTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, vocab_size=16)
     )
-    decay, no_decay = param_groups(model, 0.05)
+    groups = param_groups(model, 0.05)
+    no_decay, decay = sorted(groups, key=lambda g: g["weight_decay"])
     names = {id(p): n for n, p in model.named_parameters()}
     skipped = {names[id(p)] for p in no_decay["params"]}
     assert {"cls_token", "norm.weight", "norm.bias", "blocks.0.gamma_1"} <= skipped
@@ -198,3 +202,29 @@ def test_ddp_two_cpu_processes_keep_identical_weights(corpus: dict, tmp_path: Pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"ranks_identical": true' in result.stdout
     assert (tmp_path / "ddp" / "backbone_timm.pth").is_file()
+
+
+def test_precision_is_resolved_and_recorded(corpus: dict, tmp_path: Path) -> None:
+    """fp32 and the default (auto) both train with fp32 weights; config.yaml says which ran."""
+    import yaml
+
+    from engine.precision import resolve_precision
+
+    auto = pretrain(tiny(corpus, tmp_path / "auto", epochs=1))
+    exact = pretrain(tiny(corpus, tmp_path / "fp32", epochs=1, precision="fp32"))
+    expected = resolve_precision("auto", "cpu")
+    assert auto["precision"] == expected and exact["precision"] == "fp32"
+    for run, want in (("auto", expected), ("fp32", "fp32")):
+        saved = yaml.safe_load((tmp_path / run / "config.yaml").read_text())
+        assert saved["train"]["precision"] == want
+        state = torch.load(tmp_path / run / "checkpoint.pth", weights_only=True)["model"]
+        assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    assert 0.0 <= auto["mim_acc"] <= 1.0 and 0.0 <= exact["mim_acc"] <= 1.0
+
+
+def test_non_finite_loss_stops_naming_the_step(corpus: dict, tmp_path: Path) -> None:
+    from engine.guards import NonFiniteLoss
+
+    # an infinite rate ruins the weights in the first update: the second step's loss is NaN
+    with pytest.raises(NonFiniteLoss, match=r"nan at step 2 \(epoch 0\)"):
+        pretrain(tiny(corpus, tmp_path / "nan", epochs=1, blr=float("inf")))
