@@ -101,9 +101,18 @@ def cluster_precision(requested: str, device: str, client: Client) -> str:
 
 
 def run_tasks(
-    client: Client, todo: list[ImageShard], job: ShardJob, retries: int, dashboard: bool
+    client: Client,
+    todo: list[ImageShard],
+    job: ShardJob,
+    retries: int,
+    dashboard: bool,
+    previous: dict[int, dict] | None = None,
 ) -> tuple[dict[int, dict], dict[int, str], float]:
-    """Submit one task per shard; return (results, failures by shard index, seconds)."""
+    """Submit one task per shard; return (results, failures by shard index, seconds).
+
+    ``previous``: receipts to append seeds to, by shard index (``shard_task.tokenize_shard``).
+    """
+    previous = previous or {}
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -124,6 +133,7 @@ def run_tasks(
             tokenize_shard,
             shard,
             job,
+            previous.get(shard.index),
             key=f"tokenize-{shard.name}-{run_id}",
             retries=retries,
             priority=-shard.index,  # roughly in shard order, so a killed run leaves a prefix

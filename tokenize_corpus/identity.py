@@ -142,3 +142,17 @@ def image_shard_changes(stored: dict | None, current: dict) -> list[str]:
     stored = stored or {}
     fields = COMPARED.get(current.get("kind", ""), tuple(current))
     return [f for f in fields if stored.get(f) != current.get(f)]
+
+
+def added_seeds(old: dict | None, new: dict) -> list[int] | None:
+    """The seeds ``new`` adds to a receipt of ``old`` (issue 12, appending seeds), else None.
+
+    An extension differs from the receipt's job in ``seeds`` alone, and the receipt's seeds are
+    a strict prefix of the new ones (seed order is the order of the K axis in the WebDataset form).
+    """
+    if not isinstance(old, dict) or identity_changes(old, new) != ["seeds"]:
+        return None
+    before, after = list(old["seeds"]), list(new["seeds"])
+    if len(before) >= len(after) or after[: len(before)] != before:
+        return None
+    return after[len(before) :]

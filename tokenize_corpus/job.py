@@ -128,7 +128,7 @@ def _run(
         # what the kept receipts do not list (redone shards, partial files, an older layout).
         dataset.withdraw_manifest()
         dataset.remove_partial_files()
-        dataset.remove_orphans(plan.kept.values(), len(pre.shards))
+        dataset.remove_orphans([*plan.kept.values(), *plan.extend.values()], len(pre.shards))
         from tokenize_corpus.cluster import cluster_precision, open_client, run_tasks
 
         if client is None:
@@ -137,7 +137,7 @@ def _run(
             cluster_precision(precision, cfg.cluster.device, client)
         job = _job(cfg, pre, precision, identity)
         results, failed, run_seconds = run_tasks(
-            client, plan.todo, job, cfg.cluster.retries, cfg.cluster.dashboard
+            client, plan.todo, job, cfg.cluster.retries, cfg.cluster.dashboard, plan.extend
         )
     return _finish(cfg, pre, dataset, plan, precision, results, failed, run_seconds)
 
@@ -153,6 +153,7 @@ def _finish(
     run_seconds: float,
 ) -> dict:
     """Summary of the run; the manifest when every shard is done."""
+    from shards.manifest import dumps
     from shards.schema import MANIFEST_NAME
 
     receipts = [
@@ -168,6 +169,7 @@ def _finish(
         "shards_tokenized": len(results),
         "shards_already_done": len(plan.kept),
         "shards_redone": {_name(i): why for i, why in sorted(plan.redo.items())},
+        "shards_extended": len(plan.extend),
         "shards_failed": len(failed),
         "images": images,
         "images_skipped": sum(len(r["skipped"]) for r in receipts),
@@ -190,6 +192,11 @@ def _finish(
         )
         summary["next"] = [_command(cfg)]
         return summary
+    from tokenize_corpus.append import VERSIONS_NAME, next_versions
+
+    identity = receipts[0]["job"] if receipts else None
+    previous = next(iter(plan.extend.values()), None)
+    versions = next_versions(dataset, list(cfg.seeds), num_shards, identity, previous)
     info = {
         "tokenizer": pre.tokenizer,
         "tokenizer_source": pre.tokenizer_path,
@@ -199,11 +206,13 @@ def _finish(
         "precision": precision,
         "images": {"source": pre.images, "shard_size": cfg.shard_size, "kind": pre.shards[0].kind},
         "num_shards": num_shards,
-        "identity": receipts[0]["job"] if receipts else None,
+        "identity": identity,
+        "versions": versions,
     }
     if results or dataset.manifest() is None:
         # a worker killed mid-write (Dask reran its task elsewhere) leaves a temporary file
         dataset.remove_partial_files()
+        dataset.write_bytes(VERSIONS_NAME, dumps(versions))
         dataset.write_manifest(receipts, info)
     summary["manifest"] = dataset.url_of(MANIFEST_NAME)
     summary["exit_code"] = 0

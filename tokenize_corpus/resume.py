@@ -7,6 +7,8 @@ A receipt is kept only when everything it was made from still holds:
    anything is written, naming the fields: the directory holds another dataset (for example the
    tokenizer file was replaced under the same path), and redoing it silently would destroy a
    dataset someone may be reading. Use a new ``out_dir``, or delete the old one to rebuild.
+   One difference is not refused: a receipt whose seeds are a prefix of the current seeds is
+   **extended** (issue 12): only the added seeds are computed for that shard.
 2. **the image shard** (listing and checksum, ``tokenize_corpus.identity``) equals the source
    now, and the source has the same number of shards: otherwise the shard is **redone** (its
    tokens belong to other pixels).
@@ -25,7 +27,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.errors import UserError
-from tokenize_corpus.identity import identity_changes, image_shard_changes, image_shard_identity
+from tokenize_corpus.identity import (
+    added_seeds,
+    identity_changes,
+    image_shard_changes,
+    image_shard_identity,
+)
 
 if TYPE_CHECKING:
     from shards.dataset import TokenDatasetDir
@@ -47,12 +54,17 @@ class ResumePlan:
 
     kept: dict[int, dict] = field(default_factory=dict)  # shard index -> receipt kept as is
     redo: dict[int, str] = field(default_factory=dict)  # shard index -> why its receipt is not
+    extend: dict[int, dict] = field(default_factory=dict)  # shard index -> receipt to add seeds to
     todo: list[ImageShard] = field(default_factory=list)  # shards to tokenize, in order
 
 
 def check_job_identity(dataset: TokenDatasetDir, receipts: dict[int, dict], identity: dict) -> None:
     """Refuse (``ResumeRefused``) when any receipt was made by another job."""
-    foreign = {i: identity_changes(r.get("job"), identity) for i, r in receipts.items()}
+    foreign = {
+        i: identity_changes(r.get("job"), identity)
+        for i, r in receipts.items()
+        if added_seeds(r.get("job"), identity) is None
+    }
     foreign = {i: changed for i, changed in foreign.items() if changed}
     if not foreign:
         return
@@ -106,10 +118,13 @@ def plan_resume(dataset: TokenDatasetDir, shards: list[ImageShard], identity: di
             pool.map(lambda s: _verdict(dataset, s, receipts[s.index], len(shards)), with_receipt)
         )
     for shard, why in zip(with_receipt, verdicts, strict=True):
+        receipt = receipts[shard.index]
         if why:
             plan.redo[shard.index] = why
             log.warning("%s will be redone: %s", shard.name, why)
+        elif added_seeds(receipt.get("job"), identity) is not None:
+            plan.extend[shard.index] = receipt
         else:
-            plan.kept[shard.index] = receipts[shard.index]
+            plan.kept[shard.index] = receipt
     plan.todo = [s for s in shards if s.index not in plan.kept]
     return plan

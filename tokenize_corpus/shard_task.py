@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from tokenize_corpus.append import stored_tokens
 from tokenize_corpus.identity import RecordsDigest, image_shard_identity
 from tokenize_corpus.prefetch import prefetch
 from tokenize_corpus.worker import ShardJob, worker_tokenizer
@@ -31,12 +32,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def decoded_views(shard: ImageShard, job: ShardJob, digest: RecordsDigest) -> Iterator[tuple]:
-    """Per record, in shard order: ``("row", record, views, pixels [K,3,S,S] uint8)`` or
+def decoded_views(
+    shard: ImageShard, job: ShardJob, digest: RecordsDigest, first: int = 0
+) -> Iterator[tuple]:
+    """Per record, in shard order: ``("row", record, views, pixels [K-first,3,S,S] uint8)`` or
     ``("skip", key, why)``.
 
-    Each image is decoded once and its K views are rendered from that decode (docs/design.md §2).
-    ``digest`` is fed every record so the receipt carries a checksum of what was read.
+    Each image is decoded once and its views are rendered from that decode (docs/design.md §2):
+    every seed's parameters, the pixels of seeds ``first`` onwards (the earlier ones are already
+    stored when seeds are appended). ``digest`` is fed every record for the receipt's checksum.
     """
     import torch
 
@@ -64,7 +68,7 @@ def decoded_views(shard: ImageShard, job: ShardJob, digest: RecordsDigest) -> It
             yield ("skip", record.key, str(err))
             continue
         views = [sample_view(job.aug, record.key, s, image.width, image.height) for s in job.seeds]
-        pixels = torch.stack([render_view(image, v) for v in views])  # [K, 3, S, S] uint8
+        pixels = torch.stack([render_view(image, v) for v in views[first:]])  # [K', 3, S, S]
         yield ("row", record, views, pixels)
 
 
@@ -84,8 +88,12 @@ def encode_views(tokenizer: Tokenizer, pixels: torch.Tensor, precision: str) -> 
     return tokens.cpu()  # [B, N]
 
 
-def tokenize_shard(shard: ImageShard, job: ShardJob) -> dict:
+def tokenize_shard(shard: ImageShard, job: ShardJob, previous: dict | None = None) -> dict:
     """One Dask task: tokenize image shard ``shard`` and write its files + receipt.
+
+    ``previous``: the shard's receipt when seeds are appended to it (its seeds are a prefix of
+    ``job.seeds``): only the added seeds are tokenized; the stored ones are read back from its
+    files, so every file is what a run with all the seeds from scratch writes.
 
     Returns ``{"index", "name", "receipt", "rows", "skipped", "views", "seconds", ...}``, or
     ``{"index", "name", "failed": reason}`` for a bad shard (deterministic: not worth a retry).
@@ -114,10 +122,12 @@ def tokenize_shard(shard: ImageShard, job: ShardJob) -> dict:
         for (row, seed_position, _), row_tokens in zip(batch, tokens, strict=True):
             row.tokens[seed_position] = row_tokens
 
+    first = len(previous["seeds"]) if previous else 0
+    stored = stored_tokens(job.out_dir, previous) if previous else {}
     digest = RecordsDigest()
-    depth = max(2, 2 * job.batch_size // k)  # enough decoded images ahead for about two batches
+    depth = max(2, 2 * job.batch_size // (k - first))  # decoded images for about two batches
     try:
-        for item in prefetch(decoded_views(shard, job, digest), depth):
+        for item in prefetch(decoded_views(shard, job, digest, first), depth):
             if item[0] == "skip":
                 skipped.append((item[1], item[2]))
                 continue
@@ -129,8 +139,10 @@ def tokenize_shard(shard: ImageShard, job: ShardJob) -> dict:
                 tokens=np.zeros((k, num_tokens), np.uint16),
                 image_sha256=record.sha256,
             )
+            if previous:
+                row.tokens[:first] = stored[record.key]  # KeyError: not the same image shard
             rows.append(row)
-            pending.extend((row, position, pixels[position]) for position in range(k))
+            pending.extend((row, p, pixels[p - first]) for p in range(first, k))
             while len(pending) >= job.batch_size:
                 flush(job.batch_size)
     except BadShard as err:
@@ -158,7 +170,7 @@ def tokenize_shard(shard: ImageShard, job: ShardJob) -> dict:
         "receipt": receipt,
         "rows": len(rows),
         "skipped": len(skipped),
-        "views": len(rows) * k,
+        "views": len(rows) * (k - first),
         "seconds": time.perf_counter() - start,
         "encode_seconds": encode_seconds,
         "peak_rss_mb": peak_rss_mb(),

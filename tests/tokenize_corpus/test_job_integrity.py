@@ -71,8 +71,10 @@ def config(images: str, tokenizer: str, out: Path, address: str | None = None, *
 
 
 def simulate_kill(out: Path, keep: int) -> None:
-    """Leave what a kill after ``keep`` finished shards leaves: their receipts, no manifest."""
+    """Leave what a kill of a first run after ``keep`` finished shards leaves: their receipts, no
+    manifest, no version log."""
     (out / "manifest.json").unlink()
+    (out / "versions.json").unlink()
     for receipt in sorted((out / "receipts").glob("*.json"))[keep:]:
         receipt.unlink()
 

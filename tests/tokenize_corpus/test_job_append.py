@@ -1,0 +1,86 @@
+"""Growing a token dataset (issue 12): appending seeds computes only the new ones, leaves the stored
+files byte-identical, equals a from-scratch run, and records a version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from support import stage2 as helpers
+
+from shards.views import AugConfig
+from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+from tokenize_corpus.resume import ResumeRefused
+
+# Files that record the dataset's history: an appended dataset has one more version.
+HISTORY = ("manifest.json", "versions.json", "README.md")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    import logging
+
+    from distributed import LocalCluster
+
+    root = tmp_path_factory.mktemp("append")
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+        silence_logs=logging.WARNING,
+    ) as cluster:  # fmt: skip
+        yield {
+            "tokenizer": helpers.make_tokenizer(root / "tok.pth"),
+            "images": helpers.make_corpus(root / "images", shards=3, per_shard=4),
+            "address": cluster.scheduler_address,
+        }
+
+
+def config(setup: dict, out: Path, seeds: tuple[int, ...], formats: tuple[str, ...]):
+    return TokenizeConfig(
+        images=setup["images"],
+        tokenizer=setup["tokenizer"],
+        out_dir=str(out),
+        seeds=seeds,
+        aug=AugConfig(size=32),
+        formats=formats,
+        batch_size=3,
+        precision="fp32",
+        cluster=ClusterConfig(address=setup["address"], dashboard=False),
+    )
+
+
+@pytest.mark.parametrize("formats", [("parquet", "webdataset"), ("webdataset",)])
+def test_appending_seeds_computes_only_them_and_equals_a_fresh_run(setup, tmp_path, formats):
+    grown = tmp_path / "grown"
+    assert tokenize(config(setup, grown, (0, 1), formats))["exit_code"] == 0
+    before = helpers.dataset_files(grown)
+
+    summary = tokenize(config(setup, grown, (0, 1, 2, 3), formats))
+    assert summary["exit_code"] == 0, summary
+    assert summary["shards_extended"] == 3 and summary["views_this_run"] == 12 * 2
+    after = helpers.dataset_files(grown)
+    stored = [p for p in before if p.startswith("parquet/")]
+    assert all(after[p] == before[p] for p in stored)  # seeds 0 and 1 byte-identical
+
+    fresh = tmp_path / "fresh"
+    assert tokenize(config(setup, fresh, (0, 1, 2, 3), formats))["exit_code"] == 0
+    scratch = helpers.dataset_files(fresh)
+    assert {p: b for p, b in after.items() if p not in HISTORY} == {
+        p: b for p, b in scratch.items() if p not in HISTORY
+    }
+    manifest = json.loads(after["manifest.json"])
+    versions = manifest.pop("versions")
+    expected = json.loads(scratch["manifest.json"])
+    assert [v["seeds"] for v in expected.pop("versions")] == [[0, 1, 2, 3]]
+    assert manifest == expected
+    assert [v["seeds"] for v in versions] == [[0, 1], [0, 1, 2, 3]]
+    assert versions[1]["added"] == {"seeds": [2, 3], "shards": 0} and versions[1]["at"]
+    assert versions[1]["identity"]["seeds"] == [0, 1, 2, 3]
+    assert json.loads(after["versions.json"]) == versions
+
+
+def test_seeds_that_do_not_extend_the_stored_ones_are_refused(setup, tmp_path):
+    out = tmp_path / "tokens"
+    assert tokenize(config(setup, out, (0, 1), ("parquet",)))["exit_code"] == 0
+    with pytest.raises(ResumeRefused, match="seeds"):
+        tokenize(config(setup, out, (1, 0, 2), ("parquet",)))
