@@ -195,7 +195,7 @@ def bench_dataset(name: str, train: str, test: str | None, work: Path, args: Any
             "aug": {"size": size},
         },
     )
-    probe_common = {"preset": "demo", "images": shards, "probe": {"steps": args.probe_steps}}
+    probe_common = {"preset": "demo", "images": shards, "train": {"steps": args.probe_steps}}
     if test:
         probe_common["images_val"] = test
     kinds = ["random", "offline", "online", "teacher"]
@@ -249,7 +249,7 @@ def bench_dataset(name: str, train: str, test: str | None, work: Path, args: Any
                     **probe_common,
                     **extra,
                     "out_dir": str(d / f"probe-{kind.replace('/', '-')}-{seed}"),
-                    "probe": {"steps": args.probe_steps, "seed": seed},
+                    "train": {"steps": args.probe_steps, "seed": seed},
                 },
             )
             results[kind].append(float(res["top1"]))

@@ -24,77 +24,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
-from engine.config import StageConfig
-from engine.layout import DEMO, RUNS
-from pretrain.linprobe import RandomInit
+from engine.checkpoint import save_atomic
+from pretrain.eval_config import FinetuneConfig, FinetuneTrain
+
+__all__ = ["FinetuneConfig", "FinetuneTrain", "build_model", "finetune", "finetune_state"]
 
 log = logging.getLogger(__name__)
-
-REFERENCE_BATCH = 1024  # the paper's fine-tuning batch: blr is the lr at this batch
-
-
-@dataclass(frozen=True)
-class FinetuneConfig(StageConfig):
-    """Fine-tune a backbone end to end with layer-wise lr decay."""
-
-    backbone: str = "random"  # pretrain checkpoint, timm-exported backbone file, or "random"
-    images: str = ""  # labelled images: ImageFolder, WebDataset (.cls) or Parquet (label)
-    images_val: str | None = None  # null = hold out val_fraction of `images` by key hash
-    val_fraction: float = 0.2
-    out_dir: str = RUNS.finetune
-    shard_size: int = 256
-    epochs: int = 100
-    batch_size: int = 1024
-    blr: float = 5e-4  # lr at batch 1024, scaled linearly (see FinetuneConfig.lr)
-    min_lr: float = 1e-6
-    warmup_epochs: int = 5
-    layer_decay: float = 0.65
-    weight_decay: float = 0.05
-    drop_path: float = 0.1
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # reference: 0.8
-    cutmix: float = 0.0  # reference: 1.0
-    randaugment: bool = False  # reference: rand-m9-mstd0.5 (torchvision RandAugment(2, 9) here)
-    crop_scale: tuple[float, ...] = (0.08, 1.0)
-    num_workers: int = 0  # DataLoader workers
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    random_init: RandomInit = field(default_factory=RandomInit)
-
-    presets: ClassVar[dict[str, dict]] = {
-        "demo": {
-            "out_dir": DEMO.finetune,
-            "epochs": 3,
-            "batch_size": 32,
-            "blr": 3.2e-2,  # lr 1e-3 at batch 32: a tiny model, a few epochs
-            "warmup_epochs": 1,
-            "drop_path": 0.0,
-            "random_init": {"size": "tiny", "image_size": 64, "patch_size": 8},
-        },
-        # The paper's ViT-B/16 recipe (300-epoch pretraining row of docs/method.md §5).
-        "base": {
-            "epochs": 100,
-            "batch_size": 1024,
-            "blr": 5e-4,
-            "warmup_epochs": 5,
-            "drop_path": 0.1,
-            "mixup": 0.8,
-            "cutmix": 1.0,
-            "randaugment": True,
-            "random_init": {"size": "base", "image_size": 224, "patch_size": 16},
-        },
-    }
-
-    @property
-    def lr(self) -> float:
-        """Peak lr: ``blr`` (defined at batch 1024) scaled linearly to ``batch_size``."""
-        return self.blr * self.batch_size / REFERENCE_BATCH
 
 
 def finetune_state(cfg: FinetuneConfig) -> dict:
@@ -184,7 +123,7 @@ class _Images:
             return eval_views(image, key, self.size), label
         aug = AugConfig(size=self.size, scale=self.cfg.crop_scale, jitter=())
         # view seed from (run seed, epoch): a new crop every epoch, reproducible
-        seed = self.cfg.seed * 100_003 + self.epoch
+        seed = self.cfg.train.seed * 100_003 + self.epoch
         view = render_view(image, sample_view(aug, key, seed, image.width, image.height))
         if self.randaugment is not None:
             digest = hashlib.sha256(f"{key}/{seed}".encode()).digest()
@@ -208,52 +147,57 @@ def _records(images: str, shard_size: int) -> list[tuple[str, bytes, int]]:
     return out
 
 
-def _lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
-
-
-def evaluate(model: Any, loader: Any, device: str) -> dict[str, float]:
-    """Top-1/top-5 (%) over ``loader`` (uint8 views, ImageNet normalisation)."""
+def evaluate(model: Any, loader: Any, device: Any, precision: str = "fp32") -> dict[str, float]:
+    """Top-1 (%) over ``loader`` (uint8 views, ImageNet normalisation), and top-5 (%) when the
+    model has more than 5 classes (with 5 or fewer it is 100% by construction)."""
     import torch
 
+    from engine.precision import autocast
     from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 
     model.eval()
     right1 = right5 = n = 0
-    with torch.inference_mode():
+    classes = 0
+    with torch.inference_mode(), autocast(precision, device):
         for views, labels in loader:
             x = normalize(to_unit(views.to(device)), IMAGENET_MEAN, IMAGENET_STD)
             logits = model(x)  # [B, C]
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+            classes = logits.shape[1]
+            top = logits.topk(min(5, classes), dim=1).indices.cpu()
             right1 += int((top[:, 0] == labels).sum())
             right5 += int((top == labels[:, None]).any(dim=1).sum())
             n += len(labels)
-    return {"top1": 100 * right1 / max(n, 1), "top5": 100 * right5 / max(n, 1)}
+    scores = {"top1": 100 * right1 / max(n, 1)}
+    if classes > 5:
+        scores["top5"] = 100 * right5 / max(n, 1)
+    return scores
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Fine-tune ``cfg.backbone`` on ``cfg.images``; returns the final accuracies."""
+def _loaders(cfg: FinetuneConfig, size: int, train_recs: list, val_recs: list) -> tuple:
+    """(train set, train loader, val loader): shuffled by a generator seeded from train.seed."""
     import torch
-    import torch.nn.functional as F
-    from timm.optim import create_optimizer_v2
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
-    from engine.config import save_config
-    from pretrain.linprobe import key_in_val, resolve_device
-    from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
+    t = cfg.train
+    train_set = _Images(train_recs, size, True, cfg)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=t.batch_size,
+        shuffle=True,
+        drop_last=len(train_recs) >= t.batch_size,
+        num_workers=t.num_workers,
+        generator=torch.Generator().manual_seed(t.seed),
+    )
+    val_loader = DataLoader(
+        _Images(val_recs, size, False, cfg), batch_size=t.batch_size, num_workers=t.num_workers
+    )
+    return train_set, train_loader, val_loader
 
-    if not cfg.images:
-        raise ValueError("no labelled images given; pass images=<folder, shards or parquet>")
-    start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+
+def _split(cfg: FinetuneConfig) -> tuple[list, list, int]:
+    """(train records, val records, number of classes)."""
+    from engine.errors import UserError
+    from pretrain.linprobe import key_in_val
 
     records = _records(cfg.images, cfg.shard_size)
     if cfg.images_val:
@@ -262,93 +206,128 @@ def finetune(cfg: FinetuneConfig) -> dict:
         train_recs = [r for r in records if not key_in_val(r[0], cfg.val_fraction)]
         val_recs = [r for r in records if key_in_val(r[0], cfg.val_fraction)]
     if not train_recs or not val_recs:
-        raise ValueError(f"empty train or val split ({len(train_recs)}/{len(val_recs)} images)")
-    num_classes = 1 + max(r[2] for r in train_recs + val_recs)
-
-    state = finetune_state(cfg)
-    model = build_model(state, num_classes, cfg.drop_path).to(device)
-    size = model.patch_embed.img_size[0]
-    train_set = _Images(train_recs, size, True, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(train_recs) >= cfg.batch_size,
-        num_workers=cfg.num_workers,
-        generator=gen,
-    )
-    val_loader = DataLoader(
-        _Images(val_recs, size, False, cfg), batch_size=cfg.batch_size, num_workers=cfg.num_workers
-    )
-    optimizer = create_optimizer_v2(
-        model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay
-    )
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
-
-        mixup = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            label_smoothing=cfg.label_smoothing,
-            num_classes=num_classes,
+        raise UserError(
+            f"empty train or val split ({len(train_recs)}/{len(val_recs)} images); use more "
+            "images, another val_fraction, or images_val="
         )
-    steps_per_epoch = len(train_loader)
-    total = cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
-    step = 0
-    scores: dict[str, float] = {}
-    for epoch in range(cfg.epochs):
-        model.train()
-        train_set.epoch = epoch
-        losses = []
-        epoch_start = time.perf_counter()
-        for views, labels in tqdm(
-            train_loader, desc=f"finetune {epoch + 1}/{cfg.epochs}", disable=None
-        ):
-            lr = _lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            x = normalize(to_unit(views.to(device)), IMAGENET_MEAN, IMAGENET_STD)  # [B, 3, S, S]
-            y = labels.to(device)
-            if mixup is not None:
-                x, y_soft = mixup(x, y)
-                loss = torch.sum(-y_soft * F.log_softmax(model(x), dim=-1), dim=-1).mean()
+    return train_recs, val_recs, 1 + max(r[2] for r in train_recs + val_recs)
+
+
+def _train_epoch(run: dict[str, Any], epoch: int) -> float:
+    """One epoch of fine-tuning; returns the mean training loss."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from engine.guards import check_finite
+    from engine.optim import set_lr
+    from engine.precision import autocast
+    from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
+
+    cfg, model, optimizer, device = run["cfg"], run["model"], run["optimizer"], run["device"]
+    t = cfg.train
+    model.train()
+    run["train_set"].epoch = epoch
+    losses = []
+    for views, labels in tqdm(run["loader"], desc=f"finetune {epoch + 1}/{t.epochs}", disable=None):
+        run["lr"] = run["schedule"](run["step"])
+        set_lr(optimizer, run["lr"])  # times each group's layer-decay lr_scale
+        x = normalize(to_unit(views.to(device)), IMAGENET_MEAN, IMAGENET_STD)  # [B, 3, S, S]
+        y = labels.to(device)
+        with autocast(t.precision, device):
+            if run["mixup"] is not None:
+                x, y_soft = run["mixup"](x, y)
+                logits = model(x).float()
+                loss = torch.sum(-y_soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
             else:
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            step += 1
-        scores = evaluate(model, val_loader, device)
-        record = {
-            "epoch": epoch,
-            "step": step,
-            "loss": sum(losses) / max(1, len(losses)),
-            **scores,
-            "lr": lr,
-            "seconds": round(time.perf_counter() - epoch_start, 2),
-        }
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        log.info(
-            "finetune epoch %d: loss %.4f top1 %.2f%%", epoch + 1, record["loss"], scores["top1"]
-        )
-    torch.save(model.state_dict(), out / "finetuned.pth")
+                loss = F.cross_entropy(model(x).float(), y, label_smoothing=t.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        run["scaler"].scale(loss).backward()
+        run["scaler"].step(optimizer)
+        run["scaler"].update()
+        run["step"] += 1
+        losses.append(loss.item())
+        check_finite(losses[-1], run["step"], epoch)
+    return sum(losses) / max(1, len(losses))
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune ``cfg.backbone`` on ``cfg.images``; returns the final accuracies."""
+    import dataclasses
+
+    import torch
+    from timm.optim import create_optimizer_v2
+
+    from engine.config import save_config, to_dict
+    from engine.device import resolve_device
+    from engine.errors import UserError
+    from engine.metrics import MetricsWriter
+    from engine.precision import resolve_precision
+    from engine.schedule import Schedule
+
+    if not cfg.images:
+        raise UserError("no labelled images given; pass images=<folder, shards or parquet>")
+    start = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+    t, out = cfg.train, Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    torch.manual_seed(t.seed)
+    train_recs, val_recs, num_classes = _split(cfg)
+    model = build_model(finetune_state(cfg), num_classes, cfg.drop_path).to(device)
+    train_set, loader, val_loader = _loaders(
+        cfg, model.patch_embed.img_size[0], train_recs, val_recs
+    )
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = create_optimizer_v2(
+        model, opt="adamw", lr=cfg.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay,
+        **fast,
+    )  # fmt: skip
+    steps = len(loader)
+    run: dict[str, Any] = {
+        "cfg": cfg, "model": model, "optimizer": optimizer, "device": device, "step": 0,
+        "train_set": train_set, "loader": loader, "mixup": _mixup(cfg, num_classes),
+        "schedule": Schedule(cfg.lr, t.epochs * steps, t.warmup_epochs * steps, floor=t.min_lr),
+        "scaler": torch.amp.GradScaler(device.type, enabled=precision == "fp16"), "lr": 0.0,
+    }  # fmt: skip
+    scores: dict[str, float] = {}
+    with MetricsWriter(out, cfg.log, config=to_dict(cfg)) as metrics:
+        for epoch in range(t.epochs):
+            epoch_start = time.perf_counter()
+            loss = _train_epoch(run, epoch)
+            scores = evaluate(model, val_loader, device, precision)
+            record = {"kind": "epoch", "epoch": epoch, "step": run["step"], "loss": loss, **scores}
+            record |= {"lr": run["lr"], "seconds": round(time.perf_counter() - epoch_start, 2)}
+            metrics.write(record)
+            log.info("finetune epoch %d: loss %.4f top1 %.2f%%", epoch + 1, loss, scores["top1"])
+    save_atomic(model.state_dict(), out / "finetuned.pth")
     results = {
         **{k: round(v, 2) for k, v in scores.items()},
         "backbone": cfg.backbone,
+        "precision": precision,
         "num_classes": num_classes,
         "num_train": len(train_recs),
         "num_val": len(val_recs),
-        "epochs": cfg.epochs,
+        "epochs": t.epochs,
         "checkpoint": str(out / "finetuned.pth"),
-        "metrics": str(metrics_path),
+        "metrics": str(out / "metrics.jsonl"),
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _mixup(cfg: FinetuneConfig, num_classes: int) -> Any:
+    """timm's Mixup/CutMix with label smoothing, or None when both are off."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        label_smoothing=cfg.train.label_smoothing,
+        num_classes=num_classes,
+    )

@@ -36,75 +36,15 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
-from engine.config import StageConfig
-from engine.layout import DEMO, RUNS
+from pretrain.eval_config import LinprobeConfig, ProbeTrain, RandomInit
+
+__all__ = ["LinprobeConfig", "ProbeTrain", "RandomInit", "linprobe", "train_probe"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RandomInit:
-    """Shape of the ``backbone=random`` baseline (null = the size's value)."""
-
-    size: Literal["tiny", "small", "base", "large"] = "tiny"
-    image_size: int = 224
-    patch_size: int = 16
-    width: int | None = None
-    depth: int | None = None
-    heads: int | None = None
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class ProbeSpec:
-    """The linear classifier and its optimisation."""
-
-    steps: int = 400  # optimisation steps over the cached features
-    batch_size: int = 1024
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class LinprobeConfig(StageConfig):
-    """Evaluate a frozen backbone by a linear classifier on its features."""
-
-    # a pretrain checkpoint, a timm-exported backbone file, "random", or "teacher:<name>"
-    backbone: str = "random"
-    images: str = ""  # labelled images: ImageFolder, WebDataset (.cls) or Parquet (label)
-    images_val: str | None = None  # held-out labelled images; null = split `images` by key hash
-    val_fraction: float = 0.2  # share of `images` held out when images_val is null
-    out_dir: str = RUNS.linprobe
-    pool: Literal["auto", "cls", "mean"] = "auto"
-    # teachers only: evaluation view size (null = 224); other backbones use their own size
-    image_size: int | None = None
-    teacher_weights: str | None = None  # local weights for backbone=teacher:<name>
-    shard_size: int = 256  # folder image sources: images per shard (only affects reading)
-    batch_size: int = 64  # feature extraction batch
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    random_init: RandomInit = field(default_factory=RandomInit)
-    probe: ProbeSpec = field(default_factory=ProbeSpec)
-
-    presets: ClassVar[dict[str, dict]] = {
-        # The demo's probe: the tiny backbones of the demo run, a few hundred images.
-        "demo": {
-            "out_dir": DEMO.linprobe,
-            "batch_size": 32,
-            "random_init": {"size": "tiny", "image_size": 64, "patch_size": 8},
-            "probe": {"steps": 300, "batch_size": 256},
-        },
-        # Paper-sized backbones on ImageNet-scale data.
-        "base": {
-            "random_init": {"size": "base", "image_size": 224, "patch_size": 16},
-            "batch_size": 128,
-            "probe": {"steps": 20000, "batch_size": 1024, "lr": 1e-3},
-        },
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,9 +285,15 @@ def eval_views(image: Any, key: str, size: int) -> Any:
 
 
 def extract_features(
-    backbone: Backbone, images: str, shard_size: int, batch_size: int, device: str
+    backbone: Backbone,
+    images: str,
+    shard_size: int,
+    batch_size: int,
+    device: Any,
+    precision: str = "fp32",
 ) -> dict:
-    """Run ``backbone`` once over every labelled image of ``images``.
+    """Run ``backbone`` once over every labelled image of ``images`` (under autocast at
+    ``precision``; the features are returned in fp32).
 
     Returns {"keys": [K], "labels": int64 [K], "cls": [K, D] or None, "mean": [K, D],
     "skipped": [(key, reason)]}; images with label -1 or that fail to decode are skipped.
@@ -355,6 +301,7 @@ def extract_features(
     import torch
     from tqdm import tqdm
 
+    from engine.precision import autocast
     from shards.decode import BadImage, decode_image
     from shards.images import iter_shard
     from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
@@ -372,7 +319,7 @@ def extract_features(
         views = to_unit(torch.stack(batch)).to(device)  # [B, 3, H, W] in [0, 1]
         if backbone.normalise:
             views = normalize(views, IMAGENET_MEAN, IMAGENET_STD)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision, device):
             out = backbone.tokens(views).float()  # [B, 1+N, D] or [B, N, D]
         if backbone.has_cls:
             cls_rows.append(out[:, 0].cpu())
@@ -380,7 +327,8 @@ def extract_features(
         mean_rows.append(out.mean(dim=1).cpu())  # [B, D]
         batch.clear()
 
-    bar = tqdm(desc="features", unit="img", disable=None)
+    total = sum(len(shard.keys) for shard in shards) or None  # folders know their keys
+    bar = tqdm(desc="features", unit="img", total=total, disable=None)
     for shard in shards:
         for rec in iter_shard(shard):
             if rec.error or rec.label < 0:
@@ -414,23 +362,28 @@ def extract_features(
     }
 
 
-def cached_features(cfg: LinprobeConfig, backbone: Backbone, images: str, device: str) -> dict:
-    """``extract_features`` through the cache ``out_dir/features-<hash>.pt``."""
-    import torch
+def cached_features(cfg: LinprobeConfig, backbone: Backbone, images: str, device: Any) -> dict:
+    """``extract_features`` through the cache ``out_dir/features-<hash>.pt``.
+
+    ``cfg.train.precision`` must be resolved (``fp32``/``bf16``/``fp16``): it is part of the key.
+    """
+    from engine.checkpoint import load_file, save_atomic
 
     source_fp, _ = image_source_fingerprint(images, cfg.shard_size)
     view = {"size": backbone.image_size, "view": "eval-centre-crop-0.875", "norm": "imagenet"}
+    if cfg.train.precision != "fp32":  # fp32 keys stay those of caches written before precision
+        view["precision"] = cfg.train.precision
     digest = hashlib.sha256(
         json.dumps([backbone.fingerprint, source_fp, view], sort_keys=True).encode()
     ).hexdigest()[:20]
     path = Path(cfg.out_dir) / f"features-{digest}.pt"
     if path.exists():
         log.info("features from cache %s", path)
-        return torch.load(path, map_location="cpu", weights_only=True) | {"path": str(path)}
-    feats = extract_features(backbone, images, cfg.shard_size, cfg.batch_size, device)
-    tmp = path.with_suffix(".tmp")
-    torch.save(feats, tmp)
-    os.replace(tmp, path)
+        return load_file(path) | {"path": str(path)}
+    feats = extract_features(
+        backbone, images, cfg.shard_size, cfg.feature_batch_size, device, cfg.train.precision
+    )
+    save_atomic(feats, path)
     return feats | {"path": str(path)}
 
 
@@ -450,12 +403,21 @@ def train_probe(
     x_val: Any,
     y_val: Any,
     num_classes: int,
-    spec: ProbeSpec,
-    metrics_path: Path | None = None,
+    spec: ProbeTrain,
+    metrics: Any = None,
 ) -> dict:
-    """Standardise + Linear trained with AdamW/cosine; returns top-1/top-5 (%) on val and train."""
+    """Standardise + Linear trained with AdamW and the shared cosine schedule (no warmup).
+
+    Returns top-1 (%) on val and train, and top-5 (%) on val only when there are more than 5
+    classes (with 5 or fewer, top-5 is 100% by construction and says nothing: None then).
+    ``metrics``: an ``engine.metrics.MetricsWriter`` for the classifier's loss, or None.
+    """
     import torch
     import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from engine.optim import set_lr
+    from engine.schedule import Schedule
 
     gen = torch.Generator().manual_seed(spec.seed)
     mean = x_train.mean(0, keepdim=True)
@@ -464,68 +426,63 @@ def train_probe(
     head = torch.nn.Linear(xt.shape[1], num_classes)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.AdamW(head.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(spec.steps, 1))
+    peak = spec.blr * spec.batch_size / ProbeTrain.REFERENCE_BATCH
+    opt = torch.optim.AdamW(head.parameters(), lr=peak, weight_decay=spec.weight_decay)
+    schedule = Schedule(peak, max(spec.steps, 1))
     n = xt.shape[0]
     order = torch.randperm(n, generator=gen)
     pos = 0
-    log_file = open(metrics_path, "w") if metrics_path else None  # noqa: SIM115
-    try:
-        for step in range(spec.steps):
-            if pos + min(spec.batch_size, n) > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos : pos + spec.batch_size]
-            pos += len(idx)
-            loss = F.cross_entropy(head(xt[idx]), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            if log_file and (step % 20 == 0 or step == spec.steps - 1):
-                log_file.write(json.dumps({"step": step, "probe_loss": loss.item()}) + "\n")
-    finally:
-        if log_file:
-            log_file.close()
+    for step in tqdm(range(spec.steps), desc="probe", unit="step", disable=None, leave=False):
+        if pos + min(spec.batch_size, n) > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos : pos + spec.batch_size]
+        pos += len(idx)
+        set_lr(opt, schedule(step))
+        loss = F.cross_entropy(head(xt[idx]), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if metrics is not None and (step % 20 == 0 or step == spec.steps - 1):
+            metrics.write({"kind": "step", "step": step + 1, "probe_loss": loss.item()})
 
-    def accuracy(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    def accuracy(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float | None]:
         with torch.no_grad():
             logits = head(x)  # [n, C]
-        k = min(5, num_classes)
-        top = logits.topk(k, dim=1).indices  # [n, k]
-        top1 = (top[:, 0] == y).float().mean().item()
-        top5 = (top == y[:, None]).any(dim=1).float().mean().item()
-        return 100 * top1, 100 * top5
+        top = logits.topk(min(5, num_classes), dim=1).indices  # [n, k]
+        top1 = 100 * (top[:, 0] == y).float().mean().item()
+        if num_classes <= 5:
+            return top1, None
+        return top1, 100 * (top == y[:, None]).any(dim=1).float().mean().item()
 
     top1, top5 = accuracy(xv, y_val)
     train_top1, _ = accuracy(xt, y_train)
     return {"top1": top1, "top5": top5, "train_top1": train_top1}
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> cuda when there is a GPU, else cpu; any other name unchanged."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def linprobe(cfg: LinprobeConfig) -> dict:
     """Run the linear probe described by ``cfg``; writes results.json and returns it."""
+    import dataclasses
+
     import torch
 
-    from engine.config import save_config
+    from engine.config import save_config, to_dict
+    from engine.device import resolve_device
+    from engine.errors import UserError
+    from engine.metrics import MetricsWriter
+    from engine.precision import resolve_precision
 
     if not cfg.images:
-        raise ValueError("no labelled images given; pass images=<folder, shards or parquet>")
+        raise UserError("no labelled images given; pass images=<folder, shards or parquet>")
     start = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    device = resolve_device(cfg.device)
     backbone = load_backbone(cfg)
     if cfg.image_size and not cfg.backbone.startswith("teacher:"):
-        raise ValueError(
+        raise UserError(
             f"image_size={cfg.image_size} only applies to backbone=teacher:<name>; a checkpoint "
             "carries its own image size and backbone=random uses random_init.image_size"
         )
@@ -534,7 +491,7 @@ def linprobe(cfg: LinprobeConfig) -> dict:
     if pool == "auto":
         pool = "cls" if backbone.cls_head_trained else "mean"
     if pool == "cls" and feats["cls"] is None:
-        raise ValueError(f"pool=cls, but backbone {cfg.backbone!r} has no CLS token; use pool=mean")
+        raise UserError(f"pool=cls, but backbone {cfg.backbone!r} has no CLS token; use pool=mean")
     x, y, keys = feats[pool], feats["labels"], feats["keys"]
     if cfg.images_val:
         val = cached_features(cfg, backbone, cfg.images_val, device)
@@ -543,20 +500,22 @@ def linprobe(cfg: LinprobeConfig) -> dict:
     else:
         in_val = torch.tensor([key_in_val(k, cfg.val_fraction) for k in keys])
         if in_val.all() or not in_val.any():
-            raise ValueError(
+            raise UserError(
                 f"val_fraction={cfg.val_fraction} leaves an empty split of {len(keys)} images; "
                 "use more images or a fraction in (0, 1)"
             )
         xt, yt, xv, yv = x[~in_val], y[~in_val], x[in_val], y[in_val]
         val_path = feats["path"]
     num_classes = int(max(int(yt.max()), int(yv.max())) + 1)
-    scores = train_probe(xt, yt, xv, yv, num_classes, cfg.probe, out / "metrics.jsonl")
+    with MetricsWriter(out, cfg.log, config=to_dict(cfg)) as metrics:
+        scores = train_probe(xt, yt, xv, yv, num_classes, cfg.train, metrics)
     results = {
-        **{k: round(v, 2) for k, v in scores.items()},
+        **{k: None if v is None else round(v, 2) for k, v in scores.items()},
         "backbone": cfg.backbone,
         "backbone_fingerprint": backbone.fingerprint,
         "backbone_info": backbone.description,
         "pool": pool,
+        "precision": precision,
         "feature_dim": int(x.shape[1]),
         "num_classes": num_classes,
         "num_train": int(len(yt)),
@@ -567,5 +526,5 @@ def linprobe(cfg: LinprobeConfig) -> dict:
         "out_dir": str(out),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    log.info("linprobe %s: top1 %.2f%% top5 %.2f%%", cfg.backbone, results["top1"], results["top5"])
+    log.info("linprobe %s: top1 %.2f%% (top5 %s)", cfg.backbone, results["top1"], results["top5"])
     return results

@@ -69,7 +69,7 @@ def test_every_stage_through_the_cli(tmp_path):
     assert backbone.is_file()
 
     _pipeline("run", "stage=linprobe", f"backbone={backbone}", f"images={shards}",
-              f"out_dir={run / 'linprobe'}", "probe.steps=50", cwd=tmp_path)  # fmt: skip
+              f"out_dir={run / 'linprobe'}", "train.steps=50", cwd=tmp_path)  # fmt: skip
     results = json.loads((run / "linprobe" / "results.json").read_text())
     assert results["num_classes"] == 4 and results["pool"] == "cls"
 
@@ -89,7 +89,7 @@ def test_stage_all_with_tiny_overrides(tmp_path):
         "run", "stage=all", "preset=demo", f"out_dir={run}", "corpus_images=32",
         "corpus_size=40", "shard_size=16", "seeds=[0,1]", "n_workers=1", "probe_teacher=false",
         f"vqkd=[{','.join(VQKD_TINY)}]", f"pretrain=[{','.join(PRETRAIN_TINY)}]",
-        "linprobe=[probe.steps=50]", cwd=tmp_path,
+        "linprobe=[train.steps=50]", cwd=tmp_path,
     )  # fmt: skip
     summary = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert summary["exit_code"] == 0, summary
