@@ -1,0 +1,232 @@
+"""Short measurements for ``pipeline plan``, taken in a fresh process shaped like a stage-2 worker.
+
+:func:`measure` runs :func:`child` in a subprocess (``python -m tokenize_corpus.calibrate``) so its
+figures are those of a worker, not of the planning process: torch's thread count is the worker's
+``cluster.threads_per_worker``, the peak memory is that of a process which imported what a worker
+imports, loaded the tokenizer and ran its forward at the job's batch size. It measures:
+
+- the tokenizer forward: one warm-up batch, then ``batches`` timed batches of random views through
+  the worker's own encode path at the job's precision (speed does not depend on pixel values);
+- decode + render: the first few images of the first image shard (or a synthetic 500x375 JPEG,
+  ImageNet's typical size, when only an image count is given), decoded once and rendered at every
+  seed, as a task does (docs/design.md §4);
+- what a worker pays once: importing the task's modules, and the first (cold) forward batch;
+- writing a shard's files and receipt (synthetic rows through the real writer, at the job's
+  formats, seeds and grid);
+- peak resident memory before and after loading the tokenizer and running the forward.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_SIZE = (500, 375)  # width, height: a typical ImageNet photo
+DECODE_IMAGES = 12  # images decoded for the decode + render figure
+WRITE_IMAGES = (8, 64)  # synthetic images in the two shards written for the write figures
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the child measures (JSON-able: it travels on the command line)."""
+
+    tokenizer: str
+    precision: str  # resolved: fp32 | bf16 | fp16
+    device: str  # cpu | cuda
+    threads: int
+    batch_size: int
+    batches: int
+    images: str  # "" = synthetic JPEG
+    shard_size: int
+    seeds: tuple[int, ...]
+    aug: dict
+    formats: tuple[str, ...]
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _records(req: Request, count: int) -> list[tuple[str, bytes]]:
+    """(key, stored bytes) of up to ``count`` readable images of the first shard, or synthetic."""
+    if not req.images:
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        # Smooth noise compresses like a photo; pure noise would make an unusually large JPEG.
+        small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize(SYNTHETIC_SIZE, Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        return [(f"synthetic_{i}", buffer.getvalue()) for i in range(count)]
+    from shards.images import iter_shard, list_shards
+
+    shards = list_shards(req.images, req.shard_size)
+    out: list[tuple[str, bytes]] = []
+    for shard in shards:
+        for record in iter_shard(shard):
+            if record.error is None:
+                out.append((record.key, record.data))
+            if len(out) >= count:
+                return out
+    return out
+
+
+def decode_seconds(req: Request) -> tuple[float, int]:
+    """Mean seconds to decode one image and render its K views; and how many were timed."""
+    import torch
+
+    from engine.config import from_dict
+    from shards.decode import BadImage, decode_image
+    from shards.views import AugConfig, render_view, sample_view
+
+    aug = from_dict(AugConfig, req.aug)
+    records = _records(req, DECODE_IMAGES)
+    timed, seconds = 0, 0.0
+    for key, data in records:
+        start = time.perf_counter()
+        try:
+            image = decode_image(data)
+        except BadImage:
+            continue
+        views = [sample_view(aug, key, s, image.width, image.height) for s in req.seeds]
+        torch.stack([render_view(image, v) for v in views])
+        seconds += time.perf_counter() - start
+        timed += 1
+    return (seconds / timed if timed else 0.0), timed
+
+
+def forward_seconds(req: Request) -> dict[str, float]:
+    """Tokenizer load time, seconds per view of the encode path, and memory before/after."""
+    import torch
+
+    from tokenize_corpus.shard_task import encode_views
+    from tokenize_corpus.tokenizer import load_tokenizer
+
+    before = _peak_rss_bytes()
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(req.tokenizer, device=req.device)
+    load = time.perf_counter() - start
+    loaded = _peak_rss_bytes()
+    size = tokenizer.image_size
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(
+        0, 256, (req.batch_size, 3, size, size), dtype=torch.uint8, generator=generator
+    )  # [B, 3, S, S] as rendered views are
+    start = time.perf_counter()
+    encode_views(tokenizer, pixels, req.precision)  # warm-up: allocator, kernels, caches
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(req.batches):
+        encode_views(tokenizer, pixels, req.precision)  # returns on CPU: synchronised
+    per_view = (time.perf_counter() - start) / (req.batches * req.batch_size)
+    return {
+        "load_seconds": load,
+        "seconds_per_view": per_view,
+        "warmup_seconds": max(0.0, cold - per_view * req.batch_size),
+        "grid": list(tokenizer.grid),
+        "codebook_size": tokenizer.codebook_size,
+        "rss_before_tokenizer": before,
+        "rss_after_load": loaded,
+        "rss_peak": _peak_rss_bytes(),
+    }
+
+
+def write_seconds(req: Request, images: int, num_tokens: int, codebook_size: int) -> float:
+    """Seconds to write one shard of ``images`` synthetic rows (both files and the receipt)."""
+    import hashlib
+    import tempfile
+
+    import numpy as np
+
+    from engine.config import from_dict
+    from shards.views import AugConfig, sample_view
+    from shards.writer import TokenRow, write_shard
+
+    aug = from_dict(AugConfig, req.aug)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(images):
+        key = f"image_{i:06d}"
+        rows.append(
+            TokenRow(
+                key=key,
+                label=i % 1000,
+                views=[sample_view(aug, key, s, *SYNTHETIC_SIZE) for s in req.seeds],
+                tokens=rng.integers(0, codebook_size, (len(req.seeds), num_tokens), np.uint16),
+                image_sha256=hashlib.sha256(key.encode()).hexdigest(),
+            )
+        )
+    tokenizer = {"codebook_size": codebook_size, "fingerprint": "0" * 64}
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        write_shard(out, 0, 1, "images", req.seeds, rows, [], req.formats, tokenizer=tokenizer)
+        return time.perf_counter() - start
+
+
+def child(req: Request) -> dict[str, Any]:
+    """Every measurement, in this process (call it in a fresh one: see :func:`measure`)."""
+    import distributed  # noqa: F401  (a worker has it loaded: part of its memory)
+    import torch
+
+    torch.set_num_threads(max(1, req.threads))
+    start = time.perf_counter()
+    import shards.writer  # noqa: F401  (what a worker's first task imports)
+    import tokenize_corpus.shard_task  # noqa: F401
+
+    imports = time.perf_counter() - start
+    decode, decoded = decode_seconds(req)
+    result = forward_seconds(req)
+    tokens = result["grid"][0] * result["grid"][1]
+    # Two shard sizes separate a shard's fixed cost (fsyncs, receipt, footers) from its per-image one.
+    write_seconds(req, WRITE_IMAGES[0], tokens, result["codebook_size"])  # warm-up
+    small, large = (write_seconds(req, n, tokens, result["codebook_size"]) for n in WRITE_IMAGES)
+    per_image = max(0.0, (large - small) / (WRITE_IMAGES[1] - WRITE_IMAGES[0]))
+    result.update(
+        decode_seconds_per_image=decode,
+        decoded_images=decoded,
+        import_seconds=imports,
+        write_seconds_per_image=per_image,
+        write_seconds_per_shard=max(0.0, small - per_image * WRITE_IMAGES[0]),
+    )
+    return result
+
+
+def measure(req: Request, timeout: float = 600.0) -> dict[str, Any]:
+    """Run :func:`child` in a fresh Python process and return its figures."""
+    payload = json.dumps(req.__dict__)
+    command = [sys.executable, "-m", "tokenize_corpus.calibrate", payload]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(
+            f"calibration took over {timeout:.0f} s; use fewer calibration.batches or a smaller "
+            "calibration.batch_size"
+        ) from None
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
+        raise RuntimeError(f"calibration process failed (exit {done.returncode}):\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _main() -> None:
+    raw = json.loads(sys.argv[1])
+    raw["seeds"], raw["formats"] = tuple(raw["seeds"]), tuple(raw["formats"])
+    print(json.dumps(child(Request(**raw))))
+
+
+if __name__ == "__main__":
+    _main()
