@@ -6,6 +6,18 @@ stage 2 used (``shards.views.render_view``: never re-sampled), normalises it wit
 mean/std, gets a block-wise mask drawn from (run seed, epoch, key), and carries the stored tokens
 of that view. Images that stage 2 skipped are skipped here too, and counted.
 
+Read-time choices (docs/design.md §5): ``seeds`` uses a subset of the stored seeds (K is an
+experiment, not a rebuild; Parquet then reads only those seeds' files), and ``source="fresh"``
+(with a tokenizer in the loop, ``online=True``) samples a new view every epoch from the
+dataset's augmentation, as the reference does: the view seed is a function of (run seed, epoch),
+so a run is deterministic and each epoch differs.
+
+Nothing read is trusted (``shards.verify``): before the first sample the manifest, receipts and
+footers must agree and every file must be there at its size; each token file's sha256 is checked
+when read, and each image's sha256 against its row's ``image_sha256`` before its view is
+rendered. Image shards are matched to token shards 1:1 when they are the ones stage 2 read, else
+by key (``pretrain.matching``: any copy of the same images, packed any way).
+
 Work is split by whole shards over DDP ranks and DataLoader workers: every epoch the shard order
 is shuffled with a generator seeded by (run seed, epoch), identically on every rank, and global
 worker ``w`` of ``W`` takes shards ``w, w + W, ...`` of that order. Inside a worker a seeded
@@ -15,26 +27,41 @@ compute the same number of batches per epoch without talking to the others.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pretrain.masking import block_mask
+from pretrain.matching import PretrainDataError, ShardInfo, ShardPlan, plan_shards
 from shards.decode import decode_image
 from shards.images import ImageShard, iter_shard, list_shards
 from shards.reader import TokenDataset, TokenDatasetMismatch
-from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, render_view, to_unit
+from shards.verify import check_image_digest, preflight
+from shards.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugConfig,
+    normalize,
+    render_view,
+    sample_view,
+    to_unit,
+)
+from shards.writer import TokenRow
+
+__all__ = ["MIMDataset", "PretrainDataError", "ShardInfo", "check_token_dataset", "stable_hash"]
+
+# Token shards a loader worker keeps decoded (matching by key reads a token shard for every image
+# shard whose rows live in it; neighbouring image shards usually share one).
+TOKEN_CACHE = 8
 
 log = logging.getLogger(__name__)
-
-
-class PretrainDataError(ValueError):
-    """Image shards and token shards do not fit together; the message says what to do."""
 
 
 def stable_hash(*parts: object) -> int:
@@ -71,26 +98,23 @@ def shards_for(
     return shard_order(num_shards, run_seed, epoch)[worker::num_workers]
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    """What the receipts say about one token shard: rows written and keys skipped in stage 2."""
-
-    index: int
-    rows: int
-    skipped: frozenset[str]
+def fresh_seed(run_seed: int, epoch: int) -> int:
+    """The view seed of ``views.source=fresh`` in ``epoch``: new every epoch, fixed per run seed
+    (>= 2**31, so it never equals a stored seed nor seed 0, the optional evaluation view)."""
+    return 2**31 + stable_hash("fresh", run_seed, epoch) % 2**31
 
 
-def _skipped_keys(entries: Sequence[object]) -> frozenset[str]:
-    # A receipt lists skips as [key, reason] pairs (or {"key":..., "reason":...}).
-    keys = []
-    for entry in entries:
-        if isinstance(entry, dict):
-            keys.append(str(entry["key"]))
-        elif isinstance(entry, (list, tuple)):
-            keys.append(str(entry[0]))
-        else:
-            keys.append(str(entry))
-    return frozenset(keys)
+def aug_from_manifest(tokens: TokenDataset) -> AugConfig:
+    """The augmentation stage 2 sampled its views with (the manifest's ``aug``)."""
+    stored = tokens.manifest.get("aug")
+    if not isinstance(stored, dict):
+        raise PretrainDataError(
+            f"token dataset {tokens.path} records no augmentation (manifest 'aug'), which "
+            "views.source=fresh samples from; use views.source=stored"
+        )
+    known = {f.name for f in dataclasses.fields(AugConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known}
+    return AugConfig(**values)
 
 
 def check_token_dataset(
@@ -100,42 +124,49 @@ def check_token_dataset(
     vocab_size: int,
     grid: tuple[int, int],
     image_size: int,
-) -> list[ShardInfo]:
-    """Refuse a token dataset that does not fit the model or the images; return its shards.
+    match: str = "auto",
+    verify: bool = True,
+) -> ShardPlan:
+    """Refuse a token dataset that does not fit the model or the images; return the read plan.
 
     Checks schema, codebook size vs the LM head, patch grid and image size (``TokenDataset.check``
-    names both values on a mismatch), that there is one token shard per image shard and that every
-    token shard is done (has a receipt).
+    names both values on a mismatch), that every token shard is done (has a receipt), and with
+    ``verify`` that manifest, receipts and footers agree and every file is there at its size
+    (``shards.verify.preflight``). Then plans which token rows go with which image shard.
     """
     tokens.check(codebook_size=vocab_size, grid=tuple(grid), image_size=image_size)
-    if tokens.num_shards != len(image_shards):
+    if match == "aligned" and tokens.num_shards != len(image_shards):
         raise TokenDatasetMismatch(
             f"the token dataset has {tokens.num_shards} shards but the image source has "
-            f"{len(image_shards)}: stage 3 needs the images stage 2 tokenized, sharded the same way "
-            "(check images= and shard_size=)"
+            f"{len(image_shards)}: match=aligned needs the images stage 2 tokenized, sharded the "
+            "same way (check images= and shard_size=), or use match=auto to match by key"
         )
     receipts = tokens.receipts
     missing = sorted(set(tokens.missing_shards) | (set(range(tokens.num_shards)) - set(receipts)))
     if missing:
-        names = ", ".join(f"{i} ({image_shards[i].name})" for i in missing[:20])
+        names = ", ".join(f"{i} (shard-{i:06d})" for i in missing[:20])
         raise PretrainDataError(
             f"token dataset {tokens.path} is missing the token shards of image shards {names}"
             f"{' ...' if len(missing) > 20 else ''}: rerun stage 2 (pipeline run stage=tokenize) "
             "with the same out_dir; it redoes only the missing shards"
         )
-    return [
-        ShardInfo(i, int(receipts[i]["rows"]), _skipped_keys(receipts[i].get("skipped", [])))
-        for i in range(tokens.num_shards)
-    ]
+    if verify:
+        preflight(tokens)
+    return plan_shards(tokens, image_shards, match)
 
 
 class MIMDataset(IterableDataset):
     """Masked-image-modelling samples from image shards + their token dataset.
 
-    Yields dicts: ``key`` (the image key), ``view`` float32 [3, H, W] (normalised), ``mask`` bool [N], ``tokens`` int64 [N]
-    (the stored tokens of that view), ``skipped`` int (images skipped since the previous sample of
-    this worker) and, with ``online=True``, ``view_uint8`` uint8 [3, H, W] (the same view before
-    normalisation, for a tokenizer in the loop).
+    Yields dicts: ``key`` (the image key), ``view`` float32 [3, H, W] (normalised), ``mask`` bool
+    [N], ``tokens`` int64 [N] (the stored tokens of that view; zeros with ``source="fresh"``,
+    whose targets come from the tokenizer in the loop), ``skipped`` int (images skipped since
+    the previous sample of this worker) and, with ``online=True``, ``view_uint8`` uint8
+    [3, H, W] (the same view before normalisation, for a tokenizer in the loop).
+
+    seeds: stored seeds to use (() = all); source: "stored" views or "fresh" ones (online only);
+    match: "auto" | "aligned" | "key" (``pretrain.matching``); verify: the checks of
+    ``shards.verify`` (off only to measure what they cost).
     """
 
     def __init__(
@@ -154,14 +185,34 @@ class MIMDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         online: bool = False,
+        seeds: Sequence[int] = (),
+        source: Literal["stored", "fresh"] = "stored",
+        match: str = "auto",
+        verify: bool = True,
     ) -> None:
         super().__init__()
+        if source not in ("stored", "fresh"):
+            raise PretrainDataError(f"views.source={source!r}: choose stored or fresh")
+        if source == "fresh" and not online:
+            raise PretrainDataError(
+                "views.source=fresh samples a new view every epoch, which has no stored tokens: "
+                "it needs targets=online (and tokenizer=<the tokenizer checkpoint>)"
+            )
         self.image_shards = list_shards(images, shard_size=shard_size)
         self.tokens = tokens
-        self.shards = check_token_dataset(
-            tokens, self.image_shards, vocab_size=vocab_size, grid=grid, image_size=image_size
+        self.seeds = tokens.select_seeds(seeds)  # refuses seeds the dataset does not store
+        self.plan: ShardPlan = check_token_dataset(
+            tokens,
+            self.image_shards,
+            vocab_size=vocab_size,
+            grid=grid,
+            image_size=image_size,
+            match=match,
+            verify=verify,
         )
-        self.seeds = tuple(int(s) for s in tokens.seeds)
+        self.shards = self.plan.shards
+        self.source = source
+        self.aug = aug_from_manifest(tokens) if source == "fresh" else None
         self.grid = (int(grid[0]), int(grid[1]))
         self.num_masked = num_masked
         self.min_patches = min_patches
@@ -170,7 +221,9 @@ class MIMDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.online = online
+        self.verify = verify
         self.epoch = 0
+        self._cache: OrderedDict[int, dict[str, TokenRow]] = OrderedDict()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: shard order, view choice and masks all depend on it."""
@@ -212,7 +265,7 @@ class MIMDataset(IterableDataset):
         rng = np.random.default_rng([stable_hash("buffer", self.run_seed), epoch, glob])
         # Keep at least one sample back so skips seen after it are reported with a later sample.
         size = max(1, self.shuffle_buffer)
-        buffer: list[tuple[str, bytes, object]] = []
+        buffer: list[tuple[str, bytes, TokenRow]] = []
         skipped = 0
         for item in self._records(shards):
             if item is None:
@@ -227,47 +280,83 @@ class MIMDataset(IterableDataset):
             skipped = 0
 
     @staticmethod
-    def _pop(buffer: list, rng: np.random.Generator) -> tuple[str, bytes, object]:
+    def _pop(buffer: list, rng: np.random.Generator) -> tuple[str, bytes, TokenRow]:
         pick = int(rng.integers(len(buffer)))
         buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
         return buffer.pop()
 
-    def _records(self, shard_indices: Sequence[int]) -> Iterator[tuple[str, bytes, object] | None]:
-        """(key, image bytes, token row) per image with tokens; None for an image stage 2 skipped."""
+    def _token_rows(self, i: int) -> dict[str, TokenRow]:
+        """Token shard ``i`` (the selected seeds), from a small per-worker cache."""
+        rows = self._cache.pop(i, None)
+        if rows is None:
+            rows = self.tokens.read_shard(i, seeds=self.seeds, verify=self.verify)
+        self._cache[i] = rows
+        while len(self._cache) > TOKEN_CACHE:
+            self._cache.popitem(last=False)
+        return rows
+
+    def _records(
+        self, shard_indices: Sequence[int]
+    ) -> Iterator[tuple[str, bytes, TokenRow] | None]:
+        """(key, image bytes, token row) per image with tokens; None for an image skipped."""
+        aligned = self.plan.mode == "aligned"
         for i in shard_indices:
-            rows = self.tokens.read_shard(i)  # key -> TokenRow (all seeds)
-            known = self.shards[i].skipped
+            info, shard = self.shards[i], self.image_shards[i]
+            where: dict[str, int] = {}  # key -> token shard
+            rows: dict[str, TokenRow] = {}
+            for t in info.token_shards:
+                found = self._token_rows(t)
+                rows.update(found)
+                where.update(dict.fromkeys(found, t))
             seen = 0
-            for record in iter_shard(self.image_shards[i]):
+            for record in iter_shard(shard):
                 row = rows.get(record.key)
-                if row is None:
-                    if record.error is not None or record.key in known:
-                        yield None
-                        continue
-                    raise PretrainDataError(
-                        f"image {record.key!r} of {self.image_shards[i].name} has no tokens in token "
-                        f"shard {i} and was not skipped by stage 2: these images are not the ones "
-                        "that were tokenized (check images= against the token dataset's manifest)"
+                if row is None or record.error is not None:
+                    unknown = record.error is None and record.key not in info.skipped
+                    if row is None and aligned and unknown:
+                        raise PretrainDataError(
+                            f"image {record.key!r} of {shard.name} has no tokens in token "
+                            f"shard {i} and was not skipped by stage 2: these images are not "
+                            "the ones that were tokenized (check images= against the token "
+                            "dataset's manifest)"
+                        )
+                    yield None
+                    continue
+                if self.verify:
+                    check_image_digest(
+                        record.key,
+                        record.sha256,
+                        row.image_sha256,
+                        f"{shard.name} ({shard.url})",
+                        where[record.key],
+                        self.tokens.path,
                     )
                 seen += 1
                 yield record.key, record.data, row
-            if seen != len(rows):
+            if aligned and seen != len(rows):
                 raise PretrainDataError(
-                    f"token shard {i} has {len(rows)} rows but {self.image_shards[i].name} holds "
-                    f"only {seen} of their images: the image shard changed since stage 2"
+                    f"token shard {i} has {len(rows)} rows but {shard.name} holds only {seen} of "
+                    "their images: the image shard changed since stage 2"
                 )
 
     def _sample(
-        self, key: str, data: bytes, row: object, epoch: int, skipped: int
+        self, key: str, data: bytes, row: TokenRow, epoch: int, skipped: int
     ) -> dict[str, torch.Tensor | int | str]:
-        k = seed_index(len(self.seeds), self.run_seed, epoch, key)
-        params = row.views[k]  # type: ignore[attr-defined]
-        view_uint8 = render_view(decode_image(data), params)  # uint8 [3, H, W]
+        image = decode_image(data)
+        if self.aug is not None:  # views.source=fresh: a new view each epoch, no stored tokens
+            params = sample_view(
+                self.aug, key, fresh_seed(self.run_seed, epoch), image.width, image.height
+            )
+            tokens = torch.zeros(self.grid[0] * self.grid[1], dtype=torch.int64)
+        else:
+            k = seed_index(len(self.seeds), self.run_seed, epoch, key)
+            params = row.views[k]
+            tokens = torch.from_numpy(np.asarray(row.tokens[k], dtype=np.int64))  # [N]
+        view_uint8 = render_view(image, params)  # uint8 [3, H, W]
         view = normalize(to_unit(view_uint8), IMAGENET_MEAN, IMAGENET_STD)  # float32 [3, H, W]
         mask = block_mask(
             self.grid, self.num_masked, sample_rng(self.run_seed, epoch, key), self.min_patches
         )  # bool [N]
-        tokens = torch.from_numpy(np.asarray(row.tokens[k], dtype=np.int64))  # type: ignore[attr-defined]
         sample: dict[str, torch.Tensor | int | str] = {
             "key": key,
             "view": view,

@@ -181,6 +181,69 @@ def iter_shard(shard: ImageShard) -> Iterator[ImageRecord]:
         raise ValueError(f"unknown shard kind {shard.kind!r}")
 
 
+def list_keys(shard: ImageShard) -> list[str]:
+    """The keys :func:`iter_shard` yields without an error, read cheaply where possible.
+
+    Folders: the listing (no file is read). Tars: member headers only (a plain tar on a seekable
+    file skips the image bytes; a gzip'd one is decompressed). Parquet: the ``image.path``
+    column only. Used by stage 3 to plan a copy of the images packed differently; an image that
+    later fails to read is reported then.
+    """
+    if shard.kind == "folder":
+        errors = shard.errors or ("",) * len(shard.keys)
+        return [k for k, e in zip(shard.keys, errors, strict=True) if not e]
+    if shard.kind == "webdataset":
+        return _tar_keys(shard.url)
+    return _parquet_keys(shard.url)
+
+
+def _tar_keys(url: str) -> list[str]:
+    groups: dict[str, set[str]] = {}
+    order: list[str] = []
+    try:
+        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = split_member_name(info.name)
+                if key is None:
+                    continue
+                key = image_key(key)
+                if key not in groups:
+                    groups[key] = set()
+                    order.append(key)
+                groups[key].add(ext.lower().rsplit(".", 1)[-1])
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise BadShard(f"unreadable tar {url}: {err}") from None
+    return [k for k in order if groups[k] & set(IMAGE_EXTENSIONS)]
+
+
+def _parquet_keys(url: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stem = posixpath.basename(url).split(".", 1)[0]
+    try:
+        with fsspec.open(url, "rb") as raw:
+            pf = pq.ParquetFile(raw)
+            image = pf.schema_arrow.field("image").type
+            if pa.types.is_struct(image) and image.get_field_index("path") >= 0:
+                column = pf.read(columns=["image.path"]).column(0).combine_chunks()
+                paths = column.field("path") if pa.types.is_struct(column.type) else column
+                names = paths.to_pylist()
+            else:
+                names = [None] * pf.metadata.num_rows
+    except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+        raise BadShard(f"unreadable parquet {url}: {err}") from None
+    keys, seen = [], set()
+    for row, path in enumerate(names):
+        key = image_key(path.rsplit(".", 1)[0]) if path else f"{stem}/{row}"
+        if key not in seen:
+            seen.add(key)
+            keys.append(key)
+    return keys
+
+
 # ---------------------------------------------------------------- source listing
 
 

@@ -6,24 +6,27 @@ made for another tokenizer, codebook or patch grid is refused with both values n
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards import schema
 from shards.manifest import dataset_fs, join, read_json
+from shards.verify import CorruptTokenShard, DataIntegrityError, rerun_stage2
 from shards.writer import TokenRow
 
 
-class TokenDatasetMismatch(ValueError):
+class TokenDatasetMismatch(DataIntegrityError):
     """The token dataset does not match the tokenizer / model / schema it is used with."""
 
 
-class MissingShards(FileNotFoundError):
+class MissingShards(DataIntegrityError, FileNotFoundError):
     """Shards of the token dataset are not there (the tokenize run failed or did not finish)."""
 
 
@@ -32,7 +35,7 @@ def open_token_dataset(path: str) -> TokenDataset:
     fs, root = dataset_fs(path)
     manifest_file = join(root, schema.MANIFEST_NAME)
     if not fs.exists(manifest_file):
-        raise FileNotFoundError(
+        raise MissingShards(
             f"no {schema.MANIFEST_NAME} in token dataset {path}; the tokenize stage writes it at the "
             "end: rerun `pipeline run stage=tokenize` with the same out_dir to finish it"
         )
@@ -138,18 +141,34 @@ class TokenDataset:
         """The receipt entries of shard ``i`` in format ``fmt``."""
         return [e for e in self.receipt(i)["files"] if e["format"] == fmt]
 
-    def read_shard(self, i: int, fmt: str | None = None) -> dict[str, TokenRow]:
-        """Shard ``i`` as key -> TokenRow (all seeds, dataset seed order), keys in image-shard order.
+    def read_shard(
+        self,
+        i: int,
+        fmt: str | None = None,
+        seeds: Sequence[int] | None = None,
+        verify: bool = True,
+    ) -> dict[str, TokenRow]:
+        """Shard ``i`` as key -> TokenRow, keys in image-shard order.
 
         fmt: "webdataset" or "parquet"; by default the WebDataset tar (one file for all seeds)
-        when the dataset has it, else Parquet.
+            when the dataset has it, else Parquet; Parquet when ``seeds`` is a strict subset (it
+            then reads only those seeds' files).
+        seeds: the seeds to return, in the order given (default: all, dataset seed order); each
+            row's ``views`` and ``tokens`` hold those seeds only. A seed not stored is refused.
+        verify: compare each file's sha256 with its receipt (the bytes are read anyway).
+
+        Raises:
+            MissingShards: no receipt, or a file is gone.
+            CorruptTokenShard: a file is damaged (checksum, truncation, unparsable), naming it.
         """
+        wanted = self.select_seeds(seeds)
         receipt = self.receipt(i)
         formats = {e["format"] for e in receipt["files"]}
         if fmt is None:
+            subset = len(wanted) < len(self.seeds) and schema.FORMAT_PARQUET in formats
             fmt = (
                 schema.FORMAT_WEBDATASET
-                if schema.FORMAT_WEBDATASET in formats
+                if schema.FORMAT_WEBDATASET in formats and not subset
                 else schema.FORMAT_PARQUET
             )
         if fmt not in formats:
@@ -157,15 +176,69 @@ class TokenDataset:
                 f"token dataset {self.path} has no {fmt} files (it has {sorted(formats)})"
             )
         fs, root = dataset_fs(self.path)
+        entries = self.files(i, fmt)
+        if fmt == schema.FORMAT_PARQUET:
+            by_seed = {int(e["seed"]): e for e in entries}
+            entries = [by_seed[s] for s in wanted]
+        blobs = [self._read_file(fs, root, i, entry, verify) for entry in entries]
         try:
             if fmt == schema.FORMAT_PARQUET:
-                return self._read_parquet(fs, root, self.files(i, fmt))
-            return self._read_wds(fs, join(root, self.files(i, fmt)[0]["path"]))
-        except FileNotFoundError as err:
+                return self._read_parquet(entries, blobs, wanted)
+            return self._select(self._read_wds(entries[0]["path"], blobs[0]), wanted)
+        except TokenDatasetMismatch:
+            raise
+        except Exception as err:  # pyarrow, numpy, json and tarfile each raise their own types
+            names = ", ".join(e["path"] for e in entries)
+            raise CorruptTokenShard(
+                rerun_stage2(self.path, f"token file {names} (shard {i}) cannot be read ({err})")
+            ) from None
+
+    def select_seeds(self, seeds: Sequence[int] | None) -> tuple[int, ...]:
+        """``seeds`` checked against the stored ones (None or () = all stored seeds)."""
+        if not seeds:
+            return self.seeds
+        wanted = tuple(int(s) for s in seeds)
+        unknown = [s for s in wanted if s not in self.seeds]
+        if unknown or len(set(wanted)) != len(wanted):
+            raise TokenDatasetMismatch(
+                f"views.seeds={list(wanted)}: token dataset {self.path} stores seeds "
+                f"{list(self.seeds)}; pick distinct seeds among those (or add seeds with "
+                "`pipeline run stage=tokenize seeds=[...]`)"
+            )
+        return wanted
+
+    def _read_file(self, fs, root: str, i: int, entry: dict, verify: bool) -> bytes:
+        path = join(root, entry["path"])
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
             raise MissingShards(
-                f"token dataset {self.path}: shard {i} has a receipt but its file is missing ({err}); "
-                "run `pipeline validate` on it and rerun `pipeline run stage=tokenize` to redo the shard"
-            ) from err
+                rerun_stage2(
+                    self.path,
+                    f"token file {entry['path']} of shard {i} is missing (it has a receipt)",
+                )
+            ) from None
+        if verify and (
+            len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]
+        ):
+            what = "truncated" if len(data) < entry["size"] else "damaged"
+            raise CorruptTokenShard(
+                rerun_stage2(
+                    self.path,
+                    f"token file {entry['path']} of shard {i} is {what} (its sha256 or size "
+                    "differs from its receipt)",
+                )
+            )
+        return data
+
+    def _select(self, rows: dict[str, TokenRow], wanted: tuple[int, ...]) -> dict[str, TokenRow]:
+        if wanted == self.seeds:
+            return rows
+        positions = [self.seeds.index(s) for s in wanted]
+        for row in rows.values():
+            row.views = [row.views[p] for p in positions]
+            row.tokens = np.ascontiguousarray(row.tokens[positions])
+        return rows
 
     def _check_footer(self, path: str, metadata: dict[bytes, bytes] | None) -> None:
         metadata = metadata or {}
@@ -186,14 +259,15 @@ class TokenDataset:
                 f"{self.fingerprint}; the directory mixes two runs: tokenize it again into a fresh out_dir"
             )
 
-    def _read_parquet(self, fs, root: str, entries: Sequence[dict]) -> dict[str, TokenRow]:
-        by_seed = {int(e["seed"]): e for e in entries}
+    def _read_parquet(
+        self, entries: Sequence[dict], blobs: Sequence[bytes], seeds: tuple[int, ...]
+    ) -> dict[str, TokenRow]:
+        """One Parquet file per seed of ``seeds`` (``entries``/``blobs`` in that order)."""
         rows: dict[str, TokenRow] = {}
         tokens_by_seed = []
-        for position, seed in enumerate(self.seeds):
-            path = join(root, by_seed[seed]["path"])
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f)
+        for position, (entry, blob) in enumerate(zip(entries, blobs, strict=True)):
+            path = entry["path"]
+            table = pq.read_table(pa.BufferReader(blob))
             self._check_footer(path, table.schema.metadata)
             columns = table.to_pydict()
             keys = columns[schema.KEY]
@@ -208,13 +282,13 @@ class TokenDataset:
                     )
             elif keys != list(rows):
                 raise TokenDatasetMismatch(
-                    f"{path} has other keys than seed {self.seeds[0]}'s file of the same shard"
+                    f"{path} has other keys than seed {seeds[0]}'s file of the same shard"
                 )
             elif [d.hex() for d in columns[schema.IMAGE_SHA256]] != [
                 r.image_sha256 for r in rows.values()
             ]:
                 raise TokenDatasetMismatch(
-                    f"{path} has other image digests than seed {self.seeds[0]}'s file of the same "
+                    f"{path} has other image digests than seed {seeds[0]}'s file of the same "
                     "shard: the directory mixes two runs; tokenize it again into a fresh out_dir"
                 )
             names = [n for n in columns if n in (schema.SEED, *schema.VIEW_COLUMNS)]
@@ -227,10 +301,8 @@ class TokenDataset:
             row.tokens = np.ascontiguousarray(stacked[j], dtype=np.uint16)
         return rows
 
-    def _read_wds(self, fs, path: str) -> dict[str, TokenRow]:
+    def _read_wds(self, path: str, data: bytes) -> dict[str, TokenRow]:
         # The tar is read here with tarfile (member names are only split, never used as paths).
-        with fs.open(path, "rb") as f:
-            data = f.read()
         samples: dict[str, dict[str, bytes]] = {}
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
             for member in tar:

@@ -3,8 +3,9 @@
 Checks: manifest and schema version; every shard has a receipt; every file's size and sha256
 against its receipt; Parquet footers (schema version, fingerprint) and row counts; token range
 < codebook size; every seed present for every key (same keys, same order in each seed's file);
-Parquet and WebDataset agree (keys, labels, tokens, views); with ``images=`` the token keys follow
-the image shard's keys in order, minus the images the receipt lists as skipped (docs/design.md §3).
+Parquet and WebDataset agree (keys, labels, tokens, views, image digests); with ``images=`` the
+token keys follow the image shard's keys in order, minus the images the receipt lists as skipped,
+and every image's sha256 equals its rows' ``image_sha256`` (docs/design.md §3).
 Prints every problem found and returns 1 when there is any, 0 otherwise.
 """
 
@@ -127,7 +128,8 @@ def check_shard(ds: TokenDataset, receipt: dict, checksum: bool) -> list[str]:
 
 
 def check_images(ds: TokenDataset, images: str, shard_size: int) -> list[str]:
-    """Alignment of token shard i with image shard i (same keys, same order, minus skips)."""
+    """Token shard i against image shard i: same keys in the same order (minus skips), and the
+    same image bytes (sha256 of each image == its rows' ``image_sha256``)."""
     from shards.images import BadShard, iter_shard, list_shards
 
     image_shards = list_shards(images, shard_size=shard_size)
@@ -141,14 +143,29 @@ def check_images(ds: TokenDataset, images: str, shard_size: int) -> list[str]:
             continue
         receipt = ds.receipts[shard.index]
         try:
-            image_keys = [record.key for record in iter_shard(shard)]
+            rows = ds.read_shard(shard.index)
+        except (TokenDatasetMismatch, OSError) as err:
+            problems.append(f"shard {shard.index}: cannot read its tokens: {err}")
+            continue
+        image_keys, changed = [], []
+        try:
+            for record in iter_shard(shard):
+                image_keys.append(record.key)
+                row = rows.get(record.key)
+                if row is not None and record.error is None and record.sha256 != row.image_sha256:
+                    changed.append(record.key)
         except BadShard as err:
             problems.append(f"image shard {shard.index} ({shard.url}) is unreadable: {err}")
             continue
-        token_keys = list(ds.read_shard(shard.index))
+        if changed:
+            problems.append(
+                f"shard {shard.index}: {len(changed)} image(s) differ from the ones tokenized "
+                f"(sha256 of their bytes != the rows' image_sha256), e.g. {changed[0]!r} in "
+                f"{shard.url}: these are other pixels; tokenize them again"
+            )
         skipped = {key for key, _ in receipt["skipped"]}
         problems += [
-            f"shard {shard.index}: {p}" for p in image_alignment(token_keys, image_keys, skipped)
+            f"shard {shard.index}: {p}" for p in image_alignment(list(rows), image_keys, skipped)
         ]
     return problems
 

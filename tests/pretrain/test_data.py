@@ -68,9 +68,10 @@ def test_refuses_mismatch_naming_both_values(corpus: dict, override: dict, named
         assert text in str(err.value)
 
 
-def test_refuses_other_shard_count(corpus: dict) -> None:
+def test_aligned_refuses_other_shard_count(corpus: dict) -> None:
     with pytest.raises(TokenDatasetMismatch, match="4 shards but the image source has 2"):
-        dataset(corpus, shard_size=8)
+        dataset(corpus, shard_size=8, match="aligned")
+    assert dataset(corpus, shard_size=8).plan.mode == "key"  # auto: matched by key instead
 
 
 def test_missing_token_shard_is_listed(corpus: dict, tmp_path: Path) -> None:
