@@ -47,6 +47,16 @@ class MaskSpec:
 
 
 @dataclass(frozen=True)
+class ViewsSpec:
+    """Which views stage 3 reads (docs/design.md §5): chosen at read time, no rebuild."""
+
+    # stored seeds to use, e.g. [0,1] (a subset of the token dataset's; () = all stored seeds)
+    seeds: tuple[int, ...] = ()
+    # stored: the K stored views; fresh: a new view every epoch (needs targets=online)
+    source: Literal["stored", "fresh"] = "stored"
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     """Optimisation and bookkeeping (docs/method.md §3 defaults).
 
@@ -96,6 +106,7 @@ class PretrainConfig(StageConfig):
     shard_size: int | None = None
     model: ModelSpec = field(default_factory=ModelSpec)
     mask: MaskSpec = field(default_factory=MaskSpec)
+    views: ViewsSpec = field(default_factory=ViewsSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     log: LogSpec = field(default_factory=LogSpec)
 
