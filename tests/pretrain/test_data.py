@@ -221,3 +221,67 @@ def test_online_and_offline_yield_the_same_views_and_masks(corpus: dict) -> None
 def test_manifest_receipts_record_the_skip(corpus: dict) -> None:
     manifest = json.loads((Path(corpus["tokens"]) / "manifest.json").read_text())
     assert manifest["totals"]["skipped"] == 1
+
+
+# ---------------------------------------------------------------- read-time choices (issue 12)
+
+
+def _views_by_key(samples: list[dict]) -> dict[str, torch.Tensor]:
+    return {s["key"]: s["view_uint8"] if "view_uint8" in s else s["view"] for s in samples}
+
+
+def test_seed_subset_reads_only_those_seeds(corpus: dict, monkeypatch) -> None:
+    from shards.reader import TokenDataset
+
+    read: list[str] = []
+    original = TokenDataset._read_file
+
+    def spy(self, fs, root, i, entry, verify):
+        read.append(entry["path"])
+        return original(self, fs, root, i, entry, verify)
+
+    monkeypatch.setattr(TokenDataset, "_read_file", spy)
+    ds = dataset(corpus, seeds=[2, 0])
+    samples = _epoch(ds, 0) + _epoch(ds, 1)
+    assert read and all(p.startswith(("parquet/seed=2/", "parquet/seed=0/")) for p in read)
+    tokens = open_token_dataset(corpus["tokens"])
+    stored = {}
+    for i in range(tokens.num_shards):
+        stored.update(tokens.read_shard(i))
+    for s in samples:  # every sample is the stored view + tokens of seed 2 or seed 0
+        row = stored[s["key"]]
+        picks = [
+            k
+            for k in (0, 2)
+            if torch.equal(s["tokens"], torch.from_numpy(row.tokens[k].astype("int64")))
+        ]
+        assert picks, s["key"]
+    with pytest.raises(TokenDatasetMismatch, match=r"stores seeds \[0, 1, 2\]"):
+        dataset(corpus, seeds=[0, 7])
+
+
+def test_fresh_views_differ_per_epoch_and_repeat_per_run_seed(corpus: dict) -> None:
+    with pytest.raises(PretrainDataError, match="targets=online"):
+        dataset(corpus, source="fresh")
+    fresh = dataset(corpus, source="fresh", online=True)
+    epoch0, epoch1 = _views_by_key(_epoch(fresh, 0)), _views_by_key(_epoch(fresh, 1))
+    again = _views_by_key(_epoch(dataset(corpus, source="fresh", online=True), 0))
+    other_seed = _views_by_key(_epoch(dataset(corpus, source="fresh", online=True, run_seed=1), 0))
+    stored = _views_by_key(_epoch(dataset(corpus, online=True), 0))
+    assert sorted(epoch0) == sorted(epoch1) == sorted(stored)
+    assert all(torch.equal(epoch0[k], again[k]) for k in epoch0)  # deterministic per run seed
+    differ = sum(not torch.equal(epoch0[k], epoch1[k]) for k in epoch0)
+    assert differ == len(epoch0)  # a new view every epoch
+    assert sum(not torch.equal(epoch0[k], other_seed[k]) for k in epoch0) == len(epoch0)
+    assert sum(not torch.equal(epoch0[k], stored[k]) for k in epoch0) == len(epoch0)
+    sample = _epoch(fresh, 0)[0]
+    assert sample["view_uint8"].shape == (3, 32, 32) and not sample["tokens"].any()
+
+
+def test_views_section_parses_from_the_command_line() -> None:
+    from engine.config import build_config, parse_overrides
+    from pretrain.config import PretrainConfig
+
+    cfg = build_config(PretrainConfig, parse_overrides(["views.seeds=[0,1]", "views.source=fresh"]))
+    assert (cfg.views.seeds, cfg.views.source) == ((0, 1), "fresh")
+    assert (PretrainConfig().views.seeds, PretrainConfig().views.source) == ((), "stored")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,7 @@ def make_tokens(
         )
     info = {
         "tokenizer": tok.describe(),
+        "aug": dataclasses.asdict(aug),  # as stage 2 records it (views.source=fresh reads it)
         "seeds": list(SEEDS),
         "num_shards": len(shards),
         "images": {"source": str(images), "shard_size": SHARD_SIZE},
