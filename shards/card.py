@@ -35,6 +35,89 @@ COLUMN_DOCS = {
     schema.INTERPOLATION: "resize interpolation (bicubic or bilinear)",
 }
 
+# The consumer's recipe (issue 11): rebuild the pixels of a row and check the image digest with
+# Pillow + torchvision only. It restates shards.decode.decode_image and shards.views.render_view in
+# the reference's order (jitter on the whole image -> flip -> crop -> resize); a test runs this
+# very text, taken from a rendered card, with the project's packages blocked, and compares the
+# bytes with render_view's.
+RECIPE_MARKER = "# Rebuild the exact pixels of one row, without this project."
+RECIPE = f"""{RECIPE_MARKER}
+import hashlib
+import io
+
+import numpy as np
+import torchvision.transforms.functional as F
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+
+
+def decode(data):
+    \"\"\"Image bytes -> RGB PIL image, as stage 2 decoded it.\"\"\"
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    try:
+        img = ImageOps.exif_transpose(img)  # sizes are after EXIF orientation
+    except Exception:
+        pass  # a broken EXIF block: keep the stored orientation
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":  # 16/32-bit or float greyscale -> 8 bits
+        if mode.startswith("I;16"):
+            arr = np.asarray(img).astype(np.float64) / 257.0
+        elif mode == "F":
+            arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+            if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+                arr = arr * 255.0
+        else:
+            arr = np.asarray(img.convert("I")).astype(np.float64)
+            if arr.size and (arr.min() < 0 or arr.max() > 255):
+                arr = np.clip(arr, 0, 65535) / 257.0
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if "A" in img.getbands() or "a" in mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # alpha is composited on white, never dropped
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def rebuild_view(data, row):
+    \"\"\"Image bytes + one row (a dict of the columns) -> uint8 tensor [3, size, size].\"\"\"
+    img = decode(data)
+    assert img.size == (row["width"], row["height"]), "not the image this row was made from"
+    # 1. colour jitter on the WHOLE image, in jitter_order ("0,2,1": brightness, saturation,
+    #    contrast; "" = none); contrast blends towards the whole image's mean grey
+    ops = {{0: F.adjust_brightness, 1: F.adjust_contrast, 2: F.adjust_saturation}}
+    factors = {{0: row["brightness"], 1: row["contrast"], 2: row["saturation"]}}
+    for op in [int(i) for i in row["jitter_order"].split(",") if i]:
+        img = ops[op](img, factors[op])
+    # 2. horizontal flip of the whole image
+    if row["flip"]:
+        img = F.hflip(img)
+    # 3. the crop box, in pixels of the (flipped) full image: when flip is true, `left` counts
+    #    from the left edge of the FLIPPED image; 4. resize the crop to size x size
+    mode = {{"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}}
+    img = F.resized_crop(
+        img,
+        row["top"],
+        row["left"],
+        row["crop_height"],
+        row["crop_width"],
+        [row["size"], row["size"]],
+        mode[row["interpolation"]],
+    )
+    return F.pil_to_tensor(img)  # uint8 [3, size, size]; the student normalises it with the
+    # ImageNet mean/std, the tokenizer reads it / 255
+
+
+def image_digest_ok(data, row):
+    \"\"\"Are these the image bytes the row was made from? (sha256 of the bytes as stored.)\"\"\"
+    stored = row["{schema.IMAGE_SHA256}"]  # Parquet: 32 raw bytes; WebDataset: 64 hex characters
+    digest = hashlib.sha256(data)
+    return digest.digest() == stored if isinstance(stored, bytes) else digest.hexdigest() == stored
+"""
+
 
 def hf_features(num_tokens: int) -> list[dict]:
     """The columns as a Hugging Face ``dataset_info.features`` YAML list."""
@@ -141,4 +224,37 @@ for sample in wds.WebDataset("path/to/tokens/{first_wds}", shardshuffle=False).d
 ```
 
 Check it with `pipeline validate <dir> [images=<image source>]`.
+
+## Rebuilding the pixels of a row (Pillow and torchvision only)
+
+A row holds what is needed to rebuild its view bit for bit from the original image:
+
+1. The image bytes are the ones stage 2 read, exactly as stored in the image source (the file's
+   contents, the tar member's payload, the Parquet `image.bytes` cell). `image_sha256` is their
+   sha256 (Parquet: 32 raw bytes; WebDataset `<key>.sha256`: 64 hex characters): check it first,
+   a mismatch means other pixels.
+2. Decode with Pillow: load, apply the EXIF orientation (`width`/`height` are after it), convert
+   to RGB; a mode with alpha is composited on white (never dropped); 16-bit, 32-bit and float
+   greyscale is scaled to 8 bits.
+3. Colour jitter on the whole image, in `jitter_order` (0 brightness, 1 contrast, 2 saturation:
+   torchvision's `adjust_brightness` / `adjust_contrast` / `adjust_saturation`, i.e. Pillow's
+   `ImageEnhance` with the stored factors; contrast uses the mean grey of the whole image).
+4. Horizontal flip of the whole image when `flip` is true.
+5. Crop the box (`top`, `left`, `crop_height`, `crop_width`) in pixels of the full image after
+   the flip: with `flip`, `left` counts from the left edge of the flipped image.
+6. Resize the crop to `size` x `size` with `interpolation` (Pillow's filter, as torchvision's
+   `resized_crop` on a PIL image does).
+
+The same steps as code (Pillow, numpy, torchvision; the same Pillow version gives the same bytes):
+
+```python
+{RECIPE}
+
+import pyarrow.parquet as pq
+table = pq.read_table("path/to/tokens/{schema.parquet_path(0, 0, int(manifest.get("num_shards") or 1))}")
+row = table.slice(0, 1).to_pylist()[0]
+data = open("path/to/images/<the file of row['key']>", "rb").read()
+assert image_digest_ok(data, row)
+pixels = rebuild_view(data, row)  # uint8 [3, size, size]; row["tokens"] are its visual tokens
+```
 """
