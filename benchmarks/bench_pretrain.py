@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from engine.layout import imagenet_sample_dir
-from engine.optim import param_groups
+from engine.optim import adamw, param_groups
+from engine.precision import autocast, resolve_precision
 from pretrain.masking import block_mask, num_masked_for
 from pretrain.model import BEiTv2, beit_config, mim_loss
 from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
@@ -73,8 +74,8 @@ def bench_step(student: str, tokenizer_size: str, args: argparse.Namespace) -> d
         student, image_size=args.image_size, patch_size=16, vocab_size=tok_cfg.codebook_size
     )
     model = BEiTv2(cfg).to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.98))
-    amp = device.type == "cuda" and args.amp
+    optimizer = adamw(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.98), device=device)
+    precision = resolve_precision(args.precision, device)
 
     batch = args.batch
     views_uint8 = torch.randint(
@@ -89,15 +90,12 @@ def bench_step(student: str, tokenizer_size: str, args: argparse.Namespace) -> d
     # What the loader hands over offline: the stored tokens (uint16 on disk -> int64 tensor).
     stored = torch.randint(0, tok_cfg.codebook_size, (batch, cfg.num_patches)).to(device)
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
-
     def tokenize() -> torch.Tensor:
-        with autocast(), torch.no_grad():
-            return tokenizer.encode(to_unit(views_uint8))  # [B, N]
+        # as targets=online: the tokenizer at the token dataset's precision (here the student's)
+        return tokenizer.encode(to_unit(views_uint8), precision=precision)  # [B, N]
 
     def step(targets: torch.Tensor) -> None:
-        with autocast():
+        with autocast(precision, device):
             result = mim_loss(model(views, masks), targets[masks])
         optimizer.zero_grad(set_to_none=True)
         result["loss"].backward()
@@ -123,7 +121,7 @@ def bench_step(student: str, tokenizer_size: str, args: argparse.Namespace) -> d
         "batch": batch,
         "image_size": args.image_size,
         "device": str(device),
-        "amp_bf16": amp,
+        "precision": precision,
         "steps": args.steps,
         "t_step_offline_s": med["step"],
         "t_tokenizer_forward_s": med["tok"],
@@ -305,7 +303,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA too")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="train.precision of student and tokenizer (auto|fp32|bf16)",
+    )
     parser.add_argument("--images", default="", help="image source (default: ImageNet sample)")
     parser.add_argument("--tokens", default="", help="token dataset for --images")
     parser.add_argument("--images-limit", type=int, default=256)
