@@ -110,10 +110,10 @@ class FinetuneTrain:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # linear warmup; the peak is reached at the last warmup step (the reference's rule)
     warmup_epochs: int = 5
-    min_lr: float = 1e-6
+    min_lr: float = 1e-6  # the cosine's floor
     layer_decay: float = 0.65  # block l of L gets lr * layer_decay^(L - l)
     weight_decay: float = 0.05  # not on biases, norms and position tables
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (mixup/cutmix: in the soft labels)
     num_workers: int = 0  # DataLoader workers
 
 
@@ -124,14 +124,14 @@ class FinetuneConfig(StageConfig):
     backbone: str = "random"  # pretrain checkpoint, timm-exported backbone file, or "random"
     images: str = ""  # labelled images: ImageFolder, WebDataset (.cls) or Parquet (label)
     images_val: str | None = None  # null = hold out val_fraction of `images` by key hash
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # share of `images` held out when images_val is null
     out_dir: str = RUNS.finetune
-    shard_size: int = 256
-    drop_path: float = 0.1
+    shard_size: int = 256  # folder image sources: images per shard (only affects reading)
+    drop_path: float = 0.1  # stochastic depth rate of the last block (linear ramp over depth)
     mixup: float = 0.0  # reference: 0.8
     cutmix: float = 0.0  # reference: 1.0
     randaugment: bool = False  # reference: rand-m9-mstd0.5 (torchvision RandAugment(2, 9) here)
-    crop_scale: tuple[float, ...] = (0.08, 1.0)
+    crop_scale: tuple[float, ...] = (0.08, 1.0)  # RandomResizedCrop area range of training views
     random_init: RandomInit = field(default_factory=RandomInit)
     train: FinetuneTrain = field(default_factory=FinetuneTrain)
     log: LogSpec = field(default_factory=LogSpec)

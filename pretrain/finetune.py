@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import save_atomic
+from engine.checkpoint import save_atomic, write_bytes_atomic
 from pretrain.eval_config import FinetuneConfig, FinetuneTrain
 
 __all__ = ["FinetuneConfig", "FinetuneTrain", "build_model", "finetune", "finetune_state"]
@@ -315,7 +315,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "metrics": str(out / "metrics.jsonl"),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_bytes_atomic(out / "results.json", json.dumps(results, indent=2).encode())
     return results
 
 

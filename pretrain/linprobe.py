@@ -465,6 +465,7 @@ def linprobe(cfg: LinprobeConfig) -> dict:
 
     import torch
 
+    from engine.checkpoint import write_bytes_atomic
     from engine.config import save_config, to_dict
     from engine.device import resolve_device
     from engine.errors import UserError
@@ -525,6 +526,6 @@ def linprobe(cfg: LinprobeConfig) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "out_dir": str(out),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_bytes_atomic(out / "results.json", json.dumps(results, indent=2).encode())
     log.info("linprobe %s: top1 %.2f%% (top5 %s)", cfg.backbone, results["top1"], results["top5"])
     return results
