@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -188,6 +189,10 @@ def main() -> None:
         "--precisions", type=lambda s: s.split(","), default=["auto", "fp32"],
         help="comma list; the first is used for the 2-worker run and the rerun",
     )  # fmt: skip
+    parser.add_argument(
+        "--scaling-repeats", type=int, default=1,
+        help="1-worker / 2-worker pairs at the first precision, interleaved (median ratio)",
+    )  # fmt: skip
     parser.add_argument("--mem-shards", type=int, default=2, help="shards of the 1x memory corpus")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -203,14 +208,27 @@ def main() -> None:
         first = scratch / f"tokens1-{main_precision}"
         rerun = run(images, tokenizer, first, args, 1, main_precision)
         one = per_precision[main_precision]
-        two = run(images, tokenizer, scratch / "tokens2", args, 2, main_precision)
+        ones, twos = [one["run_seconds_1_worker"]], []
+        for r in range(args.scaling_repeats):
+            if r:  # the first pair's 1-worker run is the precision run above
+                ones.append(
+                    run(images, tokenizer, scratch / f"s1-{r}", args, 1, main_precision)[
+                        "run_seconds"
+                    ]
+                )
+            two = run(images, tokenizer, scratch / f"tokens2-{r}", args, 2, main_precision)
+            twos.append(two["run_seconds"])
+        pairs = [round(a / b, 3) for a, b in zip(ones, twos, strict=True)]
         manifest = json.loads((first / "manifest.json").read_text())
         result = {
             "config": {**vars(args), "sample": str(args.sample), "out": str(args.out)},
             "views": rerun["views"],
             "precisions": per_precision,
+            "run_seconds_1_worker_pairs": ones,
+            "run_seconds_2_workers_pairs": twos,
+            "speedup_2_workers_pairs": pairs,
+            "speedup_2_workers": round(statistics.median(pairs), 3),
             "run_seconds_2_workers": two["run_seconds"],
-            "speedup_2_workers": round(one["run_seconds_1_worker"] / two["run_seconds"], 3),
             "wall_seconds_2_workers": round(two["wall_seconds"], 2),
             "bytes_per_token": manifest["totals"]["bytes_per_token"],
             "rerun_seconds": round(rerun["wall_seconds"], 3),

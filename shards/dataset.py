@@ -169,6 +169,27 @@ class TokenDatasetDir:
         for entry in receipt.get("files", []):
             self.remove(entry["path"])
 
+    def renumber(self, receipt: dict, num_shards: int) -> dict:
+        """Rename a shard's Parquet files to a new shard count and rewrite its receipt.
+
+        File names carry the count (``train-<i>-of-<n>``), their bytes do not, so after image
+        shards are appended a finished shard keeps its files byte for byte. The receipt is
+        withdrawn first: a run killed halfway leaves the shard undone, never half renamed.
+        """
+        index = int(receipt["shard_index"])
+        self.remove(schema.receipt_path(index))
+        files = []
+        for entry in receipt["files"]:
+            if entry["format"] == schema.FORMAT_PARQUET:
+                path = schema.parquet_path(int(entry["seed"]), index, num_shards)
+                if path != entry["path"]:
+                    self.fs.mv(self.path(entry["path"]), self.path(path))
+                entry = {**entry, "path": path}
+            files.append(entry)
+        renamed = {**receipt, "num_shards": int(num_shards), "files": files}
+        self.write_bytes(schema.receipt_path(index), dumps(renamed))
+        return renamed
+
     def remove_orphans(self, receipts: Iterable[dict], num_shards: int) -> list[str]:
         """Delete receipts of shards >= ``num_shards`` and token files no kept receipt lists.
 

@@ -3,6 +3,8 @@
 A receipt (``receipts/shard-<i>.json``) is written last for each image shard and marks it done;
 the manifest is assembled from the receipts at the end of a run (docs/design.md §3-§4). Every read and
 write goes through fsspec, so a dataset may live on a local disk or an object store (``s3://``).
+``shards.dataset.TokenDatasetDir`` is the object a writer holds for one dataset directory; the
+functions here are the format-level pieces it and the readers share.
 """
 
 from __future__ import annotations
@@ -103,8 +105,10 @@ def build_manifest(receipts: Sequence[dict], info: dict, num_shards: int | None 
     """Assemble manifest.json from the per-shard receipts and the job's info block.
 
     ``info`` is what the job knows: ``tokenizer`` (Tokenizer.describe(): fingerprint,
-    codebook_size, grid, ...), ``teacher``, ``aug``, ``seeds``, ``precision``, ``images`` (the image
-    source, e.g. ``{"source": ..., "shard_size": ...}``) and anything else worth keeping; it is
+    codebook_size, grid, ...), ``teacher``, ``aug``, ``seeds``, ``precision`` (resolved; "fp32"
+    when absent), ``images`` (the image source as an absolute path or URL, e.g.
+    ``{"source": ..., "shard_size": ...}``), ``identity`` (the job identity every receipt
+    carries), ``versions`` (the dataset's growth log) and anything else worth keeping; it is
     stored as given. Shards without a receipt are listed under ``missing_shards``.
     """
     receipts = sorted(receipts, key=lambda r: r["shard_index"])
@@ -142,6 +146,8 @@ def build_manifest(receipts: Sequence[dict], info: dict, num_shards: int | None 
     manifest.update(
         {
             "schema_version": schema.SCHEMA_VERSION,
+            # the tokenizer encoder's autocast precision: part of the dataset's identity
+            "precision": info.get("precision") or "fp32",
             "num_shards": num_shards,
             "seeds": seeds,
             "num_tokens": num_tokens,

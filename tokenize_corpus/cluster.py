@@ -51,7 +51,13 @@ def open_client(cluster: ClusterConfig, log_level: str = "warning") -> Iterator[
     level = set_dask_logging(log_level)
     if cluster.address:
         log.info("connecting to the Dask scheduler at %s", cluster.address)
-        client = Client(cluster.address, timeout="30s")
+        try:
+            client = Client(cluster.address, timeout="30s")
+        except (OSError, TimeoutError) as err:
+            raise ConfigError(
+                f"cannot reach the Dask scheduler at cluster.address={cluster.address} ({err}); "
+                "check the address, or leave cluster.address unset to start a local cluster"
+            ) from None
         try:
             yield client
         finally:

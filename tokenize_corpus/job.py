@@ -33,13 +33,14 @@ if TYPE_CHECKING:
     from shards.dataset import TokenDatasetDir
     from tokenize_corpus.preflight import Preflight
     from tokenize_corpus.resume import ResumePlan
+    from tokenize_corpus.worker import ShardJob
 
 __all__ = ["ClusterConfig", "TokenizeConfig", "tokenize"]
 
 log = logging.getLogger(__name__)
 
 
-def _job(cfg: TokenizeConfig, pre: Preflight, precision: str, identity: dict):
+def _job(cfg: TokenizeConfig, pre: Preflight, precision: str, identity: dict) -> ShardJob:
     from tokenize_corpus.worker import ShardJob
 
     return ShardJob(
@@ -123,12 +124,17 @@ def _run(
     results: dict[int, dict] = {}
     failed: dict[int, str] = {}
     run_seconds = 0.0
-    if plan.todo:
-        # The dataset is incomplete until every shard is done: withdraw the manifest, and clear
-        # what the kept receipts do not list (redone shards, partial files, an older layout).
+    if plan.todo or plan.renumber:
+        # The dataset is incomplete until every shard is done: withdraw the manifest, rename the
+        # kept files to the new shard count, and clear what the kept receipts do not list
+        # (redone shards, partial files, an older layout).
         dataset.withdraw_manifest()
         dataset.remove_partial_files()
+        for index in sorted(plan.renumber):
+            group = plan.extend if index in plan.extend else plan.kept
+            group[index] = dataset.renumber(group[index], len(pre.shards))
         dataset.remove_orphans([*plan.kept.values(), *plan.extend.values()], len(pre.shards))
+    if plan.todo:
         from tokenize_corpus.cluster import cluster_precision, open_client, run_tasks
 
         if client is None:
@@ -209,7 +215,7 @@ def _finish(
         "identity": identity,
         "versions": versions,
     }
-    if results or dataset.manifest() is None:
+    if results or plan.renumber or dataset.manifest() is None:
         # a worker killed mid-write (Dask reran its task elsewhere) leaves a temporary file
         dataset.remove_partial_files()
         dataset.write_bytes(VERSIONS_NAME, dumps(versions))

@@ -10,8 +10,9 @@ A receipt is kept only when everything it was made from still holds:
    One difference is not refused: a receipt whose seeds are a prefix of the current seeds is
    **extended** (issue 12): only the added seeds are computed for that shard.
 2. **the image shard** (listing and checksum, ``tokenize_corpus.identity``) equals the source
-   now, and the source has the same number of shards: otherwise the shard is **redone** (its
-   tokens belong to other pixels).
+   now: otherwise the shard is **redone** (its tokens belong to other pixels). When only the
+   number of shards changed (image shards appended, issue 12), a matching shard is kept and its
+   files are renamed to the new count (``train-<i>-of-<n>``), their bytes unchanged.
 3. **its token files** exist with the recorded size and sha256: otherwise it is **redone**, so a
    rerun repairs corruption.
 
@@ -55,6 +56,9 @@ class ResumePlan:
     kept: dict[int, dict] = field(default_factory=dict)  # shard index -> receipt kept as is
     redo: dict[int, str] = field(default_factory=dict)  # shard index -> why its receipt is not
     extend: dict[int, dict] = field(default_factory=dict)  # shard index -> receipt to add seeds to
+    # kept or extended shards whose files carry another shard count in their names (image
+    # shards were appended or removed): renamed, bytes unchanged (TokenDatasetDir.renumber)
+    renumber: set[int] = field(default_factory=set)
     todo: list[ImageShard] = field(default_factory=list)  # shards to tokenize, in order
 
 
@@ -90,10 +94,8 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _verdict(dataset: TokenDatasetDir, shard: ImageShard, receipt: dict, num_shards: int) -> str:
+def _verdict(dataset: TokenDatasetDir, shard: ImageShard, receipt: dict) -> str:
     """ "" when the receipt still holds for ``shard``, else why it does not."""
-    if int(receipt.get("num_shards", -1)) != num_shards:
-        return f"the source now has {num_shards} shards (was {receipt.get('num_shards')})"
     try:
         current = image_shard_identity(shard)
     except Exception as err:  # unreadable now: the task will report it properly
@@ -114,17 +116,16 @@ def plan_resume(dataset: TokenDatasetDir, shards: list[ImageShard], identity: di
     plan = ResumePlan()
     with_receipt = [s for s in shards if s.index in receipts]
     with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
-        verdicts = list(
-            pool.map(lambda s: _verdict(dataset, s, receipts[s.index], len(shards)), with_receipt)
-        )
+        verdicts = list(pool.map(lambda s: _verdict(dataset, s, receipts[s.index]), with_receipt))
     for shard, why in zip(with_receipt, verdicts, strict=True):
         receipt = receipts[shard.index]
         if why:
             plan.redo[shard.index] = why
             log.warning("%s will be redone: %s", shard.name, why)
-        elif added_seeds(receipt.get("job"), identity) is not None:
-            plan.extend[shard.index] = receipt
         else:
-            plan.kept[shard.index] = receipt
+            if int(receipt["num_shards"]) != len(shards):
+                plan.renumber.add(shard.index)
+            grows = added_seeds(receipt.get("job"), identity) is not None
+            (plan.extend if grows else plan.kept)[shard.index] = receipt
     plan.todo = [s for s in shards if s.index not in plan.kept]
     return plan

@@ -1,4 +1,4 @@
-"""Tiny tokenizers and image tar shards for the stage-2 job tests (loaded by path, not collected)."""
+"""Tiny tokenizers and image tar shards for the stage-2 job tests (``from support import stage2``)."""
 
 from __future__ import annotations
 
@@ -90,9 +90,10 @@ def free_port() -> int:
 
 
 def dataset_files(root: Path) -> dict[str, bytes]:
-    """Every data file of a token dataset (relative path -> bytes), manifest and card included."""
+    """Every data file of a token dataset (relative path -> bytes), manifest and card included
+    (not the run's config.yaml, nor the lock file a killed run leaves behind)."""
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "config.yaml"
+        if p.is_file() and p.name not in ("config.yaml", ".lock")
     }

@@ -84,3 +84,36 @@ def test_seeds_that_do_not_extend_the_stored_ones_are_refused(setup, tmp_path):
     assert tokenize(config(setup, out, (0, 1), ("parquet",)))["exit_code"] == 0
     with pytest.raises(ResumeRefused, match="seeds"):
         tokenize(config(setup, out, (1, 0, 2), ("parquet",)))
+
+
+def test_appending_image_shards_tokenizes_only_them_and_equals_a_fresh_run(setup, tmp_path):
+    images = Path(setup["images"]).parent
+    grown_images = tmp_path / "images"
+    grown_images.mkdir()
+    for tar in sorted(images.glob("*.tar")):
+        (grown_images / tar.name).symlink_to(tar)
+    pattern = str(grown_images / "*.tar")
+    formats = ("parquet", "webdataset")
+    grown = tmp_path / "grown"
+    three = {**setup, "images": pattern}
+    assert tokenize(config(three, grown, (0, 1), formats))["exit_code"] == 0
+    before = helpers.dataset_files(grown)
+
+    extra = helpers.tar_bytes(helpers.good_members("s3", 4, 3))
+    (grown_images / "img-000003.tar").write_bytes(extra)
+    summary = tokenize(config(three, grown, (0, 1), formats))
+    assert summary["exit_code"] == 0 and summary["shards"] == 4
+    assert summary["shards_tokenized"] == 1 and summary["shards_already_done"] == 3
+    after = helpers.dataset_files(grown)
+    renamed = {p.replace("-of-00003", "-of-00004"): b for p, b in before.items() if "-of-" in p}
+    assert all(after[p] == b for p, b in renamed.items())  # same bytes under the new count
+
+    fresh = tmp_path / "fresh"
+    assert tokenize(config(three, fresh, (0, 1), formats))["exit_code"] == 0
+    scratch = helpers.dataset_files(fresh)
+    assert {p: b for p, b in after.items() if p not in HISTORY} == {
+        p: b for p, b in scratch.items() if p not in HISTORY
+    }
+    versions = json.loads(after["versions.json"])
+    assert [v["shards"] for v in versions] == [3, 4]
+    assert versions[1]["added"] == {"seeds": [], "shards": 1}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,13 +64,17 @@ def _receipts(out: Path) -> int:
     return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
 
 
-def test_sigkill_whole_job_then_rerun_is_byte_identical(setup, tmp_path, capsys):
-    out = tmp_path / "tokens"
-    command = [
+def _command(setup: dict, tokenizer: str | Path, out: Path) -> list[str]:
+    return [
         str(Path(sys.executable).parent / "pipeline"), "run", "stage=tokenize",
-        f"images={setup['images']}", f"tokenizer={setup['tokenizer']}", f"out_dir={out}",
+        f"images={setup['images']}", f"tokenizer={tokenizer}", f"out_dir={out}",
         *OVERRIDES, "cluster.n_workers=1",
     ]  # fmt: skip
+
+
+def _kill_after_first_receipt(command: list[str], out: Path) -> int:
+    """Run ``command`` and SIGKILL its whole process group once a receipt exists; return how
+    many receipts the kill left."""
     # A new session = a new process group: the kill takes the driver, nannies and workers at once.
     proc = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -82,6 +87,13 @@ def test_sigkill_whole_job_then_rerun_is_byte_identical(setup, tmp_path, capsys)
     done_at_kill = _receipts(out)
     assert 0 < done_at_kill < SHARDS, f"kill landed outside the run ({done_at_kill} receipts)"
     assert not (out / "manifest.json").exists()
+    return done_at_kill
+
+
+def test_sigkill_whole_job_then_rerun_is_byte_identical(setup, tmp_path, capsys):
+    out = tmp_path / "tokens"
+    command = _command(setup, setup["tokenizer"], out)
+    done_at_kill = _kill_after_first_receipt(command, out)
 
     # The same command again, in-process and on the already running cluster to save a start-up
     # (cluster settings do not shape the outputs).
@@ -90,6 +102,23 @@ def test_sigkill_whole_job_then_rerun_is_byte_identical(setup, tmp_path, capsys)
     assert f'"shards_already_done": {done_at_kill}' in capsys.readouterr().out
     assert helpers.dataset_files(out) == setup["reference"]
     assert validate_main([str(out)]) == 0
+
+
+def test_sigkill_then_a_swapped_tokenizer_is_refused_never_mixed(setup, tmp_path, capsys):
+    """Integrity issue, reproduction 1: kill -9, copy another tokenizer over the same path, rerun."""
+    tokenizer = tmp_path / "tok.pth"
+    shutil.copy(setup["tokenizer"], tokenizer)
+    out = tmp_path / "tokens"
+    command = _command(setup, tokenizer, out)
+    _kill_after_first_receipt(command, out)
+    helpers.make_tokenizer(tokenizer, seed=1)  # other weights under the same path
+    before = helpers.dataset_files(out)
+
+    argv = [*command[1:-1], f"cluster.address={setup['cluster'].scheduler_address}"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer_fingerprint" in err and "Traceback" not in err
+    assert helpers.dataset_files(out) == before
 
 
 def test_sigkill_one_worker_mid_run_still_completes_identically(setup, tmp_path):
