@@ -218,3 +218,13 @@ def test_an_image_folder_copy_of_tokenized_tars(corpus: dict, tmp_path: Path) ->
     got = epoch_samples(ds)
     assert sorted(got) == sorted(expected) and sorted(got)[0] == "c0/img_000"
     assert all(torch.equal(got[k][0], expected[k][0]) for k in expected)
+
+
+def test_validate_a_copy_packed_otherwise_by_key(corpus: dict, tmp_path: Path) -> None:
+    assert validate(corpus["tokens"], images=corpus["images"], shard_size=5) == []
+    mirrored = tmp_path / "mirrored"
+    shutil.copytree(corpus["images"], mirrored)
+    victim = mirrored / "img_003.jpg"
+    ImageOps.mirror(Image.open(victim)).save(victim, quality=90)
+    (problem,) = validate(corpus["tokens"], images=str(mirrored), shard_size=5)
+    assert "1 image(s) differ" in problem and "img_003" in problem
