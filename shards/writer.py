@@ -25,6 +25,10 @@ on disk per token including keys, labels, view parameters and file overhead):
   entropy. Low-cardinality columns (label, seed, size, interpolation, jitter order, flip) are
   dictionary encoded; everything is zstd. Each file also carries ~10 KB of footer + Arrow schema
   (needed to read tokens back as fixed_size_list<uint16>), which small shards pay most for.
+- The image digest (schema version 2) costs what random bytes cost: 32 bytes per row in each
+  seed's Parquet file (binary, ~0.17 byte/token at N=196, K=4, 256 images) and 64 hex characters
+  per image in the tar (gzip halves them: ~0.08 byte/token), measured against constant digests
+  with the same rows; the table above predates it.
 - WebDataset shards are gzip'd tars (``tokens-<i>.tar.gz``, which ``webdataset`` reads natively):
   a plain tar spends a 512-byte header per member plus padding to 512 bytes, ~4.6 bytes/token for
   the 3 members holding 784 tokens, far above the 2.3 target; gzip removes headers and padding.
