@@ -206,6 +206,8 @@ def _dataset(
         rank=ddp.rank,
         world_size=ddp.world_size,
         online=cfg.targets == "online",
+        seeds=cfg.views.seeds,  # refuses seeds the dataset does not store
+        source=cfg.views.source,  # fresh refuses targets=offline
     )
 
 
