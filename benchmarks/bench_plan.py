@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results"
 
 CASES = {
-    # name: VQKDModelConfig overrides, images, seeds
+    # name: VQKDModelConfig overrides, images, seeds, images per shard
     "demo": ({"image_size": 96, "patch_size": 16, "width": 192, "depth": 4, "heads": 3,
-              "codebook_size": 512, "decoder_depth": 1, "teacher_dim": 320}, 256, (0, 1)),
+              "codebook_size": 512, "decoder_depth": 1, "teacher_dim": 320}, 256, (0, 1), 32),
     "base": ({"image_size": 224, "patch_size": 16, "width": 768, "depth": 12, "heads": 12,
-              "codebook_size": 8192, "decoder_depth": 1, "teacher_dim": 512}, 64, (0, 1)),
+              "codebook_size": 8192, "decoder_depth": 1, "teacher_dim": 512}, 64, (0, 1), 16),
 }  # fmt: skip
 
 
@@ -150,7 +150,8 @@ def check(args: argparse.Namespace) -> dict:
     report: dict = {"machine": os.uname().nodename, "cases": {}}
     try:
         for name in args.cases.split(","):
-            shape, count, seeds = CASES[name]
+            shape, count, seeds, shard_size = CASES[name]
+            shard_size = args.shard_size or shard_size
             count = args.images or count
             folder = work / f"{name}-images"
             folder.mkdir()
@@ -161,7 +162,7 @@ def check(args: argparse.Namespace) -> dict:
             save_tokenizer(VQKD(VQKDModelConfig(**shape, kmeans_iters=0)), ckpt)
             keys = [
                 f"images={folder}", f"tokenizer={ckpt}", f"seeds={list(seeds)}".replace(" ", ""),
-                f"aug.size={shape['image_size']}", f"shard_size={args.shard_size}",
+                f"aug.size={shape['image_size']}", f"shard_size={shard_size}",
                 f"cluster.n_workers={args.workers}", f"precision={args.precision}",
                 "cluster.dashboard=false",
             ]  # fmt: skip
@@ -214,7 +215,7 @@ def main() -> None:
     parser.add_argument("what", choices=("bytes", "check"))
     parser.add_argument("--cases", default="demo,base")
     parser.add_argument("--images", type=int, default=0, help="images per case (0 = its default)")
-    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=0, help="0 = the case's default")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--reps", type=int, default=2)

@@ -52,6 +52,8 @@ class Request:
     seeds: tuple[int, ...]
     aug: dict
     formats: tuple[str, ...]
+    barrier: str = ""  # a folder where the processes measured at once meet before timing
+    processes: int = 1
 
 
 def _peak_rss_bytes() -> int:
@@ -109,6 +111,19 @@ def decode_seconds(req: Request) -> tuple[float, int]:
     return (seconds / timed if timed else 0.0), timed
 
 
+def _wait_for_peers(req: Request, timeout: float = 120.0) -> None:
+    """Start timing together: each process leaves a file in ``req.barrier`` and waits for all."""
+    if not req.barrier or req.processes <= 1:
+        return
+    import os
+    import tempfile
+
+    tempfile.NamedTemporaryFile(dir=req.barrier, prefix="ready-", delete=False).close()
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(req.barrier)) < req.processes and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def forward_seconds(req: Request) -> dict[str, float]:
     """Tokenizer load time, seconds per view of the encode path, and memory before/after."""
     import torch
@@ -129,6 +144,7 @@ def forward_seconds(req: Request) -> dict[str, float]:
     start = time.perf_counter()
     encode_views(tokenizer, pixels, req.precision)  # warm-up: allocator, kernels, caches
     cold = time.perf_counter() - start
+    _wait_for_peers(req)  # the peers' timed batches overlap, as the workers' forwards will
     start = time.perf_counter()
     for _ in range(req.batches):
         encode_views(tokenizer, pixels, req.precision)  # returns on CPU: synchronised
@@ -182,14 +198,15 @@ def child(req: Request) -> dict[str, Any]:
     import distributed  # noqa: F401  (a worker has it loaded: part of its memory)
     import torch
 
+    measure_start = time.time()  # the parent subtracts its own start: process startup
     torch.set_num_threads(max(1, req.threads))
     start = time.perf_counter()
     import shards.writer  # noqa: F401  (what a worker's first task imports)
     import tokenize_corpus.shard_task  # noqa: F401
 
     imports = time.perf_counter() - start
-    decode, decoded = decode_seconds(req)
     result = forward_seconds(req)
+    decode, decoded = decode_seconds(req)
     tokens = result["grid"][0] * result["grid"][1]
     # Two shard sizes separate a shard's fixed cost (fsyncs, receipt, footers) from its per-image one.
     write_seconds(req, WRITE_IMAGES[0], tokens, result["codebook_size"])  # warm-up
@@ -201,25 +218,55 @@ def child(req: Request) -> dict[str, Any]:
         import_seconds=imports,
         write_seconds_per_image=per_image,
         write_seconds_per_shard=max(0.0, small - per_image * WRITE_IMAGES[0]),
+        measure_start=measure_start,
     )
     return result
 
 
-def measure(req: Request, timeout: float = 600.0) -> dict[str, Any]:
-    """Run :func:`child` in a fresh Python process and return its figures."""
+def measure(req: Request, processes: int = 1, timeout: float = 600.0) -> dict[str, Any]:
+    """Run :func:`child` in ``processes`` fresh Python processes at once; their mean figures.
+
+    Several processes at once share the machine as the job's workers will (cores, memory
+    bandwidth, whatever else runs there now), so the per-view and per-image times are those of
+    a worker among its peers. ``startup_seconds`` is the mean time a process took to start and
+    import torch and Dask before measuring: what starting each worker (and the driver) costs.
+    """
+    import dataclasses
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="plan-barrier-") as barrier:
+        req = dataclasses.replace(req, barrier=barrier, processes=max(1, processes))
+        return _run_children(req, timeout)
+
+
+def _run_children(req: Request, timeout: float) -> dict[str, Any]:
     payload = json.dumps(req.__dict__)
     command = [sys.executable, "-m", "tokenize_corpus.calibrate", payload]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise UserError(
-            f"calibration took over {timeout:.0f} s; use fewer calibration.batches or a smaller "
-            "calibration.batch_size"
-        ) from None
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
-        raise RuntimeError(f"calibration process failed (exit {done.returncode}):\n{tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    start = time.time()
+    running = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(req.processes)
+    ]
+    results = []
+    for proc in running:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in running:
+                other.kill()
+            raise UserError(
+                f"calibration took over {timeout:.0f} s; use fewer calibration.batches or a "
+                "smaller calibration.batch_size"
+            ) from None
+        if proc.returncode != 0:
+            tail = "\n".join(err.strip().splitlines()[-8:])
+            raise RuntimeError(f"calibration process failed (exit {proc.returncode}):\n{tail}")
+        result = json.loads(out.strip().splitlines()[-1])
+        result["startup_seconds"] = result.pop("measure_start") - start
+        results.append(result)
+    keys = [k for k, v in results[0].items() if isinstance(v, (int, float))]
+    mean = {k: sum(r[k] for r in results) / len(results) for k in keys}
+    return {**results[0], **mean, "processes": len(results)}
 
 
 def _main() -> None:

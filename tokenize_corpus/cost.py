@@ -142,16 +142,6 @@ def shard_buffer_bytes(
 
 # ---- wall time ---------------------------------------------------------------------------------
 
-# 2 LocalCluster workers on 2 cores ran 1.78x one worker (BENCHMARKS.md, stage 2): the share of
-# ideal speed each extra worker keeps when workers fill the machine's cores.
-WORKER_EFFICIENCY = 0.89
-# What a local run of `pipeline run stage=tokenize` spends outside its tasks: starting Python and
-# the driver's imports, listing, starting and closing the LocalCluster, the manifest (seconds;
-# the tokenizer's load, measured by the calibration, comes on top). Fitted as the median of
-# (wall - task phase) over the "demo" runs of benchmarks/bench_plan.py on this project's 2-core
-# machine; the "base" runs check it. Machine-dependent: it matters only for small jobs.
-LOCAL_FIXED_SECONDS = 14.0
-
 
 def makespan(shard_seconds: list[float], workers: int, first: float = 0.0) -> float:
     """Time until the last of ``shard_seconds`` tasks ends on ``workers`` workers.
@@ -168,13 +158,6 @@ def makespan(shard_seconds: list[float], workers: int, first: float = 0.0) -> fl
     return max(free)
 
 
-def efficiency(workers: int, cores: int | None, threads: int) -> float:
-    """Speed each worker keeps when several share a machine (1.0 for one worker or spare cores)."""
-    if workers <= 1 or cores is None or workers * threads < cores:
-        return 1.0
-    return WORKER_EFFICIENCY
-
-
 def wall_seconds(
     per_shard: list[int],
     seeds: int,
@@ -186,6 +169,12 @@ def wall_seconds(
 ) -> dict[str, float]:
     """Expected wall time of the job: fixed costs, tokenizer loads, shard tasks on the workers.
 
+    ``measured`` comes from ``measured["processes"]`` calibration processes run at once, so its
+    per-view and per-image times already include the workers' competition for the machine; more
+    workers than that stretch the task phase in proportion. ``cores`` is None for workers that
+    are not this machine's CPU cores (GPUs, a remote scheduler): no contention beyond what was
+    measured.
+
     A task renders its views in a prefetch thread while the forward runs: on a GPU, or with a
     spare core per worker, decode hides behind the forward (the slower of the two sets the pace);
     when the workers' threads fill the cores, they take turns and the two add up.
@@ -195,13 +184,17 @@ def wall_seconds(
     spare = cores is not None and workers * (threads + 1) <= cores
     per_image = max(encode, decode) if gpu or spare else encode + decode
     per_image += measured["write_seconds_per_image"]
-    over = 1.0 if cores is None else max(1.0, workers * threads / cores)
     # A worker's first task imports the task's modules and runs a cold first batch.
     first = measured["import_seconds"] + measured["warmup_seconds"]
     per_shard_seconds = [n * per_image + measured["write_seconds_per_shard"] for n in per_shard]
     tasks = makespan(per_shard_seconds, workers, first)
-    tasks *= over / efficiency(workers, cores, threads)
-    start = 2 * measured["load_seconds"] + (LOCAL_FIXED_SECONDS if cores is not None else 0)
+    if cores is not None:
+        tasks *= max(1.0, workers / measured.get("processes", 1))
+    # The driver starts and loads the tokenizer; then the workers start and load it (in
+    # parallel). What else a local run spends outside its tasks (scheduler, nannies, closing the
+    # cluster, the manifest) measured -0.6 s beyond this (median of 3 "demo" runs of
+    # benchmarks/bench_plan.py, BENCHMARKS.md): nothing is added for it.
+    start = 2 * (measured["startup_seconds"] + measured["load_seconds"])
     return {"start": start, "tasks": tasks, "total": start + tasks, "per_image": per_image}
 
 

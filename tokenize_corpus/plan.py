@@ -164,7 +164,7 @@ def _load_shape(cfg: PlanConfig) -> tuple[cost.EncoderShape, dict]:
     return shape, tokenizer.describe()
 
 
-def _calibrate(cfg: PlanConfig, device: str, precision: str) -> dict[str, Any]:
+def _calibrate(cfg: PlanConfig, device: str, precision: str, processes: int) -> dict[str, Any]:
     from tokenize_corpus.calibrate import Request, measure
 
     batch = cfg.calibration.batch_size or min(cfg.batch_size, 16)
@@ -188,7 +188,7 @@ def _calibrate(cfg: PlanConfig, device: str, precision: str) -> dict[str, Any]:
         precision,
         device,
     )
-    return {**measure(request), "batch_size": batch}
+    return {**measure(request, processes), "batch_size": batch}
 
 
 # ---- the plan ----------------------------------------------------------------------------------
@@ -239,11 +239,22 @@ def make_plan(cfg: PlanConfig) -> dict[str, Any]:
     shape, identity = _load_shape(cfg)
     device = _device(cfg)
     precision = _precision(cfg, device)
+    local = cfg.cluster.address is None
+    gpu_workers = bool(cfg.gpu) or device == "cuda"
+    cores = _cores() if local and not gpu_workers else None
+    # LocalCluster workers share this machine: calibrate as many processes at once (up to
+    # twice the cores; more workers than that are scaled). Otherwise one, as one remote worker.
+    processes = min(cfg.cluster.n_workers, 2 * cores) if cores else 1
     # The forward is calibrated on this machine; with gpu= only decode is measured here.
-    measured = _calibrate(cfg, "cpu" if cfg.gpu else device, "fp32" if cfg.gpu else precision)
+    measured = _calibrate(
+        cfg, "cpu" if cfg.gpu else device, "fp32" if cfg.gpu else precision, processes
+    )
     flops = cost.encode_flops(shape)
     n_images = sum(per_shard)
-    source = f"calibrated on this machine ({device}, {precision})"
+    source = (
+        f"calibrated on this machine ({device}, {precision}, {measured['processes']} "
+        "worker-like processes at once)"
+    )
     if cfg.gpu:
         measured["seconds_per_view"] = cost.gpu_seconds_per_view(
             cfg.gpu, precision, flops["total"], cfg.gpu_utilisation
@@ -252,9 +263,6 @@ def make_plan(cfg: PlanConfig) -> dict[str, Any]:
             f"ESTIMATE for {cfg.gpu} at {precision}: {flops['total'] / 1e9:.2f} GFLOP/view at "
             f"{cfg.gpu_utilisation:.0%} of its data-sheet peak (not measured)"
         )
-    local = cfg.cluster.address is None
-    gpu_workers = bool(cfg.gpu) or device == "cuda"
-    cores = _cores() if local and not gpu_workers else None
     wall = cost.wall_seconds(
         per_shard,
         k,

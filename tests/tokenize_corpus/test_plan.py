@@ -101,6 +101,7 @@ def test_plan_counts_views_and_online_cost_from_a_real_source(
         "precision=fp32",
         "calibration.batches=1",
         "calibration.batch_size=4",
+        "cluster.n_workers=1",
     )
     plan = make_plan(cfg)
     assert (plan["images"], plan["shards"], plan["seeds"]) == (18, 3, 3)
@@ -127,6 +128,7 @@ def test_num_images_instead_of_images(tokenizer: str) -> None:
         "seeds=[0,1]",
         "calibration.batches=1",
         "calibration.batch_size=4",
+        "cluster.n_workers=1",
     )
     plan = make_plan(cfg)
     assert (plan["images"], plan["shards"], plan["views"]) == (1000, 4, 2000)
@@ -144,6 +146,7 @@ def test_gpu_kind_is_a_labelled_estimate(tokenizer: str) -> None:
         "gpu=a100",
         "calibration.batches=1",
         "calibration.batch_size=4",
+        "cluster.n_workers=1",
     )
     plan = make_plan(cfg)
     assert plan["precision"] == "bf16" and "ESTIMATE" in plan["time_source"]
