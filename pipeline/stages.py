@@ -49,7 +49,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "tokenize",
-            "tokenize_corpus.job:TokenizeConfig",
+            "tokenize_corpus.config:TokenizeConfig",
             "tokenize_corpus.job:tokenize",
             "stage 2: tokenize image shards at K view seeds on Dask into a token dataset",
         ),
