@@ -38,42 +38,15 @@ log = logging.getLogger(__name__)
 
 def finetune_state(cfg: FinetuneConfig) -> dict:
     """The backbone's weights in timm's per-block-table layout (shared table copied per block)."""
-    import torch
+    from pretrain.backbones import timm_state_dict
 
-    from pretrain.export import backbone_state_dict, split_checkpoint
-    from pretrain.linprobe import _load_file, _state_dict
-    from pretrain.model import BEiTv2, beit_config
-
-    if cfg.backbone == "random":
-        ri = cfg.random_init
-        overrides = {
-            k: v for k, v in (("width", ri.width), ("depth", ri.depth), ("heads", ri.heads)) if v
-        }
-        mcfg = beit_config(
-            ri.size,
-            image_size=ri.image_size,
-            patch_size=ri.patch_size,
-            use_cls_head=False,
-            **overrides,
-        )
-        torch.manual_seed(ri.seed)
-        return backbone_state_dict(BEiTv2(mcfg).state_dict(), mcfg)
-    if not Path(cfg.backbone).is_file():
-        raise FileNotFoundError(
-            f"backbone {cfg.backbone!r} not found; pass backbone=<pretrain checkpoint or exported "
-            "file> or backbone=random"
-        )
-    raw = _load_file(cfg.backbone)
-    state = _state_dict(raw)
-    if "rel_pos_bias.relative_position_bias_table" in state:
-        state, mcfg = split_checkpoint(raw)
-        return backbone_state_dict(state, mcfg)
-    return state
+    return timm_state_dict(cfg.backbone, cfg.random_init)
 
 
 def build_model(state: dict, num_classes: int, drop_path: float) -> Any:
     """timm ``Beit`` (avg pool + fc_norm + head x0.001) with ``state`` loaded."""
-    from pretrain.linprobe import infer_beit_shape, timm_backbone
+    from pretrain.backbones import build_timm_beit as timm_backbone
+    from pretrain.backbones import infer_beit_shape
 
     shape = infer_beit_shape(state)
     model = timm_backbone(

@@ -122,6 +122,44 @@ def test_cli_main(tmp_path, capsys):
     assert (tmp_path / "last.timm.safetensors").is_file()
     assert "timm.create_model" in capsys.readouterr().out
     assert main([str(ckpt), f"out={tmp_path / 'x.pth'}"]) == 0 and (tmp_path / "x.pth").is_file()
-    assert main([str(tmp_path / "missing.pt")]) == 1
+    assert main([str(tmp_path / "missing.pt")]) == 2  # a user error
     assert "checkpoint not found" in capsys.readouterr().err
     assert main([str(ckpt), "bogus=1"]) == 2
+
+
+def test_names_say_the_real_size_and_the_command_uses_an_absolute_path(tmp_path, monkeypatch):
+    from pretrain.export import export_name
+    from pretrain.model import beit_config
+
+    assert export_name(beit_config("tiny", image_size=96, patch_size=8)) == "beitv2_tiny_patch8_96"
+    assert export_name(BEiTConfig()) == "beitv2_base_patch16_224"
+    assert export_name(TINY) == "beitv2_w32d2h2_patch8_32"
+    monkeypatch.chdir(tmp_path)
+    model = trained_like(TINY)
+    summary = export_backbone({"model": model.state_dict()}, "rel/b.safetensors")
+    assert summary["name"] == "beitv2_w32d2h2_patch8_32"
+    absolute = str(tmp_path / "rel" / "b.safetensors")
+    assert summary["path"] == absolute and repr(absolute) in summary["command"]
+    monkeypatch.chdir("/")  # the printed command works from anywhere
+    namespace: dict = {}
+    exec(summary["command"], namespace)
+    assert max_feature_diff(model, namespace["model"]) <= 1e-5
+
+
+def test_exports_honour_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        export_backbone({"model": trained_like(TINY).state_dict()}, tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("b.safetensors", "b.safetensors.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644
+
+
+def test_pickled_checkpoint_is_refused_with_how_to_convert(tmp_path, capsys):
+    torch.save({"model": trained_like(TINY)}, tmp_path / "whole_module.pt")
+    assert main([str(tmp_path / "whole_module.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "weights_only=False" in err and "state_dict" in err
