@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.checkpoint import CheckpointError, load_file
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
@@ -384,16 +386,11 @@ def _with_hub(name: str, load: Callable[[], nn.Module]) -> nn.Module:
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A plain state dict from a local file (unwraps ``model``/``state_dict``/``module.``)."""
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+        obj: Any = load_file(path)  # weights_only / safetensors: never unpickles code
+    except CheckpointError as err:
         raise TeacherError(
-            f"cannot read teacher weights at {path}: {err}; pass teacher.weights=<a state dict file>"
-        ) from err
+            f"cannot read teacher weights: {err}; pass teacher.weights=<a state dict file>"
+        ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
