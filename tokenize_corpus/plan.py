@@ -348,7 +348,15 @@ def format_plan(plan: dict[str, Any]) -> str:
     parts = ", ".join(f"{name} {_si(v, 'FLOP')}" for name, v in flops.items() if name != "total")
     where = f"{plan['workers']} workers" + (f" on {plan['cores']} cores" if plan["cores"] else "")
     b, skew = plan["bytes"], plan["bytes_skewed"]
-    per_token = b["total"] / max(1, plan["tokens"])
+    tokens = max(1, plan["tokens"])
+    formats = ", ".join(
+        f"{k} {_bytes(v)}" + (f" = {v / tokens:.2f} B/token" if k != "receipts" else "")
+        for k, v in b.items()
+        if k != "total"
+    )
+    pace = ""
+    if m["decode_seconds_per_image"] > plan["seeds"] * m["seconds_per_view"]:
+        pace = " (decode-bound: decode + render of an image outlasts its views' forward)"
     lines = [
         f"images  {plan['images']:,} in {plan['shards']:,} shards ({plan['images_how']})",
         f"views   {plan['views']:,} = {plan['images']:,} images x {plan['seeds']} seeds "
@@ -361,10 +369,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"time    {_duration(wall['total'])} on {where} at {plan['precision']} "
         f"(start {_duration(wall['start'])} + tasks {_duration(wall['tasks'])})",
         f"        forward {m['seconds_per_view'] * 1e3:.1f} ms/view, decode + render "
-        f"{m['decode_seconds_per_image'] * 1e3:.1f} ms/image: {plan['time_source']}",
-        f"disk    {_bytes(b['total'])} at most ({per_token:.2f} B/token: "
-        + ", ".join(f"{k} {_bytes(v)}" for k, v in b.items() if k != "total")
-        + f"); ~{_bytes(skew['total'])} if codes are used as unevenly as a trained tokenizer's",
+        f"{m['decode_seconds_per_image'] * 1e3:.1f} ms/image{pace}: {plan['time_source']}",
+        f"disk    {_bytes(b['total'])} at most ({formats}); ~{_bytes(skew['total'])} if codes "
+        "are used as unevenly as a trained tokenizer's",
         f"memory  {_bytes(plan['worker_memory_bytes'])} per worker ("
         + ", ".join(f"{k} {_bytes(v)}" for k, v in plan["worker_memory_parts"].items())
         + ")",
