@@ -1,0 +1,184 @@
+"""What finite K costs (issue 12): K stored view seeds against a fresh view every epoch.
+
+Same images, same tiny student, same steps; only the views differ:
+
+* ``K=1, 2, 4, 8``: stage 3 reads ``views.seeds=[0..K-1]`` of one token dataset (tokenized once
+  with seeds 0-7), so each image cycles through its K stored views;
+* ``fresh``: ``targets=online views.source=fresh``: a new view of every image each epoch with the
+  tokenizer in the loop, as the reference trains.
+
+Measured per run seed (3 by default): MIM top-1 accuracy on **held-out views** (seed 100, never
+trained on, fixed masks, stored tokens as targets), the linear probe (coarse ImageNet groups,
+mean-pooled features of the exported backbone) and the pretraining wall time. Results: a table on
+stdout and ``benchmarks/results/seeds_k.json`` (+ ``seeds_k.png``).
+
+    .venv/bin/python benchmarks/bench_seeds.py --tokenizer <demo tokenizer.pth> \
+        [--images 250] [--epochs 8] [--seeds 0 1 2] [--work-dir /tmp/bench_seeds]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_learning_signal import coarse_label, run_stage  # noqa: E402
+
+from engine.layout import imagenet_sample_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT_SEED = 100
+log = logging.getLogger("bench_seeds")
+
+
+def subset_folder(work: Path, sample: Path, count: int) -> Path:
+    """Every n-th ImageNet-sample image (class-spread) as a coarse-label ImageFolder of links."""
+    files = sorted(sample.glob("*.JPEG"))
+    wnids = sorted({f.name.split("_")[0] for f in files})
+    index = {w: i for i, w in enumerate(wnids)}
+    step = max(1, len(files) // count)
+    folder = work / "images"
+    for f in files[::step][:count]:
+        link = folder / coarse_label(index[f.name.split("_")[0]]) / f.name
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(f.resolve(), link)
+    return folder
+
+
+@torch.no_grad()
+def held_out_mim_accuracy(checkpoint: Path, images: str, heldout: str) -> float:
+    """Final-layer MIM top-1 (%) on the held-out views, masks fixed by a run seed of 999."""
+    from pretrain.backbones import split_checkpoint
+    from pretrain.data import MIMDataset
+    from pretrain.masking import num_masked_for
+    from pretrain.model import BEiTv2
+    from shards.reader import open_token_dataset
+
+    state, mcfg = split_checkpoint(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    model = BEiTv2(mcfg)
+    model.load_state_dict(state)
+    model.eval()
+    tokens = open_token_dataset(heldout)
+    grid = (mcfg.image_size // mcfg.patch_size,) * 2
+    data = MIMDataset(
+        images, tokens, vocab_size=mcfg.vocab_size, grid=grid, image_size=mcfg.image_size,
+        num_masked=num_masked_for(grid), run_seed=999,
+    )  # fmt: skip
+    right = total = 0
+    for batch in torch.utils.data.DataLoader(data, batch_size=64):
+        mask = batch["mask"]
+        logits = model(batch["view"], mask)["logits"]
+        right += int((logits.argmax(-1) == batch["tokens"][mask]).sum())
+        total += int(mask.sum())
+    return 100.0 * right / max(1, total)
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, metric, title in zip(
+        axes, ("heldout_mim_acc", "probe_top1"), ("held-out MIM top-1 (%)", "linear probe top-1 (%)"),
+        strict=True,
+    ):  # fmt: skip
+        stats = [_mean_spread(results[n][metric]) for n in names]
+        ax.errorbar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats],
+                    fmt="o", capsize=4)  # fmt: skip
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.suptitle("K stored view seeds vs a fresh view every epoch (mean ± stdev over run seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--sample", type=Path, default=imagenet_sample_dir())
+    parser.add_argument("--images", type=int, default=250)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--probe-steps", type=int, default=300)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_seeds"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/seeds_k.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    folder = subset_folder(work, args.sample, args.images)
+    shards = f"{work}/pack/shard-*.tar"
+    run_stage("pack", {"images": str(folder), "out_dir": str(work / "pack"), "shard_size": 64})
+    tokenizer = str(args.tokenizer.resolve())
+    from tokenize_corpus.tokenizer import tokenizer_info
+
+    size = int(tokenizer_info(tokenizer)["image_size"])
+    common = {"preset": "demo", "images": shards, "tokenizer": tokenizer, "aug": {"size": size}}
+    start = time.perf_counter()
+    run_stage("tokenize", {**common, "out_dir": str(work / "tokens"), "seeds": list(range(max(args.ks)))})
+    tokenize_seconds = time.perf_counter() - start
+    run_stage("tokenize", {**common, "out_dir": str(work / "heldout"), "seeds": [HELD_OUT_SEED]})
+
+    configs = {f"K={k}": {"views": {"seeds": list(range(k))}} for k in args.ks}
+    configs["fresh"] = {"targets": "online", "tokenizer": tokenizer, "views": {"source": "fresh"}}
+    results: dict[str, dict[str, list[float]]] = {
+        name: {"heldout_mim_acc": [], "probe_top1": [], "pretrain_seconds": []} for name in configs
+    }
+    for seed in args.seeds:
+        for name, extra in configs.items():  # interleaved: every config once per run seed
+            out = work / f"pretrain-{name.replace('=', '')}-{seed}"
+            t0 = time.perf_counter()
+            run_stage("pretrain", {
+                "preset": "demo", "images": shards, "tokens": str(work / "tokens"),
+                "out_dir": str(out), **extra, "train": {"epochs": args.epochs, "seed": seed},
+            })  # fmt: skip
+            results[name]["pretrain_seconds"].append(time.perf_counter() - t0)
+            acc = held_out_mim_accuracy(out / "checkpoint.pth", shards, str(work / "heldout"))
+            results[name]["heldout_mim_acc"].append(acc)
+            probe = run_stage("linprobe", {
+                "preset": "demo", "images": shards, "backbone": str(out / "backbone_timm.pth"),
+                "pool": "mean", "out_dir": str(work / f"probe-{name.replace('=', '')}-{seed}"),
+                "train": {"steps": args.probe_steps, "seed": seed},
+            })  # fmt: skip
+            results[name]["probe_top1"].append(float(probe["top1"]))
+            log.info("%s seed %d: %s", name, seed, {k: v[-1] for k, v in results[name].items()})
+
+    print(f"\n{len(args.seeds)} run seeds, {args.images} images, {args.epochs} epochs each")
+    print(f"{'views':<8}{'held-out MIM top-1 %':>24}{'probe top-1 %':>20}{'pretrain s':>14}")
+    for name, res in results.items():
+        row = [_mean_spread(res[m]) for m in ("heldout_mim_acc", "probe_top1", "pretrain_seconds")]
+        print(f"{name:<8}" + "".join(f"{m:>14.2f} ± {s:5.2f}" for m, s in row))
+    report = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "tokenize_seconds_8_seeds": round(tokenize_seconds, 1),
+        "results": results,
+        "load_after": os.getloadavg(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    plot(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
