@@ -1,52 +1,38 @@
 """``pipeline``: the one command line of the project.
 
-pipeline run stage=<name> [preset=<name>] [key=value ...]
-pipeline stages
-pipeline validate <token dataset> [images=<image source>]
-pipeline inspect <token dataset> [out=<dir>]
-pipeline export <pretrain checkpoint> [out=<file>]
-pipeline report <run dir>
+    pipeline run stage=<name> [preset=<name>] [config=<file.yaml>] [key=value ...]
+    pipeline stages
+    pipeline validate|inspect|export|report ...    (pipeline/tools.py)
+    pipeline <command> --help
+
+Exit codes: 0 the work is done; 1 the work failed (a stage, some shards, a validation);
+2 bad usage or input. A user's mistake is an :class:`engine.errors.UserError` (``ConfigError``
+is one): the CLI prints its message and exits 2, without a traceback. Any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
 
 from engine import config
-from engine.config import ConfigError, describe, load_config_file, parse_overrides
+from engine.config import ConfigError, load_config_file, parse_overrides
+from engine.errors import UserError
+from pipeline import guide
+from pipeline.help import main_help, run_help, stage_help, tool_help
+from pipeline.logs import pop_logging_options, setup_logging
 from pipeline.stages import STAGES, get_stage
+from pipeline.tools import TOOLS, Tool
 
-# Tool commands: name -> ("module:function", help). Each function takes the argv after the name
-# and returns a process exit code.
-TOOLS: dict[str, tuple[str, str]] = {
-    "validate": (
-        "shards.validate:main",
-        "check a token dataset: checksums, counts, ranges, alignment",
-    ),
-    "inspect": ("shards.inspect:main", "summarise a token dataset and draw token maps"),
-    "export": ("pretrain.export:main", "export a pretrain checkpoint as a timm-loadable backbone"),
-    "report": ("pipeline.report:main", "write an HTML report of a run directory"),
-}
+log = logging.getLogger("pipeline")
 
-USAGE = """usage: pipeline run stage=<name> [preset=<name>] [key=value ...]
-       pipeline stages
-       pipeline run --help            (every stage's keys and defaults)
-       pipeline run stage=<name> --help
-""" + "".join(f"       pipeline {name:<9} ...   {text}\n" for name, (_, text) in TOOLS.items())
-
-
-def stage_help(name: str) -> str:
-    stage = get_stage(name)
-    cls = stage.config_class()
-    presets = ", ".join(getattr(cls, "presets", {}) or {}) or "none"
-    lines = [f"stage={name}: {stage.help}", f"  presets: {presets}", "  keys (default):"]
-    for key, type_name, default, _doc in describe(cls):
-        lines.append(f"    {key}={json.dumps(default)}  [{type_name}]")
-    return "\n".join(lines)
+HELP = ("-h", "--help")
 
 
 def build_stage_config(name: str, overrides: dict[str, Any]) -> Any:
@@ -60,57 +46,110 @@ def build_stage_config(name: str, overrides: dict[str, Any]) -> Any:
 
 
 def run(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help") and len(argv) == 1:
-        print(USAGE)
-        print("stages:")
-        for name in STAGES:
-            print(stage_help(name), end="\n\n")
-        return 0
-    want_help = any(a in ("-h", "--help") for a in argv)
-    overrides = parse_overrides([a for a in argv if a not in ("-h", "--help")])
+    """``pipeline run stage=<name> [key=value ...]`` (or its help)."""
+    want_help = any(a in HELP for a in argv)
+    args = [a for a in argv if a not in HELP]
+    if not args:
+        print(run_help(), file=sys.stdout if want_help else sys.stderr)
+        return 0 if want_help else 2
+    overrides = parse_overrides(args)
     name = overrides.pop("stage", None)
     if name is None:
+        if want_help:
+            print(run_help())
+            return 0
         raise ConfigError(f"say which stage to run: stage=<name>; stages: {', '.join(STAGES)}")
-    if name not in STAGES:
-        raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    stage = get_stage(str(name))
     if want_help:
-        print(stage_help(name))
+        layers = " ".join(a for a in args if not a.startswith("stage="))
+        cfg = build_stage_config(stage.name, overrides) if layers else None
+        print(stage_help(stage.name, cfg, layers))
         return 0
-    cfg = build_stage_config(name, overrides)
+    cfg = build_stage_config(stage.name, overrides)
+    out = guide.absolute(getattr(cfg, "out_dir", "") or "")
+    log.info("stage=%s: starting; outputs go to %s", stage.name, out or "(no out_dir)")
     start = time.perf_counter()
-    summary = get_stage(name).run_fn()(cfg) or {}
+    summary = stage.run_fn()(cfg) or {}
     summary.setdefault("seconds", round(time.perf_counter() - start, 1))
     print(json.dumps(summary, indent=2, default=str))
-    return int(summary.get("exit_code", 0))
+    print(guide.closing_lines(stage.name, cfg, summary))
+    return int(summary.get("exit_code", 0) or 0)
+
+
+def _check_paths(tool: Tool, positional: list[str]) -> None:
+    checked = positional if tool.paths < 0 else positional[: tool.paths]
+    for path in checked:
+        if "://" not in path and not os.path.exists(path):
+            raise UserError(f"{path}: no such file or directory (see: pipeline {tool.name} --help)")
+
+
+def _absolute_arg(arg: str) -> str:
+    if "=" not in arg:
+        return guide.absolute(arg)
+    key, value = arg.split("=", 1)
+    return f"{key}={guide.absolute(value)}" if key == "out" else arg
+
+
+def run_tool(tool: Tool, argv: list[str]) -> int:
+    """``pipeline <tool> ...``: help, argument checks, then the tool's own function."""
+    if any(a in HELP for a in argv):
+        print(tool_help(tool))
+        return 0
+    positional = [a for a in argv if "=" not in a]
+    if tool.paths and not positional:
+        print(tool_help(tool), file=sys.stderr)
+        return 2
+    _check_paths(tool, positional)
+    # absolute paths, so whatever the tool prints can be pasted from any directory
+    args = [_absolute_arg(a) for a in argv]
+    log.info("%s: %s", tool.name, " ".join(args))
+    try:
+        code = int(tool.function()(args) or 0)
+    except SystemExit as stop:  # a tool's own usage error
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            return 2
+        return int(stop.code or 0)
+    follow = guide.after_tool(tool.name, args, code)
+    if follow:
+        print(follow)
+    return code
+
+
+def dispatch(argv: list[str]) -> int:
+    if not argv:
+        print(main_help(), file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command in (*HELP, "help"):
+        print(main_help())
+        return 0
+    if command == "run":
+        return run(rest)
+    if command == "stages":
+        if any(a in HELP for a in rest):
+            print("usage: pipeline stages\n\nlists the stages of `pipeline run stage=<name>`")
+            return 0
+        for stage in STAGES.values():
+            print(f"{stage.name:<10} {stage.help}")
+        return 0
+    if command in TOOLS:
+        return run_tool(TOOLS[command], rest)
+    near = difflib.get_close_matches(command, ["run", "stages", *TOOLS], n=1)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    raise UserError(f"unknown command {command!r}.{hint} See: pipeline --help")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console entry point; returns the exit code (0 ok, 1 the work failed, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        print("stages: " + ", ".join(STAGES))
-        return 0
-    command, rest = argv[0], argv[1:]
     try:
-        if command == "run":
-            return run(rest)
-        if command == "stages":
-            for stage in STAGES.values():
-                print(f"{stage.name:<10} {stage.help}")
-            return 0
-        if command in TOOLS:
-            module, attr = TOOLS[command][0].split(":")
-            import importlib
-
-            return int(getattr(importlib.import_module(module), attr)(rest) or 0)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        argv, verbose, level = pop_logging_options(argv)
+        setup_logging(verbose, level)
+        return dispatch(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

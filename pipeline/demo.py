@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import time
 import traceback
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.config import StageConfig
+from engine.layout import DEMO, RunLayout, imagenet_sample_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ STAGE_ORDER = ("pack", "vqkd", "tokenize", "pretrain", "linprobe", "report")
 class AllConfig(StageConfig):
     """The whole pipeline on one corpus (defaults = the demo: <= 10 minutes on 2 CPU cores)."""
 
-    out_dir: str = "runs/demo"
+    out_dir: str = DEMO.root  # the run root: one folder per stage (engine/layout.py)
     # labelled images to use instead of the built-in demo corpus (folder, tars or parquet)
     images: str | None = None
     corpus_images: int = 512  # demo corpus: number of images (16 classes, 32 each)
@@ -61,7 +63,8 @@ class AllConfig(StageConfig):
     presets: ClassVar[dict[str, dict]] = {
         "demo": {},
         # The ImageNet sample (1000 images, one per class) instead of the demo corpus.
-        "imagenet-sample": {"images": "../shared/data/imagenet-sample", "shard_size": 256},
+        # $IMAGENET_SAMPLE, default beside the repository (engine.layout.imagenet_sample_dir)
+        "imagenet-sample": {"images": str(imagenet_sample_dir()), "shard_size": 256},
     }
 
 
@@ -152,7 +155,9 @@ def run_all(cfg: AllConfig) -> dict:
     from pipeline.demo_corpus import build_demo_corpus
 
     start = time.perf_counter()
-    out = Path(cfg.out_dir)
+    # absolute, so every command in the summary can be pasted from any directory
+    out = Path(cfg.out_dir).resolve()
+    layout = RunLayout(str(out))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
@@ -161,11 +166,11 @@ def run_all(cfg: AllConfig) -> dict:
     runner = _Runner(cfg, out)
     want = set(cfg.stages)
 
-    images = cfg.images
+    images = os.path.abspath(cfg.images) if cfg.images and "://" not in cfg.images else cfg.images
     if images is None:
         t0 = time.perf_counter()
         corpus = build_demo_corpus(
-            out / "corpus", n_images=cfg.corpus_images, size=cfg.corpus_size, seed=cfg.corpus_seed
+            layout.corpus, n_images=cfg.corpus_images, size=cfg.corpus_size, seed=cfg.corpus_seed
         )
         images = corpus["out_dir"]
         runner.stages["corpus"] = {
@@ -174,21 +179,20 @@ def run_all(cfg: AllConfig) -> dict:
             "command": f"python -c 'from pipeline.demo_corpus import build_demo_corpus; "
             f'build_demo_corpus("{images}", {cfg.corpus_images}, {cfg.corpus_size})\'',
         }
-    shards_dir = str(out / "pack")
-    # a glob, not the folder: pack also writes index.json there
-    shard_glob = f"{shards_dir}/shard-*.tar"
+    shards_dir = layout.pack
+    shard_glob = layout.pack_shards  # a glob, not the folder: pack also writes index.json there
     if "pack" in want:
         wiring = {"images": images, "out_dir": shards_dir, "shard_size": cfg.shard_size}
         runner.run("pack", "pack", runner.overrides("pack", wiring, ()))
 
-    tokenizer = str(out / "vqkd" / "tokenizer.pth")
+    tokenizer = layout.tokenizer
     if "vqkd" in want:
-        wiring = {"images": shard_glob, "out_dir": str(out / "vqkd")}
+        wiring = {"images": shard_glob, "out_dir": layout.vqkd}
         summary = runner.run("vqkd", "vqkd", runner.overrides("vqkd", wiring, cfg.vqkd))
         if summary:
             tokenizer = str(summary.get("tokenizer") or summary.get("checkpoint") or tokenizer)
 
-    tokens = str(out / "tokenize")
+    tokens = layout.tokenize
     shape: dict[str, int] = {}
     if {"tokenize", "pretrain"} & want and not runner.failed:
         try:
@@ -209,7 +213,7 @@ def run_all(cfg: AllConfig) -> dict:
         if not runner.failed:
             _validate(runner, tokens, shard_glob)
 
-    pretrain_dir = out / "pretrain"
+    pretrain_dir = Path(layout.pretrain)
     if "pretrain" in want:
         wiring = {
             "images": shard_glob,
@@ -237,12 +241,12 @@ def run_all(cfg: AllConfig) -> dict:
             runner.stages["report"] = {
                 "status": "ok",
                 "seconds": round(time.perf_counter() - t0, 1),
-                "command": f"pipeline report {out}",
+                "command": f"pipeline report {shlex.quote(str(out))}",
             }
         except Exception as err:  # noqa: BLE001
             runner.stages["report"] = {
                 "status": f"failed: {err}",
-                "command": f"pipeline report {out}",
+                "command": f"pipeline report {shlex.quote(str(out))}",
             }
             runner.failed = True
     summary = _write_summary(out, runner, start)
@@ -254,7 +258,7 @@ def run_all(cfg: AllConfig) -> dict:
     return {
         "report": report,
         "out_dir": str(out),
-        "summary": str(out / "summary.json"),
+        "summary": layout.summary,
         "linprobe": probes,
         "commands": {k: v.get("command") for k, v in runner.stages.items() if v.get("command")},
         "stages": {k: v["status"] for k, v in runner.stages.items()},
@@ -313,7 +317,8 @@ def _linprobes(
             }
     results = {}
     for name, wiring in runs.items():
-        wiring = {**wiring, "images": shard_glob, "out_dir": str(runner.out / "linprobe" / name)}
+        layout = RunLayout(str(runner.out))
+        wiring = {**wiring, "images": shard_glob, "out_dir": layout.linprobe_run(name)}
         res = runner.run(
             f"linprobe-{name}", "linprobe", runner.overrides("linprobe", wiring, cfg.linprobe)
         )
@@ -343,5 +348,5 @@ def _write_summary(out: Path, runner: _Runner, start: float) -> dict:
             for k, v in runner.stages.items()
         },
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    Path(RunLayout(str(out)).summary).write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -3,6 +3,8 @@
 Entries name their config class and run function by import path, so ``pipeline --help`` does not
 import torch. A config class carries its presets as ``presets: ClassVar[dict[str, dict]]``.
 A run function takes the frozen config and returns a small dict summary the CLI prints.
+``example`` is the command ``pipeline run stage=<name> --help`` shows; its ``{placeholders}`` are
+folders of the demo's run layout (:class:`engine.layout.RunLayout`), filled in as absolute paths.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -19,6 +23,7 @@ class Stage:
     config: str  # "module:Class"
     run: str  # "module:function"
     help: str
+    example: str = ""  # key=value arguments after `pipeline run stage=<name>`
 
     def config_class(self) -> type:
         return _load(self.config)
@@ -40,48 +45,56 @@ STAGES: dict[str, Stage] = {
             "shards.pack:PackConfig",
             "shards.pack:pack",
             "write WebDataset image shards from a folder of images",
+            "images={corpus} out_dir={pack} shard_size=128",
         ),
         Stage(
             "vqkd",
             "tokenize_corpus.config:VQKDConfig",
             "tokenize_corpus.train:vqkd",
             "stage 1: train a VQ-KD visual tokenizer by distilling a teacher",
+            "preset=demo 'images={pack_shards}' out_dir={vqkd}",
         ),
         Stage(
             "tokenize",
             "tokenize_corpus.config:TokenizeConfig",
             "tokenize_corpus.job:tokenize",
             "stage 2: tokenize image shards at K view seeds on Dask into a token dataset",
+            "preset=demo 'images={pack_shards}' tokenizer={tokenizer} out_dir={tokenize}",
         ),
         Stage(
             "pretrain",
             "pretrain.config:PretrainConfig",
             "pretrain.train:pretrain",
             "stage 3: pretrain BEiT v2 from precomputed tokens (or targets=online)",
+            "preset=demo tokens={tokenize} out_dir={pretrain}",
         ),
         Stage(
             "linprobe",
-            "pretrain.linprobe:LinprobeConfig",
+            "pretrain.eval_config:LinprobeConfig",
             "pretrain.linprobe:linprobe",
             "evaluate a backbone with a linear classifier on frozen features",
+            "preset=demo backbone={pretrain_checkpoint} 'images={pack_shards}' out_dir={linprobe}",
         ),
         Stage(
             "finetune",
-            "pretrain.finetune:FinetuneConfig",
+            "pretrain.eval_config:FinetuneConfig",
             "pretrain.finetune:finetune",
             "fine-tune a backbone end to end with layer-wise lr decay",
+            "preset=demo backbone={pretrain_checkpoint} 'images={pack_shards}' out_dir={finetune}",
         ),
         Stage(
             "all",
             "pipeline.demo:AllConfig",
             "pipeline.demo:run_all",
             "every stage in order on one corpus (preset=demo: the README's demo)",
+            "preset=demo out_dir={root}",
         ),
     ]
 }
 
 
 def get_stage(name: str) -> Stage:
+    """The registered stage ``name``; a :class:`ConfigError` naming the stages otherwise."""
     if name not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     return STAGES[name]

@@ -1,6 +1,7 @@
 """The run report: every section from a tiny synthetic run, graceful gaps, a real browser render."""
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import asdict
@@ -12,15 +13,15 @@ import pytest
 import torch
 
 from pipeline.demo_corpus import build_demo_corpus
-from pipeline.report import main, write_report
+from pipeline.report import write_report
 from pretrain.model import BEiTConfig, BEiTv2
 from shards.decode import decode_image
 from shards.images import iter_shard, list_shards
 from shards.views import AugConfig, sample_view
 from shards.writer import TokenRow, write_manifest, write_shard
 
-CHROMIUM = Path("/usr/bin/chromium")
-SECTIONS = ("timings", "curves", "codebook", "token-maps", "mim", "linprobe", "files")
+CHROMIUM = Path("/usr/bin/chromium")  # `apt-get install -y chromium`
+SECTIONS = ("overview", "timings", "curves", "codebook", "token-maps", "mim", "linprobe", "files")
 
 
 class _Collect(HTMLParser):
@@ -93,10 +94,12 @@ def _tiny_run(run: Path) -> None:
     (run / "pretrain" / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
     (run / "vqkd").mkdir()
     lines = [
-        {"step": i, "loss": 1 / (i + 1), "rec_cosine": i / 5, "usage": 0.5 + i / 10}
+        {"kind": "step", "epoch": 0, "step": i, "loss": 1 / (i + 1), "rec_cosine": i / 5}
         for i in range(5)
     ]
+    lines.append({"kind": "epoch", "epoch": 0, "step": 4, "loss": 0.5, "eval_codebook_usage": 75.0})
     (run / "vqkd" / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    torch.save({"model": {}}, run / "vqkd" / "tokenizer.pth")
     (run / "linprobe" / "pretrained").mkdir(parents=True)
     (run / "linprobe" / "pretrained" / "results.json").write_text(
         json.dumps({"top1": 50.0, "top5": 90.0, "backbone": "x.pth", "pool": "cls"})
@@ -127,15 +130,31 @@ def test_every_section_from_a_tiny_run(tmp_path):
         assert (page.parent / src).is_file(), src
 
 
-def test_missing_stages_are_named_and_cli(tmp_path, capsys):
-    run = tmp_path / "empty"
-    (run / "pack").mkdir(parents=True)
-    assert main([str(run)]) == 0
-    text = (run / "report" / "index.html").read_text()
-    assert "Missing: vqkd, tokenize, pretrain" in text
-    assert "Not available" in text and set(SECTIONS) <= _parse(text).ids
-    assert main([str(tmp_path / "nope")]) == 1
-    assert "does not exist" in capsys.readouterr().err
+def test_a_single_stage_folder_is_recognised_by_its_files(tmp_path, capsys):
+    run = tmp_path / "run"
+    _tiny_run(run)
+    pt = tmp_path / "pt"  # a pretrain run laid out by hand, under another name
+    (run / "pretrain").rename(pt)
+    page = write_report(pt)
+    text = page.read_text()
+    assert "Missing" not in text and "<h3>.</h3>" not in text
+    assert (page.parent / "curves-pt.png").is_file()
+    # epoch record wins; loss of the final epoch, not of the first step
+    assert "epoch 1, mean of its 5 logged steps" in text
+    # several folders: the pretrain finds its tokens in the other one
+    both = write_report([pt, run / "tokenize"], out=tmp_path / "both")
+    text = both.read_text()
+    assert "MIM predictions" in text and "Not available" not in text
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    assert cli(["report", str(tmp_path / "nope")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli(["report", str(tmp_path / "empty")]) == 2
+    assert "nothing to report" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed")
@@ -161,6 +180,9 @@ def test_renders_in_headless_chromium(tmp_path):
         [*common, f"--screenshot={shot}", url], check=True, timeout=120, capture_output=True
     )
     assert shot.is_file() and shot.stat().st_size > 10_000
+    keep = os.environ.get("REPORT_SCREENSHOT")  # a path: keep the screenshot to look at
+    if keep:
+        shutil.copy(shot, keep)
     dom = subprocess.run(
         [*common, "--dump-dom", url], check=True, timeout=120, capture_output=True, text=True
     ).stdout

@@ -1,0 +1,13 @@
+"""``pipeline report DIR [DIR ...]``: one self-contained HTML page about runs of any stage.
+
+The page (``<DIR>/report/index.html``, figures beside it, referenced relatively) shows what the
+folders hold, each recognised by its own files (``discover.py``): what each run is, the training
+curves and final-epoch numbers of every ``metrics.jsonl`` (``curves.py``), a token dataset's
+codebook usage and views beside their token maps (``tokens.py``), a pretrained model's masked
+predictions (``mim.py``), probe results, ``stage=all`` timings and where the files are
+(``tables.py``). ``page.py`` assembles the page; ``command.py`` is the command line.
+"""
+
+from pipeline.report.command import main, write_report
+
+__all__ = ["main", "write_report"]

@@ -1,0 +1,151 @@
+"""A token dataset's codebook usage and a few images' views beside their token maps.
+
+The views are rebuilt from the image source the manifest names and the stored view parameters
+with ``shards.views.render_view`` (the view contract, docs/design.md §2), so the picture shows
+the exact pixels the tokens belong to.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from pipeline.report.discover import Part, image_source
+from pipeline.report.page import Report, per_part
+
+MAX_EXAMPLES = 3  # images in the token-map and MIM sections
+
+
+def token_colours(codebook_size: int) -> Any:
+    """A fixed colour per token id (hashed hue), so a token looks the same in every map."""
+    import numpy as np
+
+    colours = np.zeros((codebook_size, 3), dtype=np.float32)
+    for i in range(codebook_size):
+        h = int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:4], "little")
+        hue, light = (h % 360) / 360, 0.35 + 0.3 * ((h >> 9) % 100) / 100
+        colours[i] = colorsys.hls_to_rgb(hue, light, 0.75)
+    return colours  # [V, 3] in [0, 1]
+
+
+def token_counts(tokens_dir: Path) -> tuple[Any, Any]:
+    """(dataset, int64 [V] count of each token id over every shard and seed)."""
+    import numpy as np
+
+    from shards.reader import open_token_dataset
+
+    ds = open_token_dataset(str(tokens_dir))
+    counts = np.zeros(ds.codebook_size, dtype=np.int64)
+    for i in range(ds.num_shards):
+        if i in ds.missing_shards:
+            continue
+        for row in ds.read_shard(i).values():
+            counts += np.bincount(row.tokens.reshape(-1).astype(np.int64), minlength=len(counts))
+    return ds, counts
+
+
+def example_rows(tokens_dir: Path, n: int) -> tuple[Any, list, dict]:
+    """(dataset, first n token rows of the first shard, key -> decoded image)."""
+    from shards.decode import decode_image
+    from shards.images import iter_shard, list_shards
+    from shards.reader import open_token_dataset
+
+    ds = open_token_dataset(str(tokens_dir))
+    source = image_source(ds.manifest, tokens_dir)
+    if source is None:
+        raise FileNotFoundError(
+            "the image source named in manifest.json is not on this disk; the views cannot be "
+            "rebuilt without the images"
+        )
+    first = next(i for i in range(ds.num_shards) if i not in ds.missing_shards)
+    rows = list(ds.read_shard(first).values())[:n]
+    wanted = {r.key for r in rows}
+    images = {}
+    shards = list_shards(source[0], source[1] or 256)
+    for rec in iter_shard(shards[first]):
+        if rec.key in wanted and not rec.error:
+            images[rec.key] = decode_image(rec.data)
+        if len(images) == len(wanted):
+            break
+    return ds, [r for r in rows if r.key in images], images
+
+
+def codebook(rep: Report, part: Part) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ds, counts = token_counts(part.path)
+    total = int(counts.sum())
+    used = int((counts > 0).sum())
+    p = counts[counts > 0] / max(total, 1)
+    perplexity = float(np.exp(-(p * np.log(p)).sum())) if total else 0.0
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    axes[0].bar(np.arange(len(counts)), counts, width=1.0, color="#4477aa")
+    axes[0].set_title("token frequency by id")
+    axes[0].set_xlabel("token id")
+    axes[1].plot(np.sort(counts)[::-1], color="#aa3377")
+    axes[1].set_yscale("symlog")
+    axes[1].set_title("frequency, sorted (rank plot)")
+    axes[1].set_xlabel("rank")
+    img = rep.figure(fig, f"codebook-{part.slug}", "codebook usage histogram")
+    return (
+        f"{img}<p>{used} of {ds.codebook_size} token ids used "
+        f"(codebook usage {100 * used / ds.codebook_size:.1f}%) over {total} tokens "
+        f"({len(ds.seeds)} seeds); perplexity {perplexity:.1f}.</p>"
+    )
+
+
+def token_maps(rep: Report, part: Part) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shards.views import render_view
+
+    ds, rows, images = example_rows(part.path, MAX_EXAMPLES)
+    if not rows:
+        raise ValueError("no example rows could be matched with their images")
+    grid = ds.grid or (int(ds.num_tokens**0.5),) * 2
+    colours = token_colours(ds.codebook_size)
+    k = len(ds.seeds)
+    fig, axes = plt.subplots(
+        len(rows), 2 * k, figsize=(2.0 * 2 * k, 2.1 * len(rows)), squeeze=False
+    )
+    for r, row in enumerate(rows):
+        for s in range(k):
+            view = render_view(images[row.key], row.views[s]).permute(1, 2, 0).numpy()
+            ax_v, ax_t = axes[r][2 * s], axes[r][2 * s + 1]
+            ax_v.imshow(view)
+            ax_v.set_title(f"seed {ds.seeds[s]}", fontsize=8)
+            ax_t.imshow(
+                colours[row.tokens[s].astype("int64").reshape(grid)], interpolation="nearest"
+            )
+            if grid[0] <= 8:
+                cells = [(y, x) for y in range(grid[0]) for x in range(grid[1])]
+                for (y, x), t in zip(cells, row.tokens[s].tolist(), strict=True):
+                    ax_t.text(x, y, str(t), ha="center", va="center", fontsize=5, color="white")
+            ax_t.set_title("tokens", fontsize=8)
+            for ax in (ax_v, ax_t):
+                ax.set_xticks([])
+                ax.set_yticks([])
+        axes[r][0].set_ylabel(row.key[-18:], fontsize=7)
+    img = rep.figure(fig, f"token-maps-{part.slug}", "views and their token maps across seeds")
+    return (
+        f"{img}<p>Each pair: the view rendered from the stored view parameters, then its "
+        f"{grid[0]}x{grid[1]} tokens (colour = token id, the same id has the same colour "
+        "everywhere).</p>"
+    )
+
+
+def section_codebook(rep: Report) -> str:
+    return per_part(rep, rep.of_kind("tokenize"), lambda part: codebook(rep, part))
+
+
+def section_token_maps(rep: Report) -> str:
+    return per_part(rep, rep.of_kind("tokenize"), lambda part: token_maps(rep, part))
