@@ -369,9 +369,9 @@ def test_a_folder_with_several_splits_must_be_narrowed(tmp_path):
 
 
 def test_oversized_member_is_not_read(tmp_path, monkeypatch):
-    import shards.images as images
+    import shards.archives as archives  # the tar reader, where the limit applies
 
-    monkeypatch.setattr(images, "MAX_MEMBER_BYTES", 100)
+    monkeypatch.setattr(archives, "MAX_MEMBER_BYTES", 100)
     url = write_tar(tmp_path / "big.tar", [("big.jpg", b"x" * 101), ("ok.jpg", b"y" * 100)])
     recs = records(list_shards(url))
     assert [(r.key, r.error) for r in recs] == [

@@ -1,0 +1,204 @@
+"""Tar (WebDataset) and Parquet (Hugging Face layout) sources: keys and records, read through fsspec."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+
+import fsspec
+
+from shards.folders import image_key
+from shards.records import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, BadShard, ImageRecord
+
+log = logging.getLogger(__name__)
+
+
+def _tar_keys(url: str) -> list[str]:
+    groups: dict[str, set[str]] = {}
+    order: list[str] = []
+    try:
+        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = split_member_name(info.name)
+                if key is None:
+                    continue
+                key = image_key(key)
+                if key not in groups:
+                    groups[key] = set()
+                    order.append(key)
+                groups[key].add(ext.lower().rsplit(".", 1)[-1])
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise BadShard(f"unreadable tar {url}: {err}") from None
+    return [k for k in order if groups[k] & set(IMAGE_EXTENSIONS)]
+
+
+def _parquet_keys(url: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stem = posixpath.basename(url).split(".", 1)[0]
+    try:
+        with fsspec.open(url, "rb") as raw:
+            pf = pq.ParquetFile(raw)
+            image = pf.schema_arrow.field("image").type
+            if pa.types.is_struct(image) and image.get_field_index("path") >= 0:
+                column = pf.read(columns=["image.path"]).column(0).combine_chunks()
+                paths = column.field("path") if pa.types.is_struct(column.type) else column
+                names = paths.to_pylist()
+            else:
+                names = [None] * pf.metadata.num_rows
+    except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+        raise BadShard(f"unreadable parquet {url}: {err}") from None
+    keys, seen = [], set()
+    for row, path in enumerate(names):
+        key = image_key(path.rsplit(".", 1)[0]) if path else f"{stem}/{row}"
+        if key not in seen:
+            seen.add(key)
+            keys.append(key)
+    return keys
+
+
+# ---------------------------------------------------------------- source listing
+
+
+def split_member_name(name: str) -> tuple[str | None, str]:
+    """WebDataset's key/extension split: the key keeps directories and ends at the basename's
+    first dot (``a/b.c.jpg`` -> ``("a/b", "c.jpg")``); (None, "") when there is no extension."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    if not match:
+        return None, ""
+    return match.group(1), match.group(2)
+
+
+def _iter_tar(url: str) -> Iterator[ImageRecord]:
+    members = 0
+    seen: set[str] = set()
+    group_key: str | None = None
+    group: dict[str, bytes] = {}
+    group_errors: list[str] = []
+    try:
+        # stream mode: sequential reads only (object stores), never extract to disk
+        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for info in tar:
+                if info.isfile():
+                    key, ext = split_member_name(info.name)
+                    key = image_key(key) if key is not None else None
+                    if key is not None and key != group_key:
+                        if group_key is not None:
+                            yield _tar_record(group_key, group, group_errors, seen)
+                        group_key, group, group_errors = key, {}, []
+                    if key is not None:
+                        _read_member(tar, info, ext.lower(), group, group_errors)
+                members += 1  # complete members read so far
+            if not _saw_end_marker(tar):
+                raise tarfile.ReadError("no end-of-archive marker")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise BadShard(f"tar not found: {url}") from None
+        what = "unreadable tar" if members == 0 else f"truncated tar after {members} members"
+        raise BadShard(f"{what}: {err}") from None
+    if group_key is not None:
+        yield _tar_record(group_key, group, group_errors, seen)
+
+
+def _read_member(
+    tar: tarfile.TarFile,
+    info: tarfile.TarInfo,
+    ext: str,
+    group: dict[str, bytes],
+    errors: list[str],
+) -> None:
+    """Read one member into its key's group (bytes in memory only, never onto the disk)."""
+    if ext in group:
+        errors.append(f"duplicate member .{ext}")
+        return
+    if info.size > MAX_MEMBER_BYTES:
+        errors.append(f".{ext} member too large ({info.size} bytes)")
+        group[ext] = b""
+        return
+    fileobj = tar.extractfile(info)
+    data = fileobj.read() if fileobj is not None else b""
+    if len(data) != info.size:
+        raise tarfile.ReadError(f"member {info.name} is cut short")
+    group[ext] = data
+
+
+def _saw_end_marker(tar: tarfile.TarFile) -> bool:
+    """Did the stream end with tar's zero block? tarfile stops silently when a tar is cut exactly
+    between members; its stream position then equals the offset of the missing header."""
+    stream_pos = getattr(tar.fileobj, "pos", None)
+    if stream_pos is None:  # tarfile internals changed: cannot tell, assume complete
+        return True
+    return stream_pos > tar.offset
+
+
+def _tar_record(
+    key: str, group: dict[str, bytes], errors: list[str], seen: set[str]
+) -> ImageRecord:
+    if key in seen:
+        return ImageRecord(key, b"", -1, "duplicate key (members not adjacent in the tar)")
+    seen.add(key)
+    label = -1
+    if "cls" in group:
+        try:
+            label = int(group["cls"].decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError):
+            return ImageRecord(key, b"", -1, "unreadable label in .cls")
+    if errors:
+        return ImageRecord(key, b"", label, "; ".join(errors))
+    # the last part decides the type (WebDataset's decoders do the same): "a.left.png" is a PNG
+    by_type = {e.rsplit(".", 1)[-1]: e for e in sorted(group, reverse=True)}
+    ext = next((by_type[e] for e in IMAGE_EXTENSIONS if e in by_type), None)
+    if ext is None:
+        has = ", ".join("." + e for e in sorted(group)) or "nothing"
+        return ImageRecord(key, b"", label, f"no image member (has: {has})")
+    return ImageRecord(key, group[ext], label)
+
+
+def _iter_parquet(url: str) -> Iterator[ImageRecord]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stem = posixpath.basename(url).split(".", 1)[0]
+    seen: set[str] = set()
+    row = 0
+    try:
+        with fsspec.open(url, "rb") as raw:
+            pf = pq.ParquetFile(raw)
+            names = pf.schema_arrow.names
+            if "image" not in names:
+                raise BadShard(f"parquet file has no 'image' column (columns: {', '.join(names)})")
+            columns = ["image"] + (["label"] if "label" in names else [])
+            for batch in pf.iter_batches(batch_size=256, columns=columns):
+                image = batch.column("image")
+                if pa.types.is_struct(image.type):
+                    fields = {image.type.field(i).name for i in range(image.type.num_fields)}
+                    data_col = image.field("bytes").to_pylist()
+                    path_col = image.field("path").to_pylist() if "path" in fields else None
+                else:
+                    data_col, path_col = image.to_pylist(), None
+                labels = batch.column("label").to_pylist() if "label" in columns else None
+                for i, data in enumerate(data_col):
+                    path = path_col[i] if path_col else None
+                    key = image_key(path.rsplit(".", 1)[0]) if path else f"{stem}/{row}"
+                    label = labels[i] if labels and labels[i] is not None else -1
+                    row += 1
+                    if key in seen:
+                        yield ImageRecord(key, b"", int(label), "duplicate key")
+                    elif data is None:
+                        seen.add(key)
+                        yield ImageRecord(key, b"", int(label), "no image bytes")
+                    else:
+                        seen.add(key)
+                        yield ImageRecord(key, bytes(data), int(label))
+    except BadShard:
+        raise
+    except FileNotFoundError:
+        raise BadShard(f"parquet file not found: {url}") from None
+    except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+        raise BadShard(f"unreadable parquet after {row} rows: {err}") from None
