@@ -91,7 +91,8 @@ def test_stage_all_with_tiny_overrides(tmp_path):
         f"vqkd=[{','.join(VQKD_TINY)}]", f"pretrain=[{','.join(PRETRAIN_TINY)}]",
         "linprobe=[train.steps=50]", cwd=tmp_path,
     )  # fmt: skip
-    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    # the JSON summary, then the closing wrote:/next: lines
+    summary, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{") :])
     assert summary["exit_code"] == 0, summary
     assert Path(summary["report"]).is_file()
     assert set(summary["linprobe"]) == {"pretrained", "random"}
