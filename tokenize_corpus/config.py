@@ -19,8 +19,8 @@ from typing import ClassVar, Literal
 
 from engine.config import StageConfig
 from engine.layout import DEMO, RUNS
-from shards.views import AugConfig
 from engine.metrics import LogSpec
+from shards.views import AugConfig
 
 # Encoder size names; the numbers live beside the model (tokenize_corpus.vqkd.VQKD_SIZES).
 ModelSize = Literal["tiny", "small", "base"]
@@ -137,6 +137,7 @@ class VQKDConfig(StageConfig):
     def lr(self) -> float:
         """Peak learning rate: ``train.blr`` per 128 images, scaled to ``train.batch_size``."""
         return self.train.blr * self.train.batch_size / TrainSection.REFERENCE_BATCH
+
 
 # ---- stage 2: ``pipeline run stage=tokenize`` (docs/design.md §4) -------------------------------
 
