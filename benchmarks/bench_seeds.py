@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     size = int(tokenizer_info(tokenizer)["image_size"])
     common = {"preset": "demo", "images": shards, "tokenizer": tokenizer, "aug": {"size": size}}
     start = time.perf_counter()
-    run_stage("tokenize", {**common, "out_dir": str(work / "tokens"), "seeds": list(range(max(args.ks)))})
+    run_stage(
+        "tokenize", {**common, "out_dir": str(work / "tokens"), "seeds": list(range(max(args.ks)))}
+    )
     tokenize_seconds = time.perf_counter() - start
     run_stage("tokenize", {**common, "out_dir": str(work / "heldout"), "seeds": [HELD_OUT_SEED]})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from collections.abc import Sequence
 
@@ -315,7 +316,7 @@ class TokenDataset:
                 samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
         rows: dict[str, TokenRow] = {}
         for key, members in samples.items():
-            tokens = np.load(io.BytesIO(members[schema.WDS_TOKENS]), allow_pickle=False)
+            tokens = read_npy_uint16(members[schema.WDS_TOKENS])  # [K, N]
             views = schema.views_from_json(json.loads(members[schema.WDS_VIEWS]))
             if tuple(v.seed for v in views) != self.seeds or tokens.shape != (
                 len(self.seeds),
@@ -340,3 +341,35 @@ class TokenDataset:
                 image_sha256=digest,
             )
         return rows
+
+
+_NPY_HEADER = re.compile(
+    r"\{'descr': '(?P<descr>[<|>]u2)', 'fortran_order': False, 'shape': \((?P<k>\d+), (?P<n>\d+)\), \}"
+)
+
+
+def read_npy_uint16(data: bytes) -> np.ndarray:
+    """The uint16 [K, N] array of a WebDataset ``tokens.npy`` member.
+
+    The header is matched with a regular expression instead of ``np.load``'s ``ast.literal_eval``:
+    the layout is the one our writer emits, anything else is refused, and CPython 3.11's AST
+    recursion-depth check (a ``SystemError`` in forked DataLoader workers after a failed parse)
+    never comes into play.
+    """
+    if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2):
+        raise ValueError("not a .npy member")
+    size_bytes = 2 if data[6] == 1 else 4
+    start = 8 + size_bytes
+    header_len = int.from_bytes(data[8:start], "little")
+    header = data[start : start + header_len].decode("latin1").strip()
+    match = _NPY_HEADER.fullmatch(header)
+    if match is None:
+        raise ValueError(f"unexpected .npy header {header[:80]!r}")
+    shape = (int(match["k"]), int(match["n"]))
+    body = data[start + header_len :]
+    if len(body) != 2 * shape[0] * shape[1]:
+        raise ValueError(
+            f".npy body holds {len(body)} bytes; shape {shape} needs {2 * shape[0] * shape[1]}"
+        )
+    dtype = np.dtype(match["descr"].replace("|", "<"))
+    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(np.uint16, copy=False)
