@@ -104,7 +104,7 @@ def demo(images: str, out_dir: str | None) -> dict:
         "images": images,
         "out_dir": out,
         "wall_s": round(time.perf_counter() - tic, 1),
-        "codebook_usage_pct": summary["codebook_usage"],
+        "codebook_usage_fraction": summary["codebook_usage_fraction"],
         "perplexity": summary["perplexity"],
         "rec_cosine": summary["rec_cosine"],
         "codebook_size": cfg.model.codebook_size,

@@ -56,7 +56,7 @@ def summary(ds: TokenDataset, counts: np.ndarray) -> dict:
         "tokens_per_view": ds.num_tokens,
         "codebook_size": ds.codebook_size,
         "codebook_used": used,
-        "codebook_usage": used / ds.codebook_size,
+        "codebook_usage_fraction": used / ds.codebook_size,
         "token_entropy_bits": float(-(probs * np.log2(probs)).sum()) if total else 0.0,
         "top_tokens": [[int(t), int(counts[t])] for t in order if counts[t] > 0],
         "bytes_per_token": totals.get("bytes_per_token"),
