@@ -1,0 +1,104 @@
+"""Does half precision move what pretraining learns? (issue 10)
+
+The demo-sized pipeline of ``bench_seeds.py`` (same images, tokenizer, student and epochs) run
+twice per run seed, interleaved: everything in fp32 (tokens tokenized at ``precision=fp32``, the
+student at ``train.precision=fp32``) and everything at bf16 (tokens and student at bf16, what
+``auto`` picks on this CPU). Held-out MIM top-1 uses each run's own held-out tokens (seed 100 at
+the same precision); the linear probe is as in ``bench_seeds.py``.
+
+    .venv/bin/python benchmarks/bench_precision_training.py --tokenizer <demo tokenizer.pth> \
+        [--images 250] [--epochs 8] [--seeds 0 1 2] [--work-dir /tmp/bench_precision_training]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_learning_signal import run_stage  # noqa: E402
+from bench_seeds import HELD_OUT_SEED, _mean_spread, held_out_mim_accuracy, subset_folder  # noqa: E402
+
+from engine.layout import imagenet_sample_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("bench_precision_training")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--sample", type=Path, default=imagenet_sample_dir())
+    parser.add_argument("--images", type=int, default=250)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--probe-steps", type=int, default=300)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_precision_training"))
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks/results/precision_training.json"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    folder = subset_folder(work, args.sample, args.images)
+    shards = f"{work}/pack/shard-*.tar"
+    run_stage("pack", {"images": str(folder), "out_dir": str(work / "pack"), "shard_size": 64})
+    tokenizer = str(args.tokenizer.resolve())
+    from tokenize_corpus.tokenizer import tokenizer_info
+
+    size = int(tokenizer_info(tokenizer)["image_size"])
+    results: dict[str, dict[str, list[float]]] = {}
+    for precision in ("fp32", "bf16"):
+        common = {"preset": "demo", "images": shards, "tokenizer": tokenizer,
+                  "aug": {"size": size}, "precision": precision}  # fmt: skip
+        run_stage(
+            "tokenize",
+            {**common, "out_dir": str(work / f"tokens-{precision}"), "seeds": [0, 1, 2, 3]},
+        )
+        run_stage(
+            "tokenize",
+            {**common, "out_dir": str(work / f"heldout-{precision}"), "seeds": [HELD_OUT_SEED]},
+        )
+        results[precision] = {"heldout_mim_acc": [], "probe_top1": [], "pretrain_seconds": []}
+    for seed in args.seeds:
+        for precision in ("fp32", "bf16"):  # interleaved within each run seed
+            out = work / f"pretrain-{precision}-{seed}"
+            t0 = time.perf_counter()
+            run_stage("pretrain", {
+                "preset": "demo", "images": shards, "tokens": str(work / f"tokens-{precision}"),
+                "out_dir": str(out),
+                "train": {"epochs": args.epochs, "seed": seed, "precision": precision},
+            })  # fmt: skip
+            res = results[precision]
+            res["pretrain_seconds"].append(time.perf_counter() - t0)
+            res["heldout_mim_acc"].append(
+                held_out_mim_accuracy(
+                    out / "checkpoint.pth", shards, str(work / f"heldout-{precision}")
+                )
+            )
+            probe = run_stage("linprobe", {
+                "preset": "demo", "images": shards, "backbone": str(out / "backbone_timm.pth"),
+                "pool": "mean", "out_dir": str(work / f"probe-{precision}-{seed}"),
+                "train": {"steps": args.probe_steps, "seed": seed, "precision": precision},
+            })  # fmt: skip
+            res["probe_top1"].append(float(probe["top1"]))
+    print(f"{'precision':<10}{'held-out MIM top-1 %':>24}{'probe top-1 %':>20}{'pretrain s':>14}")
+    for name, res in results.items():
+        row = [_mean_spread(res[m]) for m in ("heldout_mim_acc", "probe_top1", "pretrain_seconds")]
+        print(f"{name:<10}" + "".join(f"{m:>14.2f} ± {s:5.2f}" for m, s in row))
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+              "load_after": os.getloadavg()}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
