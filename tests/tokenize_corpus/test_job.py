@@ -30,25 +30,6 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory) -> str:
-    return helpers.make_tokenizer(tmp_path_factory.mktemp("tok") / "tok.pth")
-
-
-@pytest.fixture(scope="module")
-def cluster2() -> str:
-    """A 2-worker LocalCluster shared by the tests that do not test cluster startup itself."""
-    import logging
-
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-        silence_logs=logging.WARNING,
-    ) as cluster:  # fmt: skip
-        yield cluster.scheduler_address
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     return helpers.make_corpus(tmp_path_factory.mktemp("images"), shards=3, per_shard=6)
 

@@ -32,25 +32,6 @@ from tokenize_corpus.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def cluster2() -> str:
-    """One 2-worker LocalCluster for the whole module (cluster start-up is not under test)."""
-    import logging
-
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-        silence_logs=logging.WARNING,
-    ) as cluster:  # fmt: skip
-        yield cluster.scheduler_address
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory) -> str:
-    return helpers.make_tokenizer(tmp_path_factory.mktemp("tok") / "tok.pth")
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     return helpers.make_corpus(tmp_path_factory.mktemp("images"), shards=3, per_shard=4)
 
