@@ -10,7 +10,9 @@ Same images, same tiny student, same steps; only the views differ:
 Measured per run seed (3 by default): MIM top-1 accuracy on **held-out views** (seed 100, never
 trained on, fixed masks, stored tokens as targets), the linear probe (coarse ImageNet groups,
 mean-pooled features of the exported backbone) and the pretraining wall time. Results: a table on
-stdout and ``benchmarks/results/seeds_k.json`` (+ ``seeds_k.png``).
+stdout and ``benchmarks/results/seeds_k.json`` (+ ``seeds_k.png``; the JSON records the command
+that made it). ``pipeline report benchmarks/results`` shows the study on the report page; its plot
+lives in ``pipeline/report/views_study.py``.
 
     .venv/bin/python benchmarks/bench_seeds.py --tokenizer <demo tokenizer.pth> \
         [--images 250] [--epochs 8] [--seeds 0 1 2] [--work-dir /tmp/bench_seeds]
@@ -22,11 +24,10 @@ import argparse
 import json
 import logging
 import os
-import statistics
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -34,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_learning_signal import coarse_label, run_stage  # noqa: E402
 
 from engine.layout import imagenet_sample_dir  # noqa: E402
+from pipeline.report.views_study import mean_spread as _mean_spread  # noqa: E402
+from pipeline.report.views_study import plot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_SEED = 100
@@ -83,31 +86,13 @@ def held_out_mim_accuracy(checkpoint: Path, images: str, heldout: str) -> float:
     return 100.0 * right / max(1, total)
 
 
-def _mean_spread(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, metric, title in zip(
-        axes, ("heldout_mim_acc", "probe_top1"), ("held-out MIM top-1 (%)", "linear probe top-1 (%)"),
-        strict=True,
-    ):  # fmt: skip
-        stats = [_mean_spread(results[n][metric]) for n in names]
-        ax.errorbar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats],
-                    fmt="o", capsize=4)  # fmt: skip
-        ax.set_xticks(range(len(names)), names)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    fig.suptitle("K stored view seeds vs a fresh view every epoch (mean ± stdev over run seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def own_command(argv: list[str] | None) -> str:
+    """This run's command line (interpreter and script relative to the repo when inside it)."""
+    words = [os.path.abspath(sys.executable), str(Path(__file__).resolve())]
+    for i, word in enumerate(words):
+        if Path(word).is_relative_to(ROOT):
+            words[i] = str(Path(word).relative_to(ROOT))
+    return shlex.join([*words, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         row = [_mean_spread(res[m]) for m in ("heldout_mim_acc", "probe_top1", "pretrain_seconds")]
         print(f"{name:<8}" + "".join(f"{m:>14.2f} ± {s:5.2f}" for m, s in row))
     report = {
+        "command": own_command(argv),
         "args": {k: str(v) for k, v in vars(args).items()},
         "tokenize_seconds_8_seeds": round(tokenize_seconds, 1),
         "results": results,

@@ -12,11 +12,13 @@ from pipeline.report.page import Report, build_page
 
 log = logging.getLogger(__name__)
 
-USAGE = "usage: pipeline report <run dir> [<run dir> ...] [out=<dir>]"
+USAGE = "usage: pipeline report <run dir or seeds_k.json> [...] [out=<dir>]"
 
 
 def default_out(dirs: list[Path]) -> Path:
-    """``<DIR>/report`` for one folder; ``<their common parent>/report`` for several."""
+    """``<DIR>/report`` for one folder; ``<their common parent>/report`` for several (a file
+    given, a views study's JSON, counts as its folder)."""
+    dirs = [d.parent if d.is_file() else d for d in dirs]
     if len(dirs) == 1:
         return dirs[0] / "report"
     return Path(os.path.commonpath([str(d) for d in dirs])) / "report"

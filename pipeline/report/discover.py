@@ -8,8 +8,12 @@ A folder is a *part* of the report when its files say what made it:
 ``vqkd``       ``tokenizer.pth`` (+ ``config.yaml``, ``metrics.jsonl``)
 ``pack``       ``index.json`` beside ``shard-*.tar``
 ``pretrain``   ``linprobe``  ``finetune``: ``config.yaml`` whose keys are that stage's config
+``views``      ``seeds_k.json`` of ``benchmarks/bench_seeds.py`` (K stored views vs fresh)
 ``run``        only ``metrics.jsonl``: curves of an unknown stage
 =============  =====================================================================
+
+A views study is recognised by its JSON's shape (``args`` and per-configuration ``results`` lists
+of the script's three metrics), never by its name alone; the JSON file itself may also be given.
 
 A stage's ``config.yaml`` is matched to the stage whose config class has the same top-level keys
 (the registry in ``pipeline/stages.py``), so a renamed folder (``runs/pt``) is still a pretrain.
@@ -49,17 +53,24 @@ NOTABLE = (
     "backbone_timm.pth",
     "results.json",
     "curves.png",
+    "seeds_k.json",
+    "seeds_k.png",
 )
+# The views study of benchmarks/bench_seeds.py: its file name, configurations and metrics.
+STUDY = "seeds_k.json"
+STUDY_CONFIG = re.compile(r"K=\d+|fresh")
+STUDY_METRICS = ("heldout_mim_acc", "probe_top1", "pretrain_seconds")
 
 
 @dataclass
 class Part:
     """One recognised run folder."""
 
-    kind: str  # all | pack | vqkd | tokenize | pretrain | linprobe | finetune | run
+    kind: str  # all | pack | vqkd | tokenize | pretrain | linprobe | finetune | views | run
     path: Path  # absolute
     label: str  # heading: the given folder's name, then the path below it
     config: dict[str, Any] = field(default_factory=dict)  # its config.yaml ({} when none)
+    source: Path | None = None  # the study JSON of a ``views`` part (absolute)
 
     def file(self, name: str) -> Path | None:
         path = self.path / name
@@ -67,7 +78,11 @@ class Part:
 
     @property
     def notable(self) -> list[Path]:
-        return [self.path / n for n in NOTABLE if (self.path / n).is_file()]
+        files = [self.path / n for n in NOTABLE if (self.path / n).is_file()]
+        if self.source is not None:
+            own = [self.source, self.source.with_suffix(".png")]
+            files += [p for p in own if p.is_file() and p not in files]
+        return files
 
     @property
     def slug(self) -> str:
@@ -88,6 +103,31 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _numbers(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
+def is_views_study(data: Any) -> bool:
+    """Whether ``data`` has the shape ``bench_seeds.py`` writes: ``args`` and ``results`` of
+    ``K=<k>``/``fresh`` configurations, each with non-empty number lists of the three metrics."""
+    if not isinstance(data, dict) or not isinstance(data.get("args"), dict):
+        return False
+    results = data.get("results")
+    if not isinstance(results, dict) or not results:
+        return False
+    return all(
+        isinstance(name, str)
+        and STUDY_CONFIG.fullmatch(name) is not None
+        and isinstance(res, dict)
+        and all(_numbers(res.get(m)) for m in STUDY_METRICS)
+        for name, res in results.items()
+    )
 
 
 @functools.cache
@@ -134,6 +174,8 @@ def classify(folder: Path) -> tuple[str, dict[str, Any]] | None:
         return "linprobe", config
     if "checkpoint.pth" in names:
         return "pretrain", config  # vqkd folders hold tokenizer.pth beside theirs
+    if STUDY in names and is_views_study(read_json(folder / STUDY)):
+        return "views", config
     if "metrics.jsonl" in names:
         return "run", config
     return None
@@ -142,7 +184,8 @@ def classify(folder: Path) -> tuple[str, dict[str, Any]] | None:
 def _walk(root: Path, label: str, depth: int, out: list[Part]) -> None:
     found = classify(root)
     if found:
-        out.append(Part(found[0], root, label, found[1]))
+        source = root / STUDY if found[0] == "views" else None
+        out.append(Part(found[0], root, label, found[1], source))
         if found[0] in ("tokenize", "pack"):
             return  # their sub-folders are data, not runs
     if depth >= MAX_DEPTH:
@@ -157,11 +200,26 @@ def _walk(root: Path, label: str, depth: int, out: list[Part]) -> None:
         _walk(child, f"{label}/{child.name}", depth + 1, out)
 
 
+def study_part(path: Path, given: str | Path) -> Part:
+    """The ``views`` part of a study JSON given as a file (any name, the script's shape)."""
+    if not is_views_study(read_json(path)):
+        raise UserError(
+            f"{given}: not a views study; a file given to report must be the JSON that "
+            "benchmarks/bench_seeds.py writes (args + results of K=<k> and fresh runs); "
+            "pass a run directory otherwise"
+        )
+    return Part("views", path.parent, path.name, source=path)
+
+
 def discover(dirs: list[str | Path]) -> list[Part]:
-    """Every recognised part under ``dirs`` (each searched a few levels down)."""
+    """Every recognised part under ``dirs`` (each searched a few levels down); a views-study
+    JSON may be given as a file."""
     parts: list[Part] = []
     for given in dirs:
         root = Path(given).expanduser().resolve()
+        if root.is_file():
+            parts.append(study_part(root, given))
+            continue
         if not root.is_dir():
             raise UserError(f"{given}: no such run directory; pass a stage's out_dir")
         before = len(parts)
@@ -170,11 +228,12 @@ def discover(dirs: list[str | Path]) -> list[Part]:
             raise UserError(
                 f"{given}: nothing to report; a run folder holds config.yaml + metrics.jsonl "
                 "(vqkd, pretrain, linprobe, finetune), manifest.json (a token dataset), "
-                "tokenizer.pth, index.json + shard-*.tar (pack) or summary.json (stage=all)"
+                "tokenizer.pth, index.json + shard-*.tar (pack), summary.json (stage=all) "
+                f"or {STUDY} (benchmarks/bench_seeds.py)"
             )
     unique: dict[Path, Part] = {}
     for part in parts:
-        unique.setdefault(part.path, part)
+        unique.setdefault(part.source or part.path, part)
     return list(unique.values())
 
 

@@ -102,7 +102,7 @@ def per_part(rep: Report, parts: list[Part], build: Callable[[Part], str]) -> st
 
 # (id, title, the kinds of part it needs, the builder); imported lazily (matplotlib, torch).
 def _plan() -> list[tuple[str, str, tuple[str, ...], Callable[[Report], str]]]:
-    from pipeline.report import curves, mim, tables, tokens
+    from pipeline.report import curves, mim, tables, tokens, views_study
 
     return [
         ("overview", "What is here", (), tables.section_overview),
@@ -112,6 +112,7 @@ def _plan() -> list[tuple[str, str, tuple[str, ...], Callable[[Report], str]]]:
         ("token-maps", "Views and token maps", ("tokenize",), tokens.section_token_maps),
         ("mim", "MIM predictions", ("pretrain",), mim.section_mim),
         ("linprobe", "Linear probe", ("linprobe", "finetune"), tables.section_results),
+        ("views-study", "K stored views vs fresh views", ("views",), views_study.section_study),
         ("files", "Where the files are", (), tables.section_files),
     ]
 

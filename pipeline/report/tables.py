@@ -9,6 +9,7 @@ from typing import Any
 
 from pipeline.report.discover import Part, read_json
 from pipeline.report.page import Report
+from pipeline.report.views_study import facts as study_facts
 
 WHAT = {
     "all": "stage=all: every stage on one corpus",
@@ -18,6 +19,7 @@ WHAT = {
     "pretrain": "stage 3: BEiT v2 pretraining",
     "linprobe": "linear probe",
     "finetune": "fine-tuning",
+    "views": "benchmark: K stored view seeds vs fresh views (bench_seeds.py)",
     "run": "a run with metrics (stage not recognised)",
 }
 
@@ -41,6 +43,8 @@ def _facts(part: Part) -> str:
         index = read_json(part.path / "index.json") or {}
         images = index.get("images")
         return f"{images} images" if isinstance(images, int) else ""
+    if part.kind == "views":
+        return study_facts(part)
     if part.kind in ("linprobe", "finetune"):
         res = read_json(part.path / "results.json")
         if isinstance(res, dict) and isinstance(res.get("top1"), (int, float)):
@@ -57,7 +61,7 @@ def section_overview(rep: Report) -> str:
     )
     return (
         "<p>Each folder is recognised by its own files (config.yaml, metrics.jsonl, "
-        "manifest.json, tokenizer.pth, results.json, summary.json).</p>"
+        "manifest.json, tokenizer.pth, results.json, summary.json, seeds_k.json).</p>"
         "<table><tr><th>run</th><th>what</th><th>facts</th><th>folder</th></tr>"
         f"{rows}</table>"
     )
