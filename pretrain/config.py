@@ -97,6 +97,9 @@ class PretrainConfig(StageConfig):
 
     images: str = ""  # image shards stage 2 tokenized ("" = the source named in the token manifest)
     tokens: str = ""  # token dataset directory written by stage 2
+    # which tokenizer's targets: "" = the dataset's own; a token set's name or >= 8 hex digits of
+    # its tokenizer fingerprint (stage=tokenize token_set=<name> adds sets for the same views)
+    token_set: str = ""
     out_dir: str = RUNS.pretrain
     # offline: read stored tokens (no tokenizer in the loop); online: run `tokenizer` in the loop
     # on the same views (the reference's way), for comparison.

@@ -38,7 +38,8 @@ from pretrain.export import export_backbone
 from pretrain.loop import Loop, run_epoch
 from pretrain.masking import num_masked_for
 from pretrain.model import BEiTConfig, BEiTv2, beit_config
-from shards.reader import TokenDataset, open_token_dataset
+from shards.reader import TokenDataset
+from shards.token_sets import resolve
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,9 @@ def _start(cfg: PretrainConfig, device: torch.device, ddp: Distributed) -> Loop:
         save_config(cfg, out / "config.yaml")
     if not cfg.tokens:
         raise UserError("tokens= is not set: pass the token dataset written by stage=tokenize")
-    tokens = open_token_dataset(cfg.tokens)
+    tokens = resolve(cfg.tokens, cfg.token_set).open()
+    if cfg.token_set:
+        log.info("token set %s: %s", cfg.token_set, tokens.path)
     mcfg = model_config(cfg, tokens)
     per_rank_batch, rest = divmod(cfg.train.batch_size, ddp.world_size)
     if rest or per_rank_batch < 1:
@@ -288,6 +291,8 @@ def _finish(loop: Loop, last: dict[str, float]) -> dict[str, Any]:
         export_backbone(ckpt_path, backbone)
         summary["backbone"] = str(backbone)
         summary["plot"] = str(plot_metrics(metrics_path, loop.out / PLOT, PANELS))
+        summary["tokens"] = loop.dataset.tokens.path  # the token set read (token_set=)
+        summary["fingerprint"] = loop.dataset.tokens.fingerprint
         summary["mim_acc"] = last.get("mim_acc")
         summary["head_acc"] = last.get("head_acc")
         summary["precision"] = loop.cfg.train.precision

@@ -8,6 +8,7 @@ dataset without this project (docs/design.md §1, §3).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import pyarrow as pa
 import yaml
@@ -141,17 +142,41 @@ def hf_features(num_tokens: int) -> list[dict]:
     return features
 
 
-def render_card(manifest: dict) -> str:
-    """The README.md text for ``manifest`` (deterministic)."""
+def _token_sets_text(manifest: dict, names: Sequence[str]) -> str:
+    """The card's lines about token sets: which this dataset holds, or which one it is."""
+    own = manifest.get("token_set")
+    if own:
+        return (
+            f"- token set `{own.get('name')}` of the dataset at `{own.get('views_of')}`: the same "
+            f"views as its default set (tokenizer `{str(own.get('default_fingerprint'))[:12]}`), "
+            "tokenized by the tokenizer above\n"
+        )
+    if not names:
+        return ""
+    listed = ", ".join(f"`{n}`" for n in names)
+    return (
+        f"- token sets (other tokenizers' targets for these same views): {listed}, each a whole "
+        f"token dataset under `{schema.TOKEN_SETS_DIR}/<name>/`; "
+        '`datasets.load_dataset(<dir>, "<name>")` reads one\n'
+    )
+
+
+def render_card(manifest: dict, token_sets: Sequence[str] = ()) -> str:
+    """The README.md text for ``manifest`` (deterministic); ``token_sets``: its named sets' names.
+
+    Each named token set (``shards.token_sets``) is one more ``datasets`` config, so
+    ``datasets.load_dataset(<dir>, "<name>")`` reads that tokenizer's targets.
+    """
     num_tokens = int(manifest.get("num_tokens") or 0)
     totals = manifest.get("totals", {})
+    configs = [
+        {"config_name": "default", "data_files": [{"split": "train", "path": schema.PARQUET_GLOB}]}
+    ]
+    for name in token_sets:
+        path = f"{schema.TOKEN_SETS_DIR}/{name}/{schema.PARQUET_GLOB}"
+        configs.append({"config_name": name, "data_files": [{"split": "train", "path": path}]})
     header = {
-        "configs": [
-            {
-                "config_name": "default",
-                "data_files": [{"split": "train", "path": schema.PARQUET_GLOB}],
-            }
-        ],
+        "configs": configs,
         "dataset_info": {"features": hf_features(num_tokens)},
         "tags": ["beit-v2", "visual-tokens", "vq-kd"],
     }
@@ -179,7 +204,7 @@ tokenizer (schema version {manifest.get("schema_version")}).
 - augmentation: `{json.dumps(manifest.get("aug"), sort_keys=True)}`
 - bytes on disk per token: `{json.dumps(bpt, sort_keys=True)}`
 - missing shards: {manifest.get("missing_shards") or "none"}
-
+{_token_sets_text(manifest, token_sets)}
 ## How it was made
 
 Each image is decoded once (EXIF transpose, RGB); each seed's view parameters are a pure function

@@ -64,6 +64,25 @@ def dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def named_sets(root_url: str) -> list[str]:
+    """Names of the finished named token sets of a dataset (``token_sets/<name>/manifest.json``).
+
+    See ``shards.token_sets``; listed here so the card writer can name them without the reader.
+    """
+    fs, root = dataset_fs(root_url)
+    folder = join(root, schema.TOKEN_SETS_DIR)
+    if not fs.isdir(folder):
+        return []
+    names = []
+    for entry in fs.ls(folder, detail=False):
+        name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+        if schema.TOKEN_SET_NAME.fullmatch(name) and fs.exists(
+            join(join(folder, name), schema.MANIFEST_NAME)
+        ):
+            names.append(name)
+    return sorted(names)
+
+
 def read_receipt(out_dir: str, shard_index: int) -> dict | None:
     """The receipt of image shard ``shard_index``, or None when it has none (not done)."""
     fs, root = dataset_fs(out_dir)

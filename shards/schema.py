@@ -24,6 +24,7 @@ dataset cannot be verified against its images: tokenize the images again (stage 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,10 @@ PARQUET_DIR = "parquet"
 WDS_DIR = "wds"
 RECEIPTS_DIR = "receipts"
 PARQUET_GLOB = f"{PARQUET_DIR}/{SEED}=*/*.parquet"
+# Named token sets (other tokenizers' targets for the same views): token_sets/<name>/ is a whole
+# token dataset of this layout (shards.token_sets).
+TOKEN_SETS_DIR = "token_sets"
+TOKEN_SET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 # WebDataset member extensions (the part after the key's first dot).
 WDS_TOKENS = "tokens.npy"  # uint16 [K, N]: all seeds of one image in one member

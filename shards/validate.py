@@ -19,8 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from shards import schema
-from shards.manifest import dataset_fs, join, read_json, read_receipts
+from shards.manifest import dataset_fs, join, named_sets, read_json, read_receipts
 from shards.reader import TokenDataset, TokenDatasetMismatch
+from shards.token_sets import compare_views, set_url
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,23 @@ def validate(
         recorded = source.get("shard_size") if isinstance(source, dict) else None
         size = shard_size or int(recorded or 256)
         problems += check_images(ds, images, size)
+    return problems + check_token_sets(ds, images, shard_size, checksum)
+
+
+def check_token_sets(
+    ds: TokenDataset, images: str | None, shard_size: int | None, checksum: bool
+) -> list[str]:
+    """Each named token set validated as a dataset of its own, and its views compared with ours."""
+    problems = []
+    for name in named_sets(ds.path):
+        url = set_url(ds.path, name)
+        found = validate(url, images, shard_size, checksum)
+        if not found:
+            fs, root = dataset_fs(url)
+            found = compare_views(
+                ds, TokenDataset(url, read_json(fs, join(root, schema.MANIFEST_NAME)))
+            )
+        problems += [f"token set {name}: {problem}" for problem in found]
     return problems
 
 

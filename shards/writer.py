@@ -53,7 +53,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards import card, schema
-from shards.manifest import build_manifest, dataset_fs, dumps, is_local, join, read_receipt
+from shards.manifest import (
+    build_manifest,
+    dataset_fs,
+    dumps,
+    is_local,
+    join,
+    named_sets,
+    read_json,
+    read_receipt,
+)
 from shards.tarfiles import add_member
 
 if TYPE_CHECKING:
@@ -321,6 +330,17 @@ def write_manifest(out_dir: str, receipts: list[dict], info: dict) -> dict:
     """
     fs, root = dataset_fs(out_dir)
     manifest = build_manifest(receipts, info)
-    publish(fs, join(root, schema.CARD_NAME), card.render_card(manifest).encode("utf-8"))
+    publish(fs, join(root, schema.CARD_NAME), _card(out_dir, manifest))
     publish(fs, join(root, schema.MANIFEST_NAME), dumps(manifest))
     return manifest
+
+
+def refresh_card(out_dir: str) -> None:
+    """Rewrite the README.md card of a finished dataset (after a token set was added to it)."""
+    fs, root = dataset_fs(out_dir)
+    manifest = read_json(fs, join(root, schema.MANIFEST_NAME))
+    publish(fs, join(root, schema.CARD_NAME), _card(out_dir, manifest))
+
+
+def _card(out_dir: str, manifest: dict) -> bytes:
+    return card.render_card(manifest, named_sets(out_dir)).encode("utf-8")

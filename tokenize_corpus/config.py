@@ -162,6 +162,9 @@ class TokenizeConfig(StageConfig):
     images: str = ""  # folder, tar shards (brace pattern / glob / comma list), parquet; fsspec ok
     tokenizer: str = ""  # VQ-KD checkpoint (ours or official); local path or fsspec URL
     out_dir: str = RUNS.tokenize  # the token dataset root; local path or fsspec URL
+    # "" = the dataset's own tokens; a name (e.g. dino) adds this tokenizer's targets for the same
+    # views as the named token set out_dir/token_sets/<name> (out_dir must hold a finished dataset)
+    token_set: str = ""
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # one view per seed per image
     aug: AugConfig = field(default_factory=AugConfig)  # aug.size must equal the tokenizer's
     formats: tuple[str, ...] = ("parquet", "webdataset")  # token files to write

@@ -215,6 +215,17 @@ def _finish(
         "identity": identity,
         "versions": versions,
     }
+    if pre.dataset_root:
+        problems = _shares_views(pre, receipts, info)
+        if problems:
+            summary["exit_code"] = 1
+            summary["message"] = (
+                f"token set {cfg.token_set} does not have the views of {pre.dataset_root} (did "
+                f"the dataset change while this ran?): {'; '.join(problems[:5])}; rerun the "
+                "same command"
+            )
+            summary["next"] = [_command(cfg)]
+            return summary
     if results or plan.renumber or dataset.manifest() is None:
         # a worker killed mid-write (Dask reran its task elsewhere) leaves a temporary file
         dataset.remove_partial_files()
@@ -222,11 +233,35 @@ def _finish(
         dataset.write_manifest(receipts, info)
     summary["manifest"] = dataset.url_of(MANIFEST_NAME)
     summary["exit_code"] = 0
+    root = pre.dataset_root or pre.out_dir
+    pick = f" token_set={cfg.token_set}" if cfg.token_set else ""
     summary["next"] = [
-        f"pipeline validate {pre.out_dir} 'images={pre.images}'",
-        f"pipeline run stage=pretrain 'images={pre.images}' tokens={pre.out_dir}",
+        f"pipeline validate {root} 'images={pre.images}'",
+        f"pipeline run stage=pretrain 'images={pre.images}' tokens={root}{pick}",
     ]
+    if pre.dataset_root:
+        from shards.writer import refresh_card
+
+        refresh_card(pre.dataset_root)  # the dataset's card lists its token sets
     return summary
+
+
+def _shares_views(pre: Preflight, receipts: list[dict], info: dict) -> list[str]:
+    """Compare a named token set's rows with its dataset's views; on success record it in ``info``."""
+    from shards.manifest import build_manifest
+    from shards.reader import DataIntegrityError, TokenDataset, open_token_dataset
+    from shards.token_sets import compare_views, views_record
+
+    name = pre.out_dir.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        default = open_token_dataset(pre.dataset_root)
+        named = TokenDataset(pre.out_dir, build_manifest(receipts, info))
+        problems = compare_views(default, named)
+    except DataIntegrityError as err:
+        return [str(err)]
+    if not problems:
+        info["token_set"] = views_record(name, default, named)
+    return problems
 
 
 def _name(index: int) -> str:
@@ -234,9 +269,10 @@ def _name(index: int) -> str:
 
 
 def _command(cfg: TokenizeConfig) -> str:
+    pick = f" token_set={cfg.token_set}" if cfg.token_set else ""
     return (
         f"pipeline run stage=tokenize 'images={cfg.images}' tokenizer={cfg.tokenizer} "
-        f"out_dir={cfg.out_dir} ..."
+        f"out_dir={cfg.out_dir}{pick} ..."
     )
 
 

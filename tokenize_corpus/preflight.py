@@ -36,6 +36,8 @@ class Preflight:
     shards: list[ImageShard]
     tokenizer: dict  # tokenizer_info(): fingerprint, codebook_size, grid, image_size, ...
     precision: str | None  # resolved here for a LocalCluster; None = resolve on the workers
+    # token_set=<name>: the dataset whose views the named set shares (out_dir is then the set's)
+    dataset_root: str | None = None
 
 
 def absolute(source: str) -> str:
@@ -151,4 +153,45 @@ def preflight(cfg: TokenizeConfig) -> Preflight:
     tokenizer = check_tokenizer(cfg, tokenizer_path)
     shards = list_source(images, cfg.shard_size)
     out_dir = absolute_path(cfg.out_dir)
-    return Preflight(images, tokenizer_path, out_dir, shards, tokenizer, local_precision(cfg))
+    root = None
+    if cfg.token_set:
+        root, out_dir = out_dir, check_token_set(cfg, out_dir, images, len(shards))
+    precision = local_precision(cfg)
+    return Preflight(images, tokenizer_path, out_dir, shards, tokenizer, precision, root)
+
+
+def check_token_set(cfg: TokenizeConfig, root: str, images: str, num_shards: int) -> str:
+    """The named set's directory, once the dataset at ``root`` can lend it its views.
+
+    The set's views are sampled from the same augmentation, seeds (a subset of the dataset's) and
+    image source, so they are the dataset's own (the driver compares them row by row at the end).
+    """
+    import dataclasses
+
+    from shards.reader import MissingShards, TokenDatasetMismatch, open_token_dataset
+    from shards.token_sets import check_name, manifest_problems, set_url
+
+    name = check_name(cfg.token_set)
+    try:
+        default = open_token_dataset(root)
+    except (MissingShards, TokenDatasetMismatch) as err:
+        raise ConfigError(
+            f"token_set={name} adds targets to the finished token dataset at out_dir={root}, "
+            f"which cannot be read: {err}. Run stage=tokenize without token_set first"
+        ) from None
+    planned = {
+        "aug": dataclasses.asdict(cfg.aug),
+        "seeds": list(cfg.seeds),
+        "images": {"source": images},
+        "num_shards": num_shards,
+    }
+    problems = manifest_problems(default.manifest, planned)
+    if (default.manifest.get("images") or {}).get("shard_size") not in (None, cfg.shard_size):
+        problems.append(f"shard_size={cfg.shard_size} differs from the dataset's")
+    if problems:
+        raise ConfigError(
+            f"token_set={name} must tokenize the views of the dataset at {root}, but "
+            f"{'; '.join(problems)}. Reuse its settings: pipeline run stage=tokenize "
+            f"config={root}/config.yaml tokenizer=<the other tokenizer> token_set={name}"
+        )
+    return set_url(root, name)
