@@ -86,9 +86,9 @@ def held_out_mim_accuracy(checkpoint: Path, images: str, heldout: str) -> float:
     return 100.0 * right / max(1, total)
 
 
-def own_command(argv: list[str] | None) -> str:
-    """This run's command line (interpreter and script relative to the repo when inside it)."""
-    words = [os.path.abspath(sys.executable), str(Path(__file__).resolve())]
+def own_command(argv: list[str] | None, script: str = __file__) -> str:
+    """This run's command line (interpreter and ``script`` relative to the repo when inside it)."""
+    words = [os.path.abspath(sys.executable), str(Path(script).resolve())]
     for i, word in enumerate(words):
         if Path(word).is_relative_to(ROOT):
             words[i] = str(Path(word).relative_to(ROOT))

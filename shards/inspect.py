@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shards.manifest import dataset_fs, is_local
+from shards.manifest import dataset_fs, is_local, named_sets
 from shards.reader import TokenDataset, open_token_dataset
 from shards.validate import parse_args
 
@@ -60,6 +60,8 @@ def summary(ds: TokenDataset, counts: np.ndarray) -> dict:
         "token_entropy_bits": float(-(probs * np.log2(probs)).sum()) if total else 0.0,
         "top_tokens": [[int(t), int(counts[t])] for t in order if counts[t] > 0],
         "bytes_per_token": totals.get("bytes_per_token"),
+        # other tokenizers' targets for these views (shards.token_sets; inspect each by its path)
+        "token_sets": named_sets(ds.path),
     }
 
 

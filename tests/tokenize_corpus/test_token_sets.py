@@ -17,6 +17,7 @@ from support import stage2 as helpers
 
 from engine.config import ConfigError, build_config
 from engine.errors import UserError
+from shards.inspect import summary, token_counts
 from shards.reader import TokenDatasetMismatch, open_token_dataset
 from shards.token_sets import TokenSetNotFound, compare_views, resolve, token_sets
 from shards.validate import validate
@@ -90,6 +91,7 @@ def test_a_token_set_has_the_datasets_views_and_leaves_its_files_alone(setup) ->
     assert all(ours[k].views == theirs[k].views for k in ours)
     assert any(not np.array_equal(ours[k].tokens, theirs[k].tokens) for k in ours)
     assert validate(str(dataset)) == []
+    assert summary(default, token_counts(default))["token_sets"] == [NAME]  # pipeline inspect
 
 
 def _expected(ds) -> dict:
