@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import os
 import re
@@ -238,8 +237,14 @@ def discover(dirs: list[str | Path]) -> list[Part]:
 
 
 def _exists(candidate: str) -> bool:
+    """Whether a path, or an image source pattern (glob, brace pattern, comma list), is here."""
     if any(c in candidate for c in "*?[{,"):
-        return bool(glob.glob(candidate.split(",")[0].replace("{", "*").replace("}", "*")))
+        from shards.images import list_shards
+
+        try:
+            return bool(list_shards(candidate, 256))
+        except (OSError, ValueError):
+            return False
     return os.path.exists(candidate)
 
 

@@ -110,6 +110,7 @@ def _plan() -> list[tuple[str, str, tuple[str, ...], Callable[[Report], str]]]:
         ("curves", "Training curves", ("*metrics",), curves.section_curves),
         ("codebook", "Codebook usage", ("tokenize",), tokens.section_codebook),
         ("token-maps", "Views and token maps", ("tokenize",), tokens.section_token_maps),
+        ("token-sets", "Tokenizers on the same views", ("*token_sets",), tokens.section_token_sets),
         ("mim", "MIM predictions", ("pretrain",), mim.section_mim),
         ("linprobe", "Linear probe", ("linprobe", "finetune"), tables.section_results),
         ("views-study", "K stored views vs fresh views", ("views",), views_study.section_study),
@@ -122,6 +123,10 @@ def _wanted(rep: Report, needs: tuple[str, ...]) -> bool:
         return True
     if needs == ("*metrics",):
         return any(p.file("metrics.jsonl") for p in rep.parts)
+    if needs == ("*token_sets",):
+        from shards.manifest import named_sets
+
+        return any(named_sets(str(p.path)) for p in rep.of_kind("tokenize"))
     if needs == ("pretrain",):
         return any(p.file("checkpoint.pth") for p in rep.of_kind("pretrain"))
     if needs == ("linprobe", "finetune"):

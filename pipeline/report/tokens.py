@@ -32,18 +32,20 @@ def token_colours(codebook_size: int) -> Any:
 
 def token_counts(tokens_dir: Path) -> tuple[Any, Any]:
     """(dataset, int64 [V] count of each token id over every shard and seed)."""
-    import numpy as np
-
+    from shards import inspect
     from shards.reader import open_token_dataset
 
     ds = open_token_dataset(str(tokens_dir))
-    counts = np.zeros(ds.codebook_size, dtype=np.int64)
-    for i in range(ds.num_shards):
-        if i in ds.missing_shards:
-            continue
-        for row in ds.read_shard(i).values():
-            counts += np.bincount(row.tokens.reshape(-1).astype(np.int64), minlength=len(counts))
-    return ds, counts
+    return ds, inspect.token_counts(ds)
+
+
+def perplexity(counts: Any) -> float:
+    """exp(entropy) of the token distribution: the number of equally used codes it is worth."""
+    import numpy as np
+
+    total = int(counts.sum())
+    p = counts[counts > 0] / max(total, 1)
+    return float(np.exp(-(p * np.log(p)).sum())) if total else 0.0
 
 
 def example_rows(tokens_dir: Path, n: int) -> tuple[Any, list, dict]:
@@ -82,8 +84,6 @@ def codebook(rep: Report, part: Part) -> str:
     ds, counts = token_counts(part.path)
     total = int(counts.sum())
     used = int((counts > 0).sum())
-    p = counts[counts > 0] / max(total, 1)
-    perplexity = float(np.exp(-(p * np.log(p)).sum())) if total else 0.0
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     axes[0].bar(np.arange(len(counts)), counts, width=1.0, color="#4477aa")
     axes[0].set_title("token frequency by id")
@@ -96,7 +96,7 @@ def codebook(rep: Report, part: Part) -> str:
     return (
         f"{img}<p>{used} of {ds.codebook_size} token ids used "
         f"(codebook usage {100 * used / ds.codebook_size:.1f}%) over {total} tokens "
-        f"({len(ds.seeds)} seeds); perplexity {perplexity:.1f}.</p>"
+        f"({len(ds.seeds)} seeds); perplexity {perplexity(counts):.1f}.</p>"
     )
 
 
@@ -123,14 +123,7 @@ def token_maps(rep: Report, part: Part) -> str:
             ax_v, ax_t = axes[r][2 * s], axes[r][2 * s + 1]
             ax_v.imshow(view)
             ax_v.set_title(f"seed {ds.seeds[s]}", fontsize=8)
-            ax_t.imshow(
-                colours[row.tokens[s].astype("int64").reshape(grid)], interpolation="nearest"
-            )
-            if grid[0] <= 8:
-                cells = [(y, x) for y in range(grid[0]) for x in range(grid[1])]
-                for (y, x), t in zip(cells, row.tokens[s].tolist(), strict=True):
-                    ax_t.text(x, y, str(t), ha="center", va="center", fontsize=5, color="white")
-            ax_t.set_title("tokens", fontsize=8)
+            _map_axes(ax_t, row.tokens[s], grid, colours, "tokens")
             for ax in (ax_v, ax_t):
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -141,6 +134,87 @@ def token_maps(rep: Report, part: Part) -> str:
         f"{grid[0]}x{grid[1]} tokens (colour = token id, the same id has the same colour "
         "everywhere).</p>"
     )
+
+
+def _map_axes(ax: Any, tokens: Any, grid: tuple[int, int], colours: Any, title: str) -> None:
+    """One token map: a cell per patch, coloured by token id (ids written on small grids)."""
+    ax.imshow(colours[tokens.astype("int64").reshape(grid)], interpolation="nearest")
+    if grid[0] <= 8:
+        cells = [(y, x) for y in range(grid[0]) for x in range(grid[1])]
+        for (y, x), t in zip(cells, tokens.tolist(), strict=True):
+            ax.text(x, y, str(t), ha="center", va="center", fontsize=5, color="white")
+    ax.set_title(title, fontsize=8)
+
+
+def token_sets_comparison(rep: Report, part: Part) -> str:
+    """The dataset's token sets side by side: codebook figures, then the same views' token maps.
+
+    Every set holds the same views (shards.token_sets), so the maps of one view differ only by
+    the tokenizer; token ids of different tokenizers are unrelated (colours compare within a map).
+    """
+    import html
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shards import inspect
+    from shards.token_sets import token_sets
+    from shards.views import render_view
+
+    sets = token_sets(str(part.path))
+    opened = [s.open() for s in sets]
+    lines = []
+    for s, ds in zip(sets, opened, strict=True):
+        counts = inspect.token_counts(ds)
+        used = int((counts > 0).sum())
+        bpt = (ds.manifest.get("totals", {}).get("bytes_per_token") or {}).get("parquet")
+        lines.append(
+            f"<tr><td>{html.escape(s.name)}</td><td><code>{s.fingerprint[:12]}</code></td>"
+            f"<td>{s.seeds}</td><td>{used} / {ds.codebook_size} "
+            f"({100 * used / ds.codebook_size:.1f}%)</td><td>{perplexity(counts):.1f}</td>"
+            f"<td>{f'{bpt:.2f}' if bpt else ''}</td></tr>"
+        )
+    table = (
+        "<table><tr><th>token set</th><th>tokenizer</th><th>seeds</th><th>codes used</th>"
+        f"<th>perplexity</th><th>Parquet B/token</th></tr>{''.join(lines)}</table>"
+    )
+    _, rows, images = example_rows(part.path, MAX_EXAMPLES)
+    seed = min(set.intersection(*(set(s.seeds) for s in sets)))
+    first = next(i for i in range(opened[0].num_shards) if i not in opened[0].missing_shards)
+    by_set = [ds.read_shard(first, seeds=[seed]) for ds in opened]
+    rows = [r for r in rows if all(r.key in b for b in by_set)]
+    if not rows:
+        raise ValueError("no example image is in every token set")
+    fig, axes = plt.subplots(
+        len(rows), 1 + len(sets), figsize=(2.0 * (1 + len(sets)), 2.1 * len(rows)), squeeze=False
+    )
+    for r, row in enumerate(rows):
+        view = by_set[0][row.key].views[0]
+        axes[r][0].imshow(render_view(images[row.key], view).permute(1, 2, 0).numpy())
+        axes[r][0].set_title(f"seed {seed}", fontsize=8)
+        axes[r][0].set_ylabel(row.key[-18:], fontsize=7)
+        for c, (s, ds, shard) in enumerate(zip(sets, opened, by_set, strict=True), start=1):
+            grid = ds.grid or (int(ds.num_tokens**0.5),) * 2
+            colours = token_colours(ds.codebook_size)
+            _map_axes(axes[r][c], shard[row.key].tokens[0], grid, colours, s.name)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    img = rep.figure(fig, f"token-sets-{part.slug}", "one view, tokenized by each token set")
+    return (
+        f"{table}{img}<p>Each row: one stored view, then its tokens from each tokenizer (same "
+        "pixels, other targets). Ids of different tokenizers are unrelated: compare the structure "
+        "of the maps (which patches share a token), not their colours.</p>"
+    )
+
+
+def section_token_sets(rep: Report) -> str:
+    from shards.manifest import named_sets
+
+    parts = [p for p in rep.of_kind("tokenize") if named_sets(str(p.path))]
+    return per_part(rep, parts, lambda part: token_sets_comparison(rep, part))
 
 
 def section_codebook(rep: Report) -> str:

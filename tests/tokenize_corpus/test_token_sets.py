@@ -273,3 +273,21 @@ def test_the_cli_names_the_sets_when_the_pick_is_wrong(setup, tmp_path) -> None:
     assert done.returncode == 2, done.stderr[-2000:]
     assert "token_set=dino names no token set" in done.stderr and "it has: default" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_report_shows_the_tokenizers_side_by_side(setup, tmp_path) -> None:
+    from pipeline.report import write_report
+    from pipeline.report.tokens import perplexity
+
+    page = write_report(setup["dataset"], out=tmp_path / "report")
+    text = page.read_text()
+    assert "Tokenizers on the same views" in text and "Not available" not in text
+    for s in token_sets(str(setup["dataset"])):
+        counts = token_counts(s.open())
+        used = int((counts > 0).sum())
+        assert f"<code>{s.fingerprint[:12]}</code></td><td>{s.seeds}</td><td>{used} / 16" in text
+        assert f"{perplexity(counts):.1f}</td>" in text
+    assert (page.parent / "token-sets-dataset.png").is_file()
+    # a dataset without token sets has no such section
+    alone = write_report(setup["alone"], out=tmp_path / "alone").read_text()
+    assert "Tokenizers on the same views" not in alone
