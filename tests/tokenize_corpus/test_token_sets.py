@@ -291,3 +291,22 @@ def test_the_report_shows_the_tokenizers_side_by_side(setup, tmp_path) -> None:
     # a dataset without token sets has no such section
     alone = write_report(setup["alone"], out=tmp_path / "alone").read_text()
     assert "Tokenizers on the same views" not in alone
+
+
+def test_growing_the_dataset_keeps_its_sets_and_a_set_grows_the_same_way(setup, tmp_path) -> None:
+    dataset = tmp_path / "grow"
+    shutil.copytree(setup["dataset"], dataset)
+    named = dataset / "token_sets" / NAME
+    before = helpers.dataset_files(named)
+    # the dataset gets seed 3: its set is untouched, and its card still lists the set
+    assert tokenize(config(setup, dataset, setup["a"], seeds=(0, 1, 2, 3)))["exit_code"] == 0
+    assert helpers.dataset_files(named) == before
+    assert "config_name: b" in (dataset / "README.md").read_text()
+    # the set gets seed 2 with the same command: only the new seed is computed, views compared
+    summary = tokenize(config(setup, dataset, setup["b"], seeds=(0, 1, 2), token_set=NAME))
+    assert summary["exit_code"] == 0 and summary["views_this_run"] == 8, summary
+    grown = open_token_dataset(str(named))
+    assert grown.seeds == (0, 1, 2) and grown.manifest["versions"][-1]["added"]["seeds"] == [2]
+    assert compare_views(open_token_dataset(str(dataset)), grown) == []
+    after = helpers.dataset_files(named)
+    assert all(after[p] == before[p] for p in before if p.startswith("parquet/"))
