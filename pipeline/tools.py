@@ -39,7 +39,8 @@ TOOLS: dict[str, Tool] = {
         Tool(
             "validate",
             "shards.validate:main",
-            "check a token dataset: checksums, counts, ranges, alignment with the images",
+            "check a token dataset and its token sets: checksums, counts, ranges, alignment "
+            "with the images, shared views",
             "<token dataset> [images=<image source>] [shard_size=<n>] [checksum=false]",
             (
                 ("<token dataset>", "the folder stage 2 wrote (holds manifest.json)"),

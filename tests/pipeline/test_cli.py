@@ -128,3 +128,15 @@ def test_console_entry_point_runs():
         [sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "pipeline run stage=<name>" in done.stdout and "exit codes:" in done.stdout
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """``pipeline run stage=pretrain --help | head -1``: the pipe closes before the help is out."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "stage=pretrain", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before the process has written anything (it is still importing)
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in stderr, stderr
