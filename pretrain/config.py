@@ -76,7 +76,9 @@ class TrainSpec:
     # student autocast (weights, optimiser state and losses stay fp32); auto: bf16 where the
     # hardware is fast at it (CUDA, AVX512-BF16/AMX CPUs), else fp32. config.yaml records the result
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False  # torch.compile the student (see BENCHMARKS.md for when it pays)
+    # torch.compile the student: ~7% faster bf16 steps on a CPU after a ~90 s first step, so it
+    # pays only in long runs (BENCHMARKS.md, stage 3 step vs the reference)
+    compile: bool = False
     # linear warmup over these epochs; the peak is reached at the last warmup step (reference)
     warmup_epochs: int = 10
     min_lr: float = 1e-5
