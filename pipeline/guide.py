@@ -78,10 +78,13 @@ def next_commands(stage: str, cfg: Any, summary: dict[str, Any]) -> list[str]:
                     f"tokenizer={tokenizer}", f"aug.size={size}", f"out_dir={layout.tokenize}"),
         ]  # fmt: skip
     if stage == "tokenize":
+        # token_set=<name>: the set lives in the dataset (out_dir); stage 3 picks it by name
+        pick = [f"token_set={cfg.token_set}"] if getattr(cfg, "token_set", "") else []
+        written_to = absolute(str(summary.get("out_dir") or out))
         return [
             command("validate", out, f"images={images}"),
-            command("inspect", out, f"images={images}"),
-            command("run", "stage=pretrain", *_preset(cfg), f"tokens={out}",
+            command("inspect", written_to, f"images={images}"),
+            command("run", "stage=pretrain", *_preset(cfg), f"tokens={out}", *pick,
                     f"out_dir={layout.pretrain}"),
         ]  # fmt: skip
     if stage == "pretrain":
@@ -104,6 +107,8 @@ def closing_lines(stage: str, cfg: Any, summary: dict[str, Any]) -> str:
     """``wrote:`` and ``next:`` blocks for the end of ``pipeline run stage=<stage>``."""
     lines = []
     out = getattr(cfg, "out_dir", "") or ""
+    if stage == "tokenize" and summary.get("out_dir"):
+        out = str(summary["out_dir"])  # a token set's own folder inside the dataset
     if out:
         lines += ["wrote:", *written(out)]
     if Path(absolute(out), "tensorboard").is_dir():

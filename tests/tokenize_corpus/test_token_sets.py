@@ -310,3 +310,15 @@ def test_growing_the_dataset_keeps_its_sets_and_a_set_grows_the_same_way(setup, 
     assert compare_views(open_token_dataset(str(dataset)), grown) == []
     after = helpers.dataset_files(named)
     assert all(after[p] == before[p] for p in before if p.startswith("parquet/"))
+
+
+def test_the_closing_lines_name_the_sets_folder_and_how_to_pick_it(setup) -> None:
+    from pipeline.guide import closing_lines
+
+    named = setup["dataset"] / "token_sets" / NAME
+    cfg = config(setup, setup["dataset"], setup["b"], seeds=(0, 1), token_set=NAME)
+    text = closing_lines("tokenize", cfg, {"out_dir": str(named), "exit_code": 0})
+    wrote, follow = text.split("next:")
+    assert f"  {named}/manifest.json" in wrote and f"  {named}/ (" in wrote
+    assert f"pipeline inspect {named} " in follow
+    assert f"tokens={setup['dataset']} token_set={NAME} " in follow
