@@ -17,12 +17,11 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_learning_signal import run_stage  # noqa: E402
-from bench_seeds import HELD_OUT_SEED, _mean_spread, held_out_mim_accuracy, subset_folder  # noqa: E402
+from bench_seeds import HELD_OUT_SEED, METRICS, print_table, score_student, subset_folder  # noqa: E402
 
 from engine.layout import imagenet_sample_dir  # noqa: E402
 
@@ -65,33 +64,18 @@ def main(argv: list[str] | None = None) -> int:
             "tokenize",
             {**common, "out_dir": str(work / f"heldout-{precision}"), "seeds": [HELD_OUT_SEED]},
         )
-        results[precision] = {"heldout_mim_acc": [], "probe_top1": [], "pretrain_seconds": []}
+        results[precision] = {m: [] for m in METRICS}
     for seed in args.seeds:
         for precision in ("fp32", "bf16"):  # interleaved within each run seed
-            out = work / f"pretrain-{precision}-{seed}"
-            t0 = time.perf_counter()
-            run_stage("pretrain", {
-                "preset": "demo", "images": shards, "tokens": str(work / f"tokens-{precision}"),
-                "out_dir": str(out),
-                "train": {"epochs": args.epochs, "seed": seed, "precision": precision},
-            })  # fmt: skip
-            res = results[precision]
-            res["pretrain_seconds"].append(time.perf_counter() - t0)
-            res["heldout_mim_acc"].append(
-                held_out_mim_accuracy(
-                    out / "checkpoint.pth", shards, str(work / f"heldout-{precision}")
-                )
+            pretrain = {"tokens": str(work / f"tokens-{precision}"),
+                        "train": {"precision": precision}}  # fmt: skip
+            heldout = str(work / f"heldout-{precision}")
+            scores = score_student(
+                work, precision, seed, shards, heldout, pretrain, args, {"precision": precision}
             )
-            probe = run_stage("linprobe", {
-                "preset": "demo", "images": shards, "backbone": str(out / "backbone_timm.pth"),
-                "pool": "mean", "out_dir": str(work / f"probe-{precision}-{seed}"),
-                "train": {"steps": args.probe_steps, "seed": seed, "precision": precision},
-            })  # fmt: skip
-            res["probe_top1"].append(float(probe["top1"]))
-    print(f"{'precision':<10}{'held-out MIM top-1 %':>24}{'probe top-1 %':>20}{'pretrain s':>14}")
-    for name, res in results.items():
-        row = [_mean_spread(res[m]) for m in ("heldout_mim_acc", "probe_top1", "pretrain_seconds")]
-        print(f"{name:<10}" + "".join(f"{m:>14.2f} ± {s:5.2f}" for m, s in row))
+            for metric, value in scores.items():
+                results[precision][metric].append(value)
+    print_table("precision", results)
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
               "load_after": os.getloadavg()}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

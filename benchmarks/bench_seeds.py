@@ -86,6 +86,45 @@ def held_out_mim_accuracy(checkpoint: Path, images: str, heldout: str) -> float:
     return 100.0 * right / max(1, total)
 
 
+METRICS = ("heldout_mim_acc", "probe_top1", "pretrain_seconds")
+
+
+def score_student(
+    work: Path, tag: str, seed: int, shards: str, heldout: str, pretrain: dict, args, probe=None
+) -> dict[str, float]:
+    """Pretrain one student (demo preset + ``pretrain`` overrides, ``args.epochs``), then its
+    held-out MIM top-1 on ``heldout`` and its linear probe (``args.probe_steps``; ``probe``: more
+    probe ``train.*`` keys). Shared by the benchmarks that compare students."""
+    out = work / f"pretrain-{tag}-{seed}"
+    pretrain = dict(pretrain)
+    train = {"epochs": args.epochs, "seed": seed, **pretrain.pop("train", {})}
+    start = time.perf_counter()
+    run_stage("pretrain", {"preset": "demo", "images": shards, "out_dir": str(out), **pretrain,
+                           "train": train})  # fmt: skip
+    seconds = time.perf_counter() - start
+    acc = held_out_mim_accuracy(out / "checkpoint.pth", shards, heldout)
+    result = run_stage("linprobe", {
+        "preset": "demo", "images": shards, "backbone": str(out / "backbone_timm.pth"),
+        "pool": "mean", "out_dir": str(work / f"probe-{tag}-{seed}"),
+        "train": {"steps": args.probe_steps, "seed": seed, **(probe or {})},
+    })  # fmt: skip
+    scores = {
+        "heldout_mim_acc": acc,
+        "probe_top1": float(result["top1"]),
+        "pretrain_seconds": seconds,
+    }
+    log.info("%s seed %d: %s", tag, seed, scores)
+    return scores
+
+
+def print_table(label: str, results: dict[str, dict[str, list[float]]]) -> None:
+    """Mean ± stdev over run seeds of each configuration's three figures."""
+    print(f"{label:<10}{'held-out MIM top-1 %':>24}{'probe top-1 %':>20}{'pretrain s':>14}")
+    for name, res in results.items():
+        row = [_mean_spread(res[m]) for m in METRICS]
+        print(f"{name:<10}" + "".join(f"{m:>14.2f} ± {sp:5.2f}" for m, sp in row))
+
+
 def own_command(argv: list[str] | None, script: str = __file__) -> str:
     """This run's command line (interpreter and ``script`` relative to the repo when inside it)."""
     words = [os.path.abspath(sys.executable), str(Path(script).resolve())]
@@ -127,33 +166,18 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = {f"K={k}": {"views": {"seeds": list(range(k))}} for k in args.ks}
     configs["fresh"] = {"targets": "online", "tokenizer": tokenizer, "views": {"source": "fresh"}}
-    results: dict[str, dict[str, list[float]]] = {
-        name: {"heldout_mim_acc": [], "probe_top1": [], "pretrain_seconds": []} for name in configs
-    }
+    results = {name: {m: [] for m in METRICS} for name in configs}
     for seed in args.seeds:
         for name, extra in configs.items():  # interleaved: every config once per run seed
-            out = work / f"pretrain-{name.replace('=', '')}-{seed}"
-            t0 = time.perf_counter()
-            run_stage("pretrain", {
-                "preset": "demo", "images": shards, "tokens": str(work / "tokens"),
-                "out_dir": str(out), **extra, "train": {"epochs": args.epochs, "seed": seed},
-            })  # fmt: skip
-            results[name]["pretrain_seconds"].append(time.perf_counter() - t0)
-            acc = held_out_mim_accuracy(out / "checkpoint.pth", shards, str(work / "heldout"))
-            results[name]["heldout_mim_acc"].append(acc)
-            probe = run_stage("linprobe", {
-                "preset": "demo", "images": shards, "backbone": str(out / "backbone_timm.pth"),
-                "pool": "mean", "out_dir": str(work / f"probe-{name.replace('=', '')}-{seed}"),
-                "train": {"steps": args.probe_steps, "seed": seed},
-            })  # fmt: skip
-            results[name]["probe_top1"].append(float(probe["top1"]))
-            log.info("%s seed %d: %s", name, seed, {k: v[-1] for k, v in results[name].items()})
+            pretrain = {"tokens": str(work / "tokens"), **extra}
+            scores = score_student(
+                work, name.replace("=", ""), seed, shards, str(work / "heldout"), pretrain, args
+            )
+            for metric, value in scores.items():
+                results[name][metric].append(value)
 
     print(f"\n{len(args.seeds)} run seeds, {args.images} images, {args.epochs} epochs each")
-    print(f"{'views':<8}{'held-out MIM top-1 %':>24}{'probe top-1 %':>20}{'pretrain s':>14}")
-    for name, res in results.items():
-        row = [_mean_spread(res[m]) for m in ("heldout_mim_acc", "probe_top1", "pretrain_seconds")]
-        print(f"{name:<8}" + "".join(f"{m:>14.2f} ± {s:5.2f}" for m, s in row))
+    print_table("views", results)
     report = {
         "command": own_command(argv),
         "args": {k: str(v) for k, v in vars(args).items()},

@@ -34,10 +34,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_learning_signal import run_stage  # noqa: E402
-from bench_seeds import HELD_OUT_SEED, held_out_mim_accuracy, own_command, subset_folder  # noqa: E402
+from bench_seeds import (  # noqa: E402
+    HELD_OUT_SEED,
+    METRICS,
+    own_command,
+    print_table,
+    score_student,
+    subset_folder,
+)
 
 from engine.layout import imagenet_sample_dir  # noqa: E402
-from pipeline.report.views_study import mean_spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_token_sets")
@@ -108,27 +114,14 @@ def stage2(work: Path, shards: str, args: argparse.Namespace) -> dict:
 
 
 def stage3(work: Path, shards: str, args: argparse.Namespace) -> dict:
-    results = {n: {"heldout_mim_acc": [], "probe_top1": [], "pretrain_seconds": []} for n in "ab"}
+    results = {name: {m: [] for m in METRICS} for name in "ab"}
     heldout = {"a": str(work / "heldout"), "b": str(work / "heldout" / "token_sets" / "b")}
     for seed in args.seeds:
         for name in "ab":  # interleaved: both tokenizers once per run seed
-            out = work / f"pretrain-{name}-{seed}"
-            start = time.perf_counter()
-            run_stage("pretrain", {
-                "preset": "demo", "images": shards, "tokens": str(work / "tokens"),
-                "token_set": "" if name == "a" else "b", "out_dir": str(out),
-                "train": {"epochs": args.epochs, "seed": seed},
-            })  # fmt: skip
-            results[name]["pretrain_seconds"].append(time.perf_counter() - start)
-            acc = held_out_mim_accuracy(out / "checkpoint.pth", shards, heldout[name])
-            results[name]["heldout_mim_acc"].append(acc)
-            probe = run_stage("linprobe", {
-                "preset": "demo", "images": shards, "backbone": str(out / "backbone_timm.pth"),
-                "pool": "mean", "out_dir": str(work / f"probe-{name}-{seed}"),
-                "train": {"steps": args.probe_steps, "seed": seed},
-            })  # fmt: skip
-            results[name]["probe_top1"].append(float(probe["top1"]))
-            log.info("%s seed %d: %s", name, seed, {k: v[-1] for k, v in results[name].items()})
+            pretrain = {"tokens": str(work / "tokens"), "token_set": "" if name == "a" else "b"}
+            scores = score_student(work, name, seed, shards, heldout[name], pretrain, args)
+            for metric, value in scores.items():
+                results[name][metric].append(value)
     return results
 
 
@@ -153,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = subset_folder(work, args.sample, args.images)
     shards = f"{work}/pack/shard-*.tar"
     run_stage("pack", {"images": str(folder), "out_dir": str(work / "pack"), "shard_size": 64})
-    report = {"command": own_command(argv, __file__), "args": {k: str(v) for k, v in vars(args).items()}}
+    report = {
+        "command": own_command(argv, __file__),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     report["stage2"] = stage2(work, shards, args)
     s = report["stage2"]["seconds"]
     print(f"\nstage 2, {args.images} images x {args.k} seeds (s): {json.dumps(s)}")
@@ -164,12 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_pretrain:
         results = report["stage3"] = stage3(work, shards, args)
         print(f"\n{len(args.seeds)} run seeds, {args.epochs} epochs, K={args.k}")
-        print(f"{'targets':<10}{'held-out MIM top-1 %':>24}{'probe top-1 %':>20}{'pretrain s':>14}")
-        for name, res in results.items():
-            row = [
-                mean_spread(res[m]) for m in ("heldout_mim_acc", "probe_top1", "pretrain_seconds")
-            ]
-            print(f"{name:<10}" + "".join(f"{m:>14.2f} ± {sp:5.2f}" for m, sp in row))
+        print_table("targets", results)
     report["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
