@@ -90,11 +90,12 @@ def token_sets(root: str) -> list[TokenSet]:
     """Every finished token set of the dataset at ``root``: the default one first."""
     default = open_token_dataset(root)
     sets = [TokenSet(DEFAULT, default.path, default.manifest)]
-    fs, _ = dataset_fs(root)
+    fs, base = dataset_fs(root)
     for name in named_sets(root):
-        url = set_url(root, name)
-        _, base = dataset_fs(url)
-        sets.append(TokenSet(name, url, read_json(fs, join(base, schema.MANIFEST_NAME))))
+        manifest = read_json(
+            fs, join(base, f"{schema.TOKEN_SETS_DIR}/{name}/{schema.MANIFEST_NAME}")
+        )
+        sets.append(TokenSet(name, set_url(root, name), manifest))
     return sets
 
 
@@ -137,10 +138,16 @@ def manifest_problems(default: dict, named: dict) -> list[str]:
     extra = [s for s in named.get("seeds", []) if s not in default.get("seeds", [])]
     if extra:
         problems.append(f"seeds {extra} are not views of the dataset (it has {default['seeds']})")
-    source = (named.get("images") or {}).get("source")
-    if source != (default.get("images") or {}).get("source"):
+    images, theirs = named.get("images") or {}, default.get("images") or {}
+    if images.get("source") != theirs.get("source"):
         problems.append(
-            f"images={source} is not the dataset's image source {default['images']['source']}"
+            f"images={images.get('source')} is not the dataset's image source {theirs.get('source')}"
+        )
+    elif theirs.get("kind") == "folder" and images.get("shard_size") != theirs.get("shard_size"):
+        # a folder is cut into shards of shard_size images (tar and parquet files are shards)
+        problems.append(
+            f"shard_size={images.get('shard_size')} cuts the folder into other shards than the "
+            f"dataset's {theirs.get('shard_size')}"
         )
     if int(named.get("num_shards", -1)) > int(default.get("num_shards", 0)):
         problems.append(

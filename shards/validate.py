@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from shards import schema
-from shards.manifest import dataset_fs, join, named_sets, read_json, read_receipts
+from shards.manifest import dataset_fs, join, read_json, read_receipts
 from shards.reader import TokenDataset, TokenDatasetMismatch
-from shards.token_sets import compare_views, set_url
+from shards.token_sets import compare_views, token_sets
 
 log = logging.getLogger(__name__)
 
@@ -258,15 +258,11 @@ def check_token_sets(
 ) -> list[str]:
     """Each named token set validated as a dataset of its own, and its views compared with ours."""
     problems = []
-    for name in named_sets(ds.path):
-        url = set_url(ds.path, name)
-        found = validate(url, images, shard_size, checksum)
+    for named in token_sets(ds.path)[1:]:
+        found = validate(named.url, images, shard_size, checksum)
         if not found:
-            fs, root = dataset_fs(url)
-            found = compare_views(
-                ds, TokenDataset(url, read_json(fs, join(root, schema.MANIFEST_NAME)))
-            )
-        problems += [f"token set {name}: {problem}" for problem in found]
+            found = compare_views(ds, named.open())
+        problems += [f"token set {named.name}: {problem}" for problem in found]
     return problems
 
 

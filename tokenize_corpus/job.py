@@ -216,7 +216,7 @@ def _finish(
         "versions": versions,
     }
     if pre.dataset_root:
-        problems = _shares_views(pre, receipts, info)
+        problems = _shares_views(pre, cfg.token_set, receipts, info)
         if problems:
             summary["exit_code"] = 1
             summary["message"] = (
@@ -246,13 +246,12 @@ def _finish(
     return summary
 
 
-def _shares_views(pre: Preflight, receipts: list[dict], info: dict) -> list[str]:
+def _shares_views(pre: Preflight, name: str, receipts: list[dict], info: dict) -> list[str]:
     """Compare a named token set's rows with its dataset's views; on success record it in ``info``."""
     from shards.manifest import build_manifest
     from shards.reader import DataIntegrityError, TokenDataset, open_token_dataset
     from shards.token_sets import compare_views, views_record
 
-    name = pre.out_dir.rstrip("/").rsplit("/", 1)[-1]
     try:
         default = open_token_dataset(pre.dataset_root)
         named = TokenDataset(pre.out_dir, build_manifest(receipts, info))

@@ -155,12 +155,12 @@ def preflight(cfg: TokenizeConfig) -> Preflight:
     out_dir = absolute_path(cfg.out_dir)
     root = None
     if cfg.token_set:
-        root, out_dir = out_dir, check_token_set(cfg, out_dir, images, len(shards))
+        root, out_dir = out_dir, check_token_set(cfg, out_dir, images, shards)
     precision = local_precision(cfg)
     return Preflight(images, tokenizer_path, out_dir, shards, tokenizer, precision, root)
 
 
-def check_token_set(cfg: TokenizeConfig, root: str, images: str, num_shards: int) -> str:
+def check_token_set(cfg: TokenizeConfig, root: str, images: str, shards: list[ImageShard]) -> str:
     """The named set's directory, once the dataset at ``root`` can lend it its views.
 
     The set's views are sampled from the same augmentation, seeds (a subset of the dataset's) and
@@ -182,12 +182,11 @@ def check_token_set(cfg: TokenizeConfig, root: str, images: str, num_shards: int
     planned = {
         "aug": dataclasses.asdict(cfg.aug),
         "seeds": list(cfg.seeds),
-        "images": {"source": images},
-        "num_shards": num_shards,
+        # as the driver records them in the manifest (tokenize_corpus.job._finish)
+        "images": {"source": images, "shard_size": cfg.shard_size, "kind": shards[0].kind},
+        "num_shards": len(shards),
     }
     problems = manifest_problems(default.manifest, planned)
-    if (default.manifest.get("images") or {}).get("shard_size") not in (None, cfg.shard_size):
-        problems.append(f"shard_size={cfg.shard_size} differs from the dataset's")
     if problems:
         raise ConfigError(
             f"token_set={name} must tokenize the views of the dataset at {root}, but "

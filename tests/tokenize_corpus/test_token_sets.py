@@ -322,3 +322,17 @@ def test_the_closing_lines_name_the_sets_folder_and_how_to_pick_it(setup) -> Non
     assert f"  {named}/manifest.json" in wrote and f"  {named}/ (" in wrote
     assert f"pipeline inspect {named} " in follow
     assert f"tokens={setup['dataset']} token_set={NAME} " in follow
+
+
+def test_shard_size_matters_only_for_folder_sources() -> None:
+    from shards.token_sets import manifest_problems
+
+    def manifest(kind: str, shard_size: int) -> dict:
+        images = {"source": "/images", "shard_size": shard_size, "kind": kind}
+        return {"aug": {"size": 32}, "seeds": [0, 1], "images": images, "num_shards": 2}
+
+    assert manifest_problems(manifest("tar", 256), manifest("tar", 64)) == []
+    assert manifest_problems(manifest("folder", 256), manifest("folder", 256)) == []
+    assert manifest_problems(manifest("folder", 256), manifest("folder", 64)) == [
+        "shard_size=64 cuts the folder into other shards than the dataset's 256"
+    ]
