@@ -39,13 +39,10 @@ def token_counts(tokens_dir: Path) -> tuple[Any, Any]:
     return ds, inspect.token_counts(ds)
 
 
-def perplexity(counts: Any) -> float:
-    """exp(entropy) of the token distribution: the number of equally used codes it is worth."""
-    import numpy as np
-
-    total = int(counts.sum())
-    p = counts[counts > 0] / max(total, 1)
-    return float(np.exp(-(p * np.log(p)).sum())) if total else 0.0
+def perplexity(facts: dict) -> float:
+    """2^entropy of the token distribution (``shards.inspect.summary``): the number of equally
+    used codes it is worth."""
+    return 2.0 ** facts["token_entropy_bits"] if facts["codebook_used"] else 0.0
 
 
 def example_rows(tokens_dir: Path, n: int) -> tuple[Any, list, dict]:
@@ -81,9 +78,11 @@ def codebook(rep: Report, part: Part) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from shards import inspect
+
     ds, counts = token_counts(part.path)
-    total = int(counts.sum())
-    used = int((counts > 0).sum())
+    facts = inspect.summary(ds, counts)
+    used, total = facts["codebook_used"], int(counts.sum())
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     axes[0].bar(np.arange(len(counts)), counts, width=1.0, color="#4477aa")
     axes[0].set_title("token frequency by id")
@@ -96,7 +95,7 @@ def codebook(rep: Report, part: Part) -> str:
     return (
         f"{img}<p>{used} of {ds.codebook_size} token ids used "
         f"(codebook usage {100 * used / ds.codebook_size:.1f}%) over {total} tokens "
-        f"({len(ds.seeds)} seeds); perplexity {perplexity(counts):.1f}.</p>"
+        f"({len(ds.seeds)} seeds); perplexity {perplexity(facts):.1f}.</p>"
     )
 
 
@@ -146,40 +145,45 @@ def _map_axes(ax: Any, tokens: Any, grid: tuple[int, int], colours: Any, title: 
     ax.set_title(title, fontsize=8)
 
 
+def _token_sets_table(sets: list, opened: list) -> str:
+    """One row per token set: tokenizer, seeds, codes used, perplexity, Parquet bytes/token."""
+    import html
+
+    from shards import inspect
+
+    lines = []
+    for s, ds in zip(sets, opened, strict=True):
+        facts = inspect.summary(ds, inspect.token_counts(ds))
+        bpt = (facts["bytes_per_token"] or {}).get("parquet")
+        lines.append(
+            f"<tr><td>{html.escape(s.name)}</td><td><code>{s.fingerprint[:12]}</code></td>"
+            f"<td>{s.seeds}</td><td>{facts['codebook_used']} / {ds.codebook_size} "
+            f"({100 * facts['codebook_usage_fraction']:.1f}%)</td>"
+            f"<td>{perplexity(facts):.1f}</td><td>{f'{bpt:.2f}' if bpt else ''}</td></tr>"
+        )
+    return (
+        "<table><tr><th>token set</th><th>tokenizer</th><th>seeds</th><th>codes used</th>"
+        f"<th>perplexity</th><th>Parquet B/token</th></tr>{''.join(lines)}</table>"
+    )
+
+
 def token_sets_comparison(rep: Report, part: Part) -> str:
     """The dataset's token sets side by side: codebook figures, then the same views' token maps.
 
     Every set holds the same views (shards.token_sets), so the maps of one view differ only by
     the tokenizer; token ids of different tokenizers are unrelated (colours compare within a map).
     """
-    import html
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from shards import inspect
     from shards.token_sets import token_sets
     from shards.views import render_view
 
     sets = token_sets(str(part.path))
     opened = [s.open() for s in sets]
-    lines = []
-    for s, ds in zip(sets, opened, strict=True):
-        counts = inspect.token_counts(ds)
-        used = int((counts > 0).sum())
-        bpt = (ds.manifest.get("totals", {}).get("bytes_per_token") or {}).get("parquet")
-        lines.append(
-            f"<tr><td>{html.escape(s.name)}</td><td><code>{s.fingerprint[:12]}</code></td>"
-            f"<td>{s.seeds}</td><td>{used} / {ds.codebook_size} "
-            f"({100 * used / ds.codebook_size:.1f}%)</td><td>{perplexity(counts):.1f}</td>"
-            f"<td>{f'{bpt:.2f}' if bpt else ''}</td></tr>"
-        )
-    table = (
-        "<table><tr><th>token set</th><th>tokenizer</th><th>seeds</th><th>codes used</th>"
-        f"<th>perplexity</th><th>Parquet B/token</th></tr>{''.join(lines)}</table>"
-    )
+    table = _token_sets_table(sets, opened)
     _, rows, images = example_rows(part.path, MAX_EXAMPLES)
     seed = min(set.intersection(*(set(s.seeds) for s in sets)))
     first = next(i for i in range(opened[0].num_shards) if i not in opened[0].missing_shards)
