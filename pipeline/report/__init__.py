@@ -6,7 +6,9 @@ curves and final-epoch numbers of every ``metrics.jsonl`` (``curves.py``), a tok
 codebook usage and views beside their token maps (``tokens.py``), a pretrained model's masked
 predictions (``mim.py``), probe results, ``stage=all`` timings and where the files are
 (``tables.py``), and the K-stored-views-vs-fresh study of ``benchmarks/bench_seeds.py``
-(``views_study.py``, also the home of that study's plot). ``page.py`` assembles the page; ``command.py`` is the command line.
+(``views_study.py``, also the home of that study's plot). The sections build on ``base.py``
+(``Report``, ``per_part``), ``page.py`` assembles them into the page and ``command.py`` is the
+command line.
 """
 
 from pipeline.report.command import main, write_report

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 from engine.errors import UserError
+from pipeline.report.base import Report
 from pipeline.report.discover import discover
-from pipeline.report.page import Report, build_page
+from pipeline.report.page import build_page
 
 log = logging.getLogger(__name__)
 

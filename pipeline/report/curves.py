@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.plots import Panel, plot_metrics
+from pipeline.report.base import Report, per_part
 from pipeline.report.discover import Part
-from pipeline.report.page import Report, per_part
 
 # Record fields that are bookkeeping, not metrics.
 SKIP = {"epoch", "step", "iter", "seconds", "lr", "samples_per_s", "images_per_s"}

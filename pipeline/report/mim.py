@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import html
 
+from pipeline.report.base import Report, per_part
 from pipeline.report.discover import Part, token_dataset_of
-from pipeline.report.page import Report, per_part
 from pipeline.report.tokens import MAX_EXAMPLES, example_rows
 
 

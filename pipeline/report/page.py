@@ -10,12 +10,10 @@ from __future__ import annotations
 import html
 import logging
 import sys
-import traceback
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-from pipeline.report.discover import Part
+from pipeline.report import curves, mim, tables, tokens, views_study
+from pipeline.report.base import Report
 
 log = logging.getLogger(__name__)
 
@@ -29,81 +27,9 @@ td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-al
 """
 
 
-class Report:
-    """Collects sections of HTML; figures go to ``self.dir`` under unique names."""
-
-    def __init__(self, parts: list[Part], out_dir: Path) -> None:
-        self.parts = parts
-        self.dir = out_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.sections: list[tuple[str, str, str]] = []  # (id, title, html)
-        self.problems: list[str] = []
-        self._names: set[str] = set()
-
-    def of_kind(self, *kinds: str) -> list[Part]:
-        return [p for p in self.parts if p.kind in kinds]
-
-    def name(self, stem: str, suffix: str = ".png") -> str:
-        """A file name in the report folder not used yet by this report."""
-        name, i = f"{stem}{suffix}", 2
-        while name in self._names:
-            name, i = f"{stem}-{i}{suffix}", i + 1
-        self._names.add(name)
-        return name
-
-    def figure(self, fig: Any, stem: str, alt: str) -> str:
-        """Save a matplotlib figure as ``<stem>.png`` and return its <img> tag."""
-        import matplotlib.pyplot as plt
-
-        name = self.name(stem)
-        fig.savefig(self.dir / name, dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        return self.image(name, alt)
-
-    @staticmethod
-    def image(name: str, alt: str) -> str:
-        return f'<img src="{html.escape(name)}" alt="{html.escape(alt)}">'
-
-    def link(self, path: Path, text: str | None = None) -> str:
-        """A link from the report page to ``path`` (relative, so the folder can be moved)."""
-        import os
-
-        href = os.path.relpath(path, self.dir)
-        return f'<a href="{html.escape(href)}">{html.escape(text or path.name)}</a>'
-
-    def section(self, sid: str, title: str, build: Callable[[], str]) -> None:
-        """Run ``build``; on error, show the reason in place of the section."""
-        try:
-            body = build()
-        except Exception as err:  # noqa: BLE001 - a report shows what it can
-            log.warning("report section %s failed: %s", sid, err)
-            log.debug("%s", traceback.format_exc())
-            reason = f"{type(err).__name__}: {err}"
-            self.problems.append(f"{title}: {reason}")
-            body = f'<p class="missing">Not available: {html.escape(reason)}</p>'
-        self.sections.append((sid, title, body))
-
-
-def per_part(rep: Report, parts: list[Part], build: Callable[[Part], str]) -> str:
-    """``build`` for each part under its own heading; a failing part says why, the rest stay."""
-    out = []
-    for part in parts:
-        try:
-            body = build(part)
-        except Exception as err:  # noqa: BLE001 - one broken run does not hide the others
-            log.warning("report: %s: %s", part.label, err)
-            rep.problems.append(f"{part.label}: {err}")
-            body = f"<p class='missing'>Not available: {html.escape(f'{type(err).__name__}: {err}')}</p>"
-        out.append(
-            f"<h3>{html.escape(part.label)} <span class='small'>({part.kind})</span></h3>{body}"
-        )
-    return "".join(out)
-
-
-# (id, title, the kinds of part it needs, the builder); imported lazily (matplotlib, torch).
+# (id, title, the kinds of part it needs, the builder); each builder imports its heavy
+# dependencies (matplotlib, torch) itself, when it runs.
 def _plan() -> list[tuple[str, str, tuple[str, ...], Callable[[Report], str]]]:
-    from pipeline.report import curves, mim, tables, tokens, views_study
-
     return [
         ("overview", "What is here", (), tables.section_overview),
         ("timings", "Timings", ("all",), tables.section_timings),

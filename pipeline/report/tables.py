@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.report.base import Report
 from pipeline.report.discover import Part, read_json
-from pipeline.report.page import Report
 from pipeline.report.views_study import facts as study_facts
 
 WHAT = {

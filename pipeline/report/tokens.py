@@ -12,8 +12,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from pipeline.report.base import Report, per_part
 from pipeline.report.discover import Part, image_source
-from pipeline.report.page import Report, per_part
 
 MAX_EXAMPLES = 3  # images in the token-map and MIM sections
 

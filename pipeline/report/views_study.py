@@ -19,8 +19,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from pipeline.report.base import Report, per_part
 from pipeline.report.discover import Part, is_views_study, read_json
-from pipeline.report.page import Report, per_part
 
 Results = dict[str, dict[str, list[float]]]
 LABELS = {
