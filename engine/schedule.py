@@ -8,6 +8,9 @@ step 0 at ``start``, as ``numpy.linspace(start, peak, 1)`` does.
 
 Stages call :func:`lr_at` once per optimiser step with the global step count, so the value is a
 pure function of (step, schedule): resuming from a checkpoint needs no scheduler state.
+
+The peak is :func:`scaled_lr` of a stage's ``train.blr``, the rule every config's ``lr`` property
+applies. No torch here: the configs import this module, and the CLI imports them for ``--help``.
 """
 
 from __future__ import annotations

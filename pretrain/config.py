@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 from engine.config import StageConfig
 from engine.layout import DEMO, RUNS
 from engine.metrics import LogSpec
+from engine.schedule import scaled_lr
 
 
 @dataclass(frozen=True)
@@ -144,4 +145,4 @@ class PretrainConfig(StageConfig):
     @property
     def lr(self) -> float:
         """Peak learning rate: ``blr`` (defined at batch 2048) scaled linearly to ``batch_size``."""
-        return self.train.blr * self.train.batch_size / TrainSpec.REFERENCE_BATCH
+        return scaled_lr(self.train.blr, self.train.batch_size, TrainSpec.REFERENCE_BATCH)

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 from engine.config import StageConfig
 from engine.layout import DEMO, RUNS
 from engine.metrics import LogSpec
+from engine.schedule import scaled_lr
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class LinprobeConfig(StageConfig):
     @property
     def lr(self) -> float:
         """The classifier's peak rate: ``train.blr`` per 1024 features, scaled to the batch."""
-        return self.train.blr * self.train.batch_size / ProbeTrain.REFERENCE_BATCH
+        return scaled_lr(self.train.blr, self.train.batch_size, ProbeTrain.REFERENCE_BATCH)
 
 
 @dataclass(frozen=True)
@@ -158,4 +159,4 @@ class FinetuneConfig(StageConfig):
     @property
     def lr(self) -> float:
         """Peak lr: ``train.blr`` (defined at batch 1024) scaled linearly to the batch."""
-        return self.train.blr * self.train.batch_size / FinetuneTrain.REFERENCE_BATCH
+        return scaled_lr(self.train.blr, self.train.batch_size, FinetuneTrain.REFERENCE_BATCH)

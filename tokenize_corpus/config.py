@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 from engine.config import StageConfig
 from engine.layout import DEMO, RUNS
 from engine.metrics import LogSpec
+from engine.schedule import scaled_lr
 from shards.views import AugConfig
 
 # Encoder size names; the numbers live beside the model (tokenize_corpus.vqkd.VQKD_SIZES).
@@ -136,7 +137,7 @@ class VQKDConfig(StageConfig):
     @property
     def lr(self) -> float:
         """Peak learning rate: ``train.blr`` per 128 images, scaled to ``train.batch_size``."""
-        return self.train.blr * self.train.batch_size / TrainSection.REFERENCE_BATCH
+        return scaled_lr(self.train.blr, self.train.batch_size, TrainSection.REFERENCE_BATCH)
 
 
 # ---- stage 2: ``pipeline run stage=tokenize`` (docs/design.md §4) -------------------------------
