@@ -1,4 +1,4 @@
-"""The key index at ImageNet scale (issue 8): build time, memory and lookups for 1.28 M keys.
+"""The key index at ImageNet scale: build time, memory and lookups for 1.28 M keys.
 
 1. Build: 1,281,167 synthetic ImageNet-style keys (``n<wnid>/n<wnid>_<i>``, 1000 classes) in 5005
    token shards of 256 -> ``shards.key_index.KeyIndex``: wall time (median of --rounds), the

@@ -1,4 +1,4 @@
-"""Learning-signal check (issue 5): does BEiT v2 pretrained from *precomputed* tokens learn?
+"""Learning-signal check: does BEiT v2 pretrained from *precomputed* tokens learn?
 
 Linear-probe top-1 on two labelled sets, for four feature sources, over several seeds:
 

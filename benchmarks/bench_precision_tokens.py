@@ -1,4 +1,4 @@
-"""What half precision changes in the tokens (issue 10): agreement with fp32, margins, speed.
+"""What half precision changes in the tokens: agreement with fp32, margins, speed.
 
 For each tokenizer and each half precision (bf16; fp16 too where CPU autocast runs it) it encodes
 the same views as fp32 does and reports:

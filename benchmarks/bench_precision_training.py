@@ -1,4 +1,4 @@
-"""Does half precision move what pretraining learns? (issue 10)
+"""Does half precision move what pretraining learns?
 
 The demo-sized pipeline of ``bench_seeds.py`` (same images, tokenizer, student and epochs) run
 twice per run seed, interleaved: everything in fp32 (tokens tokenized at ``precision=fp32``, the

@@ -1,4 +1,4 @@
-"""Stage 3 benchmarks (issue 4): MIM step throughput offline vs online, and loader throughput.
+"""Stage 3 benchmarks: MIM step throughput offline vs online, and loader throughput.
 
 1. Step throughput. One student and one tokenizer (random weights: speed does not depend on
    them), one batch, measured in one run:

@@ -1,4 +1,4 @@
-"""Stage 3 step vs the reference's own (issue 10): ViT-B/16 at 224 px, batch 8, interleaved.
+"""Stage 3 step vs the reference's own: ViT-B/16 at 224 px, batch 8, interleaved.
 
 Three training steps on the same machine, in one process, interleaved round by round (the order
 rotates every round, so drifting load from other processes hits all of them alike):
@@ -16,7 +16,7 @@ rotates every round, so drifting load from other processes hits all of them alik
   ours_fp32    the same step at ``train.precision=fp32``
   ours_compile (``--compile``) the default step with ``train.compile=true`` (torch.compile)
 
-Goals (issue 10): ours_default / ref_fp32 <= 0.6 and ours_fp32 / ref_fp32 <= 1.0. Ratios are taken
+Goals: ours_default / ref_fp32 <= 0.6 and ours_fp32 / ref_fp32 <= 1.0. Ratios are taken
 per round (same-moment measurements) and their median reported, with the medians of the times.
 
 The reference's ``optim_factory`` imports optimizers that current timm renamed (``Nadam``...);

@@ -1,4 +1,4 @@
-"""What finite K costs (issue 12): K stored view seeds against a fresh view every epoch.
+"""What finite K costs: K stored view seeds against a fresh view every epoch.
 
 Same images, same tiny student, same steps; only the views differ:
 

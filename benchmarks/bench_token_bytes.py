@@ -1,4 +1,4 @@
-"""Bytes on disk per token of the token dataset formats (issue 3 targets: Parquet <= 1.8, WebDataset <= 2.3).
+"""Bytes on disk per token of the token dataset formats (targets: Parquet <= 1.8, WebDataset <= 2.3).
 
 A realistic shard: 256 images, K=4 seeds, N=196 tokens (14x14 grid), codebook 8192, tokens drawn
 from a Zipf-like distribution (p ~ 1/(rank+20)), plus a uniform draw as the worst case (13 bits =

@@ -1,4 +1,4 @@
-"""Two tokenizers over one set of views (issue 12): what a token set costs, and which tokenizer wins.
+"""Two tokenizers over one set of views: what a token set costs, and which tokenizer wins.
 
 On a class-spread subset of the ImageNet sample, tokenizer A makes the dataset (seeds 0..K-1) and
 tokenizer B is added as the token set ``b`` (same views); B is also run alone into its own

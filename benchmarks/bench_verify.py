@@ -1,4 +1,4 @@
-"""What stage 3's verification costs (issue 8): loader throughput with checks vs without.
+"""What stage 3's verification costs: loader throughput with checks vs without.
 
 Builds a token dataset (random tokens, real views: sample_view over the decoded image, 224 px,
 K seeds) over the first --limit images of the ImageNet sample, then reads one epoch of

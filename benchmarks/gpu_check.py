@@ -1,4 +1,4 @@
-"""GPU readiness in one short run (issue 10): tokenizer, stage 2, stage-3 step, 1-GPU NCCL DDP.
+"""GPU readiness in one short run: tokenizer, stage 2, stage-3 step, 1-GPU NCCL DDP.
 
 On a CUDA machine (a few minutes):
 

@@ -36,7 +36,7 @@ COLUMN_DOCS = {
     schema.INTERPOLATION: "resize interpolation (bicubic or bilinear)",
 }
 
-# The consumer's recipe (issue 11): rebuild the pixels of a row and check the image digest with
+# The consumer's recipe: rebuild the pixels of a row and check the image digest with
 # Pillow + torchvision only. It restates shards.decode.decode_image and shards.views.render_view in
 # the reference's order (jitter on the whole image -> flip -> crop -> resize); a test runs this
 # very text, taken from a rendered card, with the project's packages blocked, and compares the

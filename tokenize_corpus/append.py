@@ -1,4 +1,4 @@
-"""Growing a token dataset without recomputing it (issue 12): stored tokens and the version log.
+"""Growing a token dataset without recomputing it: stored tokens and the version log.
 
 Appending seeds: a rerun with ``seeds=[0..7]`` on a dataset made with ``[0..3]`` tokenizes only
 seeds 4-7 of each shard (each image still decoded once per task). The stored seeds' tokens are

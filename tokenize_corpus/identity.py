@@ -145,7 +145,7 @@ def image_shard_changes(stored: dict | None, current: dict) -> list[str]:
 
 
 def added_seeds(old: dict | None, new: dict) -> list[int] | None:
-    """The seeds ``new`` adds to a receipt of ``old`` (issue 12, appending seeds), else None.
+    """The seeds ``new`` adds to a receipt of ``old`` (seeds appended to a dataset), else None.
 
     An extension differs from the receipt's job in ``seeds`` alone, and the receipt's seeds are
     a strict prefix of the new ones (seed order is the order of the K axis in the WebDataset form).

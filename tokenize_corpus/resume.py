@@ -8,10 +8,10 @@ A receipt is kept only when everything it was made from still holds:
    tokenizer file was replaced under the same path), and redoing it silently would destroy a
    dataset someone may be reading. Use a new ``out_dir``, or delete the old one to rebuild.
    One difference is not refused: a receipt whose seeds are a prefix of the current seeds is
-   **extended** (issue 12): only the added seeds are computed for that shard.
+   **extended**: only the added seeds are computed for that shard.
 2. **the image shard** (listing and checksum, ``tokenize_corpus.identity``) equals the source
    now: otherwise the shard is **redone** (its tokens belong to other pixels). When only the
-   number of shards changed (image shards appended, issue 12), a matching shard is kept and its
+   number of shards changed (image shards appended), a matching shard is kept and its
    files are renamed to the new count (``train-<i>-of-<n>``), their bytes unchanged.
 3. **its token files** exist with the recorded size and sha256: otherwise it is **redone**, so a
    rerun repairs corruption.

@@ -223,7 +223,7 @@ def test_manifest_receipts_record_the_skip(corpus: dict) -> None:
     assert manifest["totals"]["skipped"] == 1
 
 
-# ---------------------------------------------------------------- read-time choices (issue 12)
+# ---------------------------------------------------------------- read-time choices
 
 
 def _views_by_key(samples: list[dict]) -> dict[str, torch.Tensor]:

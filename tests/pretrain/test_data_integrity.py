@@ -1,7 +1,7 @@
-"""Stage 3 trusts nothing it reads (issue 8, reproductions 2 and 6) and reads any copy of the images.
+"""Stage 3 trusts nothing it reads and reads any copy of the images.
 
-Reproductions: mirrored images with the same names and sizes (2); an edited manifest
-fingerprint, a deleted, truncated or corrupted token shard (6). Each was accepted, or surfaced as
+The failures reproduced: mirrored images with the same names and sizes; an edited manifest
+fingerprint, a deleted, truncated or corrupted token shard. Each was accepted, or surfaced as
 a DataLoader worker traceback, before rows carried image digests and stage 3 checked them.
 """
 

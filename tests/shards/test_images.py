@@ -411,7 +411,7 @@ def test_record_digest_is_sha256_of_the_stored_bytes(tmp_path):
 
 
 def test_symlink_loop_lists_each_real_file_once(tmp_path, caplog):
-    """Issue 8, reproduction 4: ``c1/loop -> ..`` made 12 images ~500 rows, c2's labelled c1."""
+    """Before listings were sound, ``c1/loop -> ..`` made 12 images ~500 rows, c2's labelled c1."""
     root = tmp_path / "imgs"
     for c in ("c1", "c2"):
         (root / c).mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Growing a token dataset (issue 12): appending seeds computes only the new ones, leaves the stored
+"""Growing a token dataset: appending seeds computes only the new ones, leaves the stored
 files byte-identical, equals a from-scratch run, and records a version."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Several tokenizers over one set of views (issue 12): a named token set holds tokenizer B's
+"""Several tokenizers over one set of views: a named token set holds tokenizer B's
 targets for exactly the dataset's views, leaves the dataset's files alone, is read by all four
 readers and by stage 3 by name or fingerprint, and a wrong or tampered set is refused."""
 
