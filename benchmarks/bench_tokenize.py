@@ -1,6 +1,6 @@
 """Benchmark stage 2: views/s per worker at each precision end to end through Dask and
 forward-only, 2 vs 1 workers, bytes per token, worker peak memory as the corpus grows 8x, rerun
-time (BENCHMARKS.md, "Stage 2").
+time (BENCHMARKS.md, "Stage 2: tokenizing on Dask" and "Stage 2 throughput by precision").
 
     .venv/bin/python benchmarks/bench_tokenize.py                      # full: 1000 images, ViT-B/16
     .venv/bin/python benchmarks/bench_tokenize.py --images 32 --shard-size 8 --mem-shards 1

@@ -2,7 +2,7 @@
 
 The header's ``configs`` entry points ``datasets.load_dataset(<dir>)`` at the Parquet files and its
 ``dataset_info.features`` spells the columns, so the card alone tells another team how to read the
-dataset without this project (docs/design.md §1, §3).
+dataset without this project (docs/design.md §3, docs/token-dataset.md §5).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ tokenizer FLOPs (counted from its config), the expected wall time (from a short 
 the real tokenizer forward in a worker-like process on this machine, or from a stated table for a
 GPU kind, labelled as an estimate), the bytes on disk (constants fitted to the real writer), the
 memory of one worker, and what the same targets would cost computed online over E pretraining
-epochs (docs/design.md §4-§5). How close the figures come to a real run is measured by
+epochs (docs/design.md §1). How close the figures come to a real run is measured by
 ``benchmarks/bench_plan.py`` (BENCHMARKS.md, "pipeline plan vs a real run").
 """
 

@@ -1,4 +1,4 @@
-"""Which finished shards a rerun keeps (docs/design.md §4; README, "Stage 2: resume").
+"""Which finished shards a rerun keeps (docs/design.md §4; README, "Resume, and what it refuses").
 
 A receipt is kept only when everything it was made from still holds:
 
