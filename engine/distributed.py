@@ -1,20 +1,24 @@
-"""Data-parallel process facts under ``torchrun`` (rank, world size), and the collectives used.
+"""Data-parallel process facts (rank, world size) under ``torchrun`` or ``srun``, and the collectives.
 
-A process started by ``torchrun --nproc_per_node N`` finds ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``
-in its environment; :meth:`Distributed.setup` joins the process group (NCCL on GPUs, gloo on the
-CPU) and :meth:`Distributed.close` leaves it. A plain process is rank 0 of 1 and every collective
-is the identity, so the stages run the same code either way.
+A process started by ``torchrun --nproc_per_node N`` or as one of the tasks of ``srun -n N`` learns
+its place from its environment (``engine.launch``: torchrun's variables win, a SLURM step task
+with more than one task is the other distributed launch, anything else is one process).
+:meth:`Distributed.setup` writes that place as torchrun's variables, joins the process group with
+``init_method="env://"`` (NCCL on GPUs, gloo on the CPU) and :meth:`Distributed.close` leaves
+it. A plain process is rank 0 of 1 and every collective is the identity, so the stages run the
+same code either way. On GPUs each rank uses ``cuda:<local rank>`` (``engine.device``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from engine.launch import launch_from_env
 
 
 @dataclass
@@ -28,14 +32,17 @@ class Distributed:
 
     @classmethod
     def setup(cls, device: torch.device) -> Distributed:
-        """Read the torchrun environment; join the process group when ``WORLD_SIZE > 1``."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        """Read the torchrun or srun environment; join the process group when there are
+        several ranks."""
+        launch = launch_from_env()
         owned = False
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if launch.world_size > 1 and not dist.is_initialized():
+            launch.export()
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method="env://")
             owned = True
-        rank = dist.get_rank() if world > 1 else 0
-        return cls(rank, world, int(os.environ.get("LOCAL_RANK", "0")), owned)
+        rank = dist.get_rank() if launch.world_size > 1 else 0
+        return cls(rank, launch.world_size, launch.local_rank, owned)
 
     @property
     def main(self) -> bool:
