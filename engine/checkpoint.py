@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import safetensors.torch
 import torch
 
 from engine.errors import UserError
@@ -123,8 +124,6 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     path = str(path)
     data = _read_bytes(path)
     if path.endswith(".safetensors"):
-        import safetensors.torch
-
         try:
             state = safetensors.torch.load(data)
         except Exception as err:

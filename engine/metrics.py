@@ -77,6 +77,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if spec.tensorboard:
+            # here, not at the top: the configs import this module (LogSpec) for --help, no torch
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events a killed run wrote past its checkpoint are dropped on read.
@@ -133,7 +134,7 @@ class MetricsWriter:
 def _start_wandb(project: str, out_dir: Path, config: dict[str, Any]) -> Any:
     """A W&B run, or None (with a warning) when wandb is missing or cannot start."""
     try:
-        import wandb
+        import wandb  # optional: not a dependency of the project
     except ImportError:
         log.warning(
             "log.wandb=%s but wandb is not installed (pip install wandb); skipping", project

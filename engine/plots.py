@@ -22,6 +22,8 @@ class Panel:
 
 def plot_metrics(metrics: str | Path, out: str | Path, panels: list[Panel], cols: int = 3) -> Path:
     """Draw ``panels`` from ``metrics`` into ``out``; returns ``out``."""
+    # here, not at the top: pyplot costs ~0.5 s to import, and the headless backend is chosen
+    # (process-wide) only when a plot is drawn, before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")

@@ -22,34 +22,57 @@ Writes ``config.yaml``, ``metrics.jsonl`` (one line per epoch: loss, top1, top5,
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-from engine.checkpoint import save_atomic, write_bytes_atomic
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from torch.utils.data import DataLoader
+from torchvision.transforms import RandAugment
+from tqdm import tqdm
+
+from engine.checkpoint import save_atomic
+from engine.errors import UserError
+from engine.guards import check_finite
+from engine.optim import set_lr
+from engine.precision import autocast
+from engine.schedule import Schedule
+from engine.start import Run, start_run
+from pretrain.backbones import build_timm_beit, timm_state_dict
+from pretrain.checkpoints import infer_beit_shape
 from pretrain.eval_config import FinetuneConfig, FinetuneTrain
+from pretrain.evaluation import eval_views, key_in_val, topk_hits, topk_scores, write_results
+from shards.decode import decode_image
+from shards.images import iter_shard, list_shards
+from shards.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugConfig,
+    normalize,
+    render_view,
+    sample_view,
+    to_unit,
+)
 
 __all__ = ["FinetuneConfig", "FinetuneTrain", "build_model", "finetune", "finetune_state"]
 
 log = logging.getLogger(__name__)
 
+Record = tuple[str, bytes, int]  # (key, encoded image, label)
+
 
 def finetune_state(cfg: FinetuneConfig) -> dict:
     """The backbone's weights in timm's per-block-table layout (shared table copied per block)."""
-    from pretrain.backbones import timm_state_dict
-
     return timm_state_dict(cfg.backbone, cfg.random_init)
 
 
-def build_model(state: dict, num_classes: int, drop_path: float) -> Any:
+def build_model(state: dict, num_classes: int, drop_path: float) -> torch.nn.Module:
     """timm ``Beit`` (avg pool + fc_norm + head x0.001) with ``state`` loaded."""
-    from pretrain.backbones import build_timm_beit as timm_backbone
-    from pretrain.backbones import infer_beit_shape
-
     shape = infer_beit_shape(state)
-    model = timm_backbone(
+    model = build_timm_beit(
         shape,
         num_classes=num_classes,
         drop_path=drop_path,
@@ -71,25 +94,17 @@ def build_model(state: dict, num_classes: int, drop_path: float) -> Any:
 class _Images:
     """Labelled encoded images in memory -> (view, label) for one epoch."""
 
-    def __init__(self, records: list, size: int, train: bool, cfg: FinetuneConfig) -> None:
+    def __init__(self, records: list[Record], size: int, train: bool, cfg: FinetuneConfig) -> None:
         self.records, self.size, self.train, self.cfg = records, size, train, cfg
         self.epoch = 0
-        self.randaugment = None
-        if train and cfg.randaugment:
-            from torchvision.transforms import RandAugment
-
-            self.randaugment = RandAugment(num_ops=2, magnitude=9)
+        self.randaugment = (
+            RandAugment(num_ops=2, magnitude=9) if train and cfg.randaugment else None
+        )
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        import torch
-
-        from pretrain.linprobe import eval_views
-        from shards.decode import decode_image
-        from shards.views import AugConfig, render_view, sample_view
-
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         key, data, label = self.records[i]
         image = decode_image(data)
         if not self.train:
@@ -105,9 +120,24 @@ class _Images:
         return view, label  # uint8 [3, S, S]
 
 
-def _records(images: str, shard_size: int) -> list[tuple[str, bytes, int]]:
-    from shards.images import iter_shard, list_shards
+@dataclass
+class Loop:
+    """The state the fine-tuning loop carries from epoch to epoch."""
 
+    cfg: FinetuneConfig
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: Schedule
+    train_set: _Images
+    loader: DataLoader
+    mixup: Mixup | None  # None when mixup and cutmix are both off
+    step: int = 0
+    lr: float = 0.0  # the rate of the last step
+
+
+def _records(images: str, shard_size: int) -> list[Record]:
     out = []
     for shard in list_shards(images, shard_size=shard_size):
         out.extend(
@@ -120,37 +150,27 @@ def _records(images: str, shard_size: int) -> list[tuple[str, bytes, int]]:
     return out
 
 
-def evaluate(model: Any, loader: Any, device: Any, precision: str = "fp32") -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32"
+) -> dict[str, float]:
     """Top-1 (%) over ``loader`` (uint8 views, ImageNet normalisation), and top-5 (%) when the
-    model has more than 5 classes (with 5 or fewer it is 100% by construction)."""
-    import torch
-
-    from engine.precision import autocast
-    from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
-
+    model has more than 5 classes (``pretrain.evaluation.topk_scores``)."""
     model.eval()
-    right1 = right5 = n = 0
-    classes = 0
+    hits1 = hits5 = n = classes = 0
     with torch.inference_mode(), autocast(precision, device):
         for views, labels in loader:
             x = normalize(to_unit(views.to(device)), IMAGENET_MEAN, IMAGENET_STD)
             logits = model(x)  # [B, C]
             classes = logits.shape[1]
-            top = logits.topk(min(5, classes), dim=1).indices.cpu()
-            right1 += int((top[:, 0] == labels).sum())
-            right5 += int((top == labels[:, None]).any(dim=1).sum())
-            n += len(labels)
-    scores = {"top1": 100 * right1 / max(n, 1)}
-    if classes > 5:
-        scores["top5"] = 100 * right5 / max(n, 1)
-    return scores
+            top1, top5 = topk_hits(logits, labels)
+            hits1, hits5, n = hits1 + top1, hits5 + top5, n + len(labels)
+    return topk_scores(hits1, hits5, n, classes)
 
 
-def _loaders(cfg: FinetuneConfig, size: int, train_recs: list, val_recs: list) -> tuple:
+def _loaders(
+    cfg: FinetuneConfig, size: int, train_recs: list[Record], val_recs: list[Record]
+) -> tuple[_Images, DataLoader, DataLoader]:
     """(train set, train loader, val loader): shuffled by a generator seeded from train.seed."""
-    import torch
-    from torch.utils.data import DataLoader
-
     t = cfg.train
     train_set = _Images(train_recs, size, True, cfg)
     train_loader = DataLoader(
@@ -167,11 +187,8 @@ def _loaders(cfg: FinetuneConfig, size: int, train_recs: list, val_recs: list) -
     return train_set, train_loader, val_loader
 
 
-def _split(cfg: FinetuneConfig) -> tuple[list, list, int]:
+def _split(cfg: FinetuneConfig) -> tuple[list[Record], list[Record], int]:
     """(train records, val records, number of classes)."""
-    from engine.errors import UserError
-    from pretrain.linprobe import key_in_val
-
     records = _records(cfg.images, cfg.shard_size)
     if cfg.images_val:
         train_recs, val_recs = records, _records(cfg.images_val, cfg.shard_size)
@@ -186,68 +203,48 @@ def _split(cfg: FinetuneConfig) -> tuple[list, list, int]:
     return train_recs, val_recs, 1 + max(r[2] for r in train_recs + val_recs)
 
 
-def _train_epoch(run: dict[str, Any], epoch: int) -> float:
+def _train_epoch(loop: Loop, epoch: int) -> float:
     """One epoch of fine-tuning; returns the mean training loss."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-
-    from engine.guards import check_finite
-    from engine.optim import set_lr
-    from engine.precision import autocast
-    from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
-
-    cfg, model, optimizer, device = run["cfg"], run["model"], run["optimizer"], run["device"]
-    t = cfg.train
-    model.train()
-    run["train_set"].epoch = epoch
+    t, device = loop.cfg.train, loop.device
+    loop.model.train()
+    loop.train_set.epoch = epoch
     losses = []
-    for views, labels in tqdm(run["loader"], desc=f"finetune {epoch + 1}/{t.epochs}", disable=None):
-        run["lr"] = run["schedule"](run["step"])
-        set_lr(optimizer, run["lr"])  # times each group's layer-decay lr_scale
+    for views, labels in tqdm(loop.loader, desc=f"finetune {epoch + 1}/{t.epochs}", disable=None):
+        loop.lr = loop.schedule(loop.step)
+        set_lr(loop.optimizer, loop.lr)  # times each group's layer-decay lr_scale
         x = normalize(to_unit(views.to(device)), IMAGENET_MEAN, IMAGENET_STD)  # [B, 3, S, S]
         y = labels.to(device)
         with autocast(t.precision, device):
-            if run["mixup"] is not None:
-                x, y_soft = run["mixup"](x, y)
-                logits = model(x).float()
+            if loop.mixup is not None:
+                x, y_soft = loop.mixup(x, y)
+                logits = loop.model(x).float()
                 loss = torch.sum(-y_soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
             else:
-                loss = F.cross_entropy(model(x).float(), y, label_smoothing=t.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        run["scaler"].scale(loss).backward()
-        run["scaler"].step(optimizer)
-        run["scaler"].update()
-        run["step"] += 1
+                logits = loop.model(x).float()
+                loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        loop.step += 1
         losses.append(loss.item())
-        check_finite(losses[-1], run["step"], epoch)
+        check_finite(losses[-1], loop.step, epoch)
     return sum(losses) / max(1, len(losses))
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune ``cfg.backbone`` on ``cfg.images``; returns the final accuracies."""
-    import dataclasses
-
-    import torch
-    from timm.optim import create_optimizer_v2
-
-    from engine.config import save_config, to_dict
-    from engine.device import resolve_device
-    from engine.errors import UserError
-    from engine.metrics import MetricsWriter
-    from engine.precision import resolve_precision
-    from engine.schedule import Schedule
-
     if not cfg.images:
         raise UserError("no labelled images given; pass images=<folder, shards or parquet>")
     start = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-    t, out = cfg.train, Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    torch.manual_seed(t.seed)
+    with start_run(cfg, data_parallel=False) as run:
+        return _fit(run, start)
+
+
+def _fit(run: Run[FinetuneConfig], start: float) -> dict:
+    """Data, model, optimiser, the epochs; finetuned.pth and results.json."""
+    cfg, device, out = run.cfg, run.device, run.out
+    t = cfg.train
     train_recs, val_recs, num_classes = _split(cfg)
     model = build_model(finetune_state(cfg), num_classes, cfg.drop_path).to(device)
     train_set, loader, val_loader = _loaders(
@@ -259,27 +256,27 @@ def finetune(cfg: FinetuneConfig) -> dict:
         **fast,
     )  # fmt: skip
     steps = len(loader)
-    run: dict[str, Any] = {
-        "cfg": cfg, "model": model, "optimizer": optimizer, "device": device, "step": 0,
-        "train_set": train_set, "loader": loader, "mixup": _mixup(cfg, num_classes),
-        "schedule": Schedule(cfg.lr, t.epochs * steps, t.warmup_epochs * steps, floor=t.min_lr),
-        "scaler": torch.amp.GradScaler(device.type, enabled=precision == "fp16"), "lr": 0.0,
-    }  # fmt: skip
+    loop = Loop(
+        cfg, device, model, optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=run.precision == "fp16"),
+        schedule=Schedule(cfg.lr, t.epochs * steps, t.warmup_epochs * steps, floor=t.min_lr),
+        train_set=train_set, loader=loader, mixup=_mixup(cfg, num_classes),
+    )  # fmt: skip
     scores: dict[str, float] = {}
-    with MetricsWriter(out, cfg.log, config=to_dict(cfg)) as metrics:
+    with run.metrics() as metrics:
         for epoch in range(t.epochs):
             epoch_start = time.perf_counter()
-            loss = _train_epoch(run, epoch)
-            scores = evaluate(model, val_loader, device, precision)
-            record = {"kind": "epoch", "epoch": epoch, "step": run["step"], "loss": loss, **scores}
-            record |= {"lr": run["lr"], "seconds": round(time.perf_counter() - epoch_start, 2)}
+            loss = _train_epoch(loop, epoch)
+            scores = evaluate(model, val_loader, device, run.precision)
+            record = {"kind": "epoch", "epoch": epoch, "step": loop.step, "loss": loss, **scores}
+            record |= {"lr": loop.lr, "seconds": round(time.perf_counter() - epoch_start, 2)}
             metrics.write(record)
             log.info("finetune epoch %d: loss %.4f top1 %.2f%%", epoch + 1, loss, scores["top1"])
     save_atomic(model.state_dict(), out / "finetuned.pth")
     results = {
         **{k: round(v, 2) for k, v in scores.items()},
         "backbone": cfg.backbone,
-        "precision": precision,
+        "precision": run.precision,
         "num_classes": num_classes,
         "num_train": len(train_recs),
         "num_val": len(val_recs),
@@ -288,16 +285,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "metrics": str(out / "metrics.jsonl"),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    write_bytes_atomic(out / "results.json", json.dumps(results, indent=2).encode())
+    write_results(out, results)
     return results
 
 
-def _mixup(cfg: FinetuneConfig, num_classes: int) -> Any:
+def _mixup(cfg: FinetuneConfig, num_classes: int) -> Mixup | None:
     """timm's Mixup/CutMix with label smoothing, or None when both are off."""
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
-    from timm.data import Mixup
-
     return Mixup(
         mixup_alpha=cfg.mixup,
         cutmix_alpha=cfg.cutmix,

@@ -36,10 +36,24 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine.checkpoint import load_file, save_atomic
+from engine.errors import UserError
+from engine.metrics import MetricsWriter
+from engine.optim import set_lr
+from engine.precision import autocast
+from engine.schedule import Schedule, scaled_lr
+from engine.start import Run, start_run
 from pretrain.backbones import Backbone, load_backbone
 from pretrain.eval_config import LinprobeConfig, ProbeTrain, RandomInit
+from pretrain.evaluation import eval_views, key_in_val, topk_hits, topk_scores, write_results
+from shards.decode import BadImage, decode_image
+from shards.images import iter_shard, list_shards
+from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 
 __all__ = ["LinprobeConfig", "ProbeTrain", "RandomInit", "linprobe", "train_probe"]
 
@@ -52,8 +66,6 @@ log = logging.getLogger(__name__)
 
 def image_source_fingerprint(images: str, shard_size: int) -> tuple[str, list]:
     """A hash of an image source (shard files with sizes/mtimes, folder member keys)."""
-    from shards.images import list_shards
-
     shards = list_shards(images, shard_size=shard_size)
     h = hashlib.sha256()
     for shard in shards:
@@ -65,21 +77,12 @@ def image_source_fingerprint(images: str, shard_size: int) -> tuple[str, list]:
     return h.hexdigest(), shards
 
 
-def eval_views(image: Any, key: str, size: int) -> Any:
-    """The evaluation view of one decoded image: uint8 [3, size, size] (resize + centre crop)."""
-    from shards.views import AugConfig, render_view, sample_view
-
-    aug = AugConfig(size=size, eval_seed0=True, jitter=(), flip=False)
-    params = sample_view(aug, key, 0, image.width, image.height)
-    return render_view(image, params)
-
-
 def extract_features(
     backbone: Backbone,
     images: str,
     shard_size: int,
     batch_size: int,
-    device: Any,
+    device: torch.device,
     precision: str = "fp32",
 ) -> dict:
     """Run ``backbone`` once over every labelled image of ``images`` (under autocast at
@@ -88,14 +91,6 @@ def extract_features(
     Returns {"keys": [K], "labels": int64 [K], "cls": [K, D] or None, "mean": [K, D],
     "skipped": [(key, reason)]}; images with label -1 or that fail to decode are skipped.
     """
-    import torch
-    from tqdm import tqdm
-
-    from engine.precision import autocast
-    from shards.decode import BadImage, decode_image
-    from shards.images import iter_shard
-    from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
-
     _, shards = image_source_fingerprint(images, shard_size)
     backbone.module.to(device)
     keys: list[str] = []
@@ -152,13 +147,13 @@ def extract_features(
     }
 
 
-def cached_features(cfg: LinprobeConfig, backbone: Backbone, images: str, device: Any) -> dict:
+def cached_features(
+    cfg: LinprobeConfig, backbone: Backbone, images: str, device: torch.device
+) -> dict:
     """``extract_features`` through the cache ``out_dir/features-<hash>.pt``.
 
     ``cfg.train.precision`` must be resolved (``fp32``/``bf16``/``fp16``): it is part of the key.
     """
-    from engine.checkpoint import load_file, save_atomic
-
     source_fp, _ = image_source_fingerprint(images, cfg.shard_size)
     view = {"size": backbone.image_size, "view": "eval-centre-crop-0.875", "norm": "imagenet"}
     if cfg.train.precision != "fp32":  # fp32 keys stay those of caches written before precision
@@ -181,34 +176,21 @@ def cached_features(cfg: LinprobeConfig, backbone: Backbone, images: str, device
 # The classifier
 
 
-def key_in_val(key: str, fraction: float) -> bool:
-    """Deterministic hold-out by key hash (independent of order and backbone)."""
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-    return h / 2**64 < fraction
-
-
 def train_probe(
-    x_train: Any,
-    y_train: Any,
-    x_val: Any,
-    y_val: Any,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
     num_classes: int,
     spec: ProbeTrain,
-    metrics: Any = None,
+    metrics: MetricsWriter | None = None,
 ) -> dict:
     """Standardise + Linear trained with AdamW and the shared cosine schedule (no warmup).
 
     Returns top-1 (%) on val and train, and top-5 (%) on val only when there are more than 5
     classes (with 5 or fewer, top-5 is 100% by construction and says nothing: None then).
-    ``metrics``: an ``engine.metrics.MetricsWriter`` for the classifier's loss, or None.
+    ``metrics``: where the classifier's loss goes, or None.
     """
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-
-    from engine.optim import set_lr
-    from engine.schedule import Schedule
-
     gen = torch.Generator().manual_seed(spec.seed)
     mean = x_train.mean(0, keepdim=True)
     std = x_train.std(0, keepdim=True).clamp_min(1e-6)
@@ -216,7 +198,7 @@ def train_probe(
     head = torch.nn.Linear(xt.shape[1], num_classes)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    peak = spec.blr * spec.batch_size / ProbeTrain.REFERENCE_BATCH
+    peak = scaled_lr(spec.blr, spec.batch_size, ProbeTrain.REFERENCE_BATCH)
     opt = torch.optim.AdamW(head.parameters(), lr=peak, weight_decay=spec.weight_decay)
     schedule = Schedule(peak, max(spec.steps, 1))
     n = xt.shape[0]
@@ -238,11 +220,8 @@ def train_probe(
     def accuracy(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float | None]:
         with torch.no_grad():
             logits = head(x)  # [n, C]
-        top = logits.topk(min(5, num_classes), dim=1).indices  # [n, k]
-        top1 = 100 * (top[:, 0] == y).float().mean().item()
-        if num_classes <= 5:
-            return top1, None
-        return top1, 100 * (top == y[:, None]).any(dim=1).float().mean().item()
+        scores = topk_scores(*topk_hits(logits, y), len(y), num_classes)
+        return scores["top1"], scores.get("top5")
 
     top1, top5 = accuracy(xv, y_val)
     train_top1, _ = accuracy(xt, y_train)
@@ -251,26 +230,16 @@ def train_probe(
 
 def linprobe(cfg: LinprobeConfig) -> dict:
     """Run the linear probe described by ``cfg``; writes results.json and returns it."""
-    import dataclasses
-
-    import torch
-
-    from engine.checkpoint import write_bytes_atomic
-    from engine.config import save_config, to_dict
-    from engine.device import resolve_device
-    from engine.errors import UserError
-    from engine.metrics import MetricsWriter
-    from engine.precision import resolve_precision
-
     if not cfg.images:
         raise UserError("no labelled images given; pass images=<folder, shards or parquet>")
     start = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    with start_run(cfg, data_parallel=False) as run:
+        return _probe(run, start)
+
+
+def _probe(run: Run[LinprobeConfig], start: float) -> dict:
+    """Features (cached), the split, the classifier; results.json."""
+    cfg, device, out = run.cfg, run.device, run.out
     backbone = load_backbone(cfg)
     if cfg.image_size and not cfg.backbone.startswith("teacher:"):
         raise UserError(
@@ -298,7 +267,7 @@ def linprobe(cfg: LinprobeConfig) -> dict:
         xt, yt, xv, yv = x[~in_val], y[~in_val], x[in_val], y[in_val]
         val_path = feats["path"]
     num_classes = int(max(int(yt.max()), int(yv.max())) + 1)
-    with MetricsWriter(out, cfg.log, config=to_dict(cfg)) as metrics:
+    with run.metrics() as metrics:
         scores = train_probe(xt, yt, xv, yv, num_classes, cfg.train, metrics)
     results = {
         **{k: None if v is None else round(v, 2) for k, v in scores.items()},
@@ -306,7 +275,7 @@ def linprobe(cfg: LinprobeConfig) -> dict:
         "backbone_fingerprint": backbone.fingerprint,
         "backbone_info": backbone.description,
         "pool": pool,
-        "precision": precision,
+        "precision": cfg.train.precision,
         "feature_dim": int(x.shape[1]),
         "num_classes": num_classes,
         "num_train": int(len(yt)),
@@ -316,6 +285,6 @@ def linprobe(cfg: LinprobeConfig) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "out_dir": str(out),
     }
-    write_bytes_atomic(out / "results.json", json.dumps(results, indent=2).encode())
+    write_results(out, results)
     log.info("linprobe %s: top1 %.2f%% (top5 %s)", cfg.backbone, results["top1"], results["top5"])
     return results

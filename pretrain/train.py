@@ -3,17 +3,17 @@
 ``pretrain(cfg)`` wires things: the token dataset is checked against the model, the data path of
 ``pretrain.data`` feeds the loop of ``pretrain.loop`` (AdamW with fp32 master weights, the shared
 warmup + cosine schedule per step, gradient clipping, autocast at ``train.precision``, DDP under
-``torchrun``), checkpoints are written atomically after every ``save_every`` epochs, and every
-run ends with a timm-loadable backbone (``pretrain.export``).
+``torchrun`` or ``srun``), checkpoints are written atomically after every ``save_every`` epochs,
+and every run ends with a timm-loadable backbone (``pretrain.export``).
 
 Resuming is exact: checkpoints are taken at epoch boundaries, and everything random inside an
 epoch (shard order, view choice, masks, shuffle buffer, drop path) is seeded from (run seed,
-epoch[, rank]), so ``k`` epochs + resume equals an uninterrupted run bit for bit.
+epoch[, rank]), so ``k`` epochs + resume equals an uninterrupted run bit for bit, and a
+checkpoint holds no generator state.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from dataclasses import asdict, fields
@@ -23,15 +23,14 @@ from typing import Any
 import torch
 
 from engine.checkpoint import load_file, save_atomic
-from engine.config import save_config, to_dict
-from engine.device import resolve_device
+from engine.config import to_dict
 from engine.distributed import Distributed
 from engine.errors import UserError
-from engine.metrics import METRICS, MetricsWriter
+from engine.metrics import METRICS
 from engine.optim import adamw, param_groups
 from engine.plots import Panel, plot_metrics
-from engine.precision import resolve_precision
 from engine.schedule import Schedule
+from engine.start import Run, start_run
 from pretrain.config import PretrainConfig
 from pretrain.data import MIMDataset
 from pretrain.export import export_backbone
@@ -40,6 +39,7 @@ from pretrain.masking import num_masked_for
 from pretrain.model import BEiTConfig, BEiTv2, beit_config
 from shards.reader import TokenDataset
 from shards.token_sets import resolve
+from tokenize_corpus.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +87,22 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Stage 3: pretrain BEiT v2 (see module docstring); returns paths and final accuracies."""
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-    ddp = Distributed.setup(device)
-    try:
-        loop = _start(cfg, device, ddp)
+    with start_run(cfg) as run:
+        loop = _start(run)
+        t, ddp = loop.cfg.train, loop.ddp
         last: dict[str, float] = {"mim_acc": float("nan"), "head_acc": float("nan")}
-        for epoch in range(loop.start_epoch, cfg.train.epochs):
+        for epoch in range(loop.start_epoch, t.epochs):
             last = run_epoch(loop, epoch)
             done = epoch + 1
-            if ddp.main and (done % max(1, cfg.train.save_every) == 0 or done == cfg.train.epochs):
+            if ddp.main and (done % max(1, t.save_every) == 0 or done == t.epochs):
                 _save_checkpoint(loop.out / CHECKPOINT, _checkpoint_payload(loop, done))
             ddp.barrier()
         return _finish(loop, last)
-    finally:
-        ddp.close()
 
 
-def _start(cfg: PretrainConfig, device: torch.device, ddp: Distributed) -> Loop:
+def _start(run: Run[PretrainConfig]) -> Loop:
     """Everything the loop needs: data, model, optimiser, targets, metrics; resumed if asked."""
-    out = Path(cfg.out_dir)
-    if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    cfg, device, ddp, out = run.cfg, run.device, run.ddp, run.out
     if not cfg.tokens:
         raise UserError("tokens= is not set: pass the token dataset written by stage=tokenize")
     tokens = resolve(cfg.tokens, cfg.token_set).open()
@@ -128,7 +120,9 @@ def _start(cfg: PretrainConfig, device: torch.device, ddp: Distributed) -> Loop:
     steps = _steps_per_epoch(cfg, dataset, per_rank_batch, ddp)
     total_steps, warmup_steps = sum(steps), sum(steps[: cfg.train.warmup_epochs])
 
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    # Seeded again (start_run seeded first): loading the online tokenizer draws from the
+    # generator, and both target modes must start from the same weights, on every rank.
+    torch.manual_seed(cfg.train.seed)
     model = BEiTv2(mcfg).to(device)
     t = cfg.train
     optimizer = adamw(
@@ -136,13 +130,9 @@ def _start(cfg: PretrainConfig, device: torch.device, ddp: Distributed) -> Loop:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     start_epoch, step = _resume(cfg, out / CHECKPOINT, mcfg, model, optimizer, scaler)
-    metrics = MetricsWriter(
-        out,
-        cfg.log,
-        enabled=ddp.main,
+    metrics = run.metrics(
         keep=(lambda r: r.get("epoch", 0) < start_epoch) if start_epoch else None,
         resume_step=step,
-        config=to_dict(cfg),
     )
     net = ddp.wrap(model, device)
     if t.compile:
@@ -170,8 +160,6 @@ def _online_tokenizer(
         return None
     if not cfg.tokenizer:
         raise UserError("targets=online needs tokenizer=<tokenizer checkpoint>")
-    from tokenize_corpus.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.tokenizer, device=str(device))
     # Online targets must be the same targets: same tokenizer as the stored ones (and, in the
     # loop, the same precision: the dataset's).
@@ -268,7 +256,6 @@ def _checkpoint_payload(loop: Loop, done: int) -> dict[str, Any]:
         "optimizer": loop.optimizer.state_dict(),
         "epoch": done,
         "step": loop.step,
-        "rng": {"torch": torch.get_rng_state()},
     }
     if loop.scaler.is_enabled():
         payload["scaler"] = loop.scaler.state_dict()

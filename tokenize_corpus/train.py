@@ -1,7 +1,8 @@
 """Stage 1: train a VQ-KD tokenizer by distilling a frozen teacher (docs/method.md §1).
 
-``pipeline run stage=vqkd images=<source> [preset=demo] ...`` runs :func:`vqkd`. One process or
-``torchrun --nproc_per_node N`` (DDP; gloo on CPU, nccl on GPUs). Outputs in ``out_dir``:
+``pipeline run stage=vqkd images=<source> [preset=demo] ...`` runs :func:`vqkd`. One process,
+``torchrun --nproc_per_node N`` or ``srun -n N`` (DDP; gloo on CPU, nccl on GPUs). Outputs in
+``out_dir``:
 ``config.yaml`` (first, with the resolved precision), ``checkpoint.pth`` (after every epoch,
 atomic; weights in the official tokenizer layout plus the optimiser state under ``train_state``),
 ``tokenizer.pth`` (the final tokenizer for stage 2), ``metrics.jsonl`` (+ TensorBoard events in
@@ -16,28 +17,28 @@ steps, and its data is a pure function of (seed, epoch) (``tokenize_corpus.vqkd_
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from engine.checkpoint import load_file
-from engine.config import save_config, to_dict
-from engine.device import resolve_device
+from engine.config import to_dict
 from engine.distributed import Distributed
 from engine.errors import UserError
 from engine.guards import check_finite
 from engine.metrics import METRICS, MetricsWriter
 from engine.optim import adamw, param_groups, set_lr
 from engine.plots import Panel, plot_metrics
-from engine.precision import autocast, resolve_precision
+from engine.precision import autocast
 from engine.schedule import Schedule
+from engine.start import Run, start_run
 from shards.images import list_shards
 from shards.views import AugConfig, to_unit
 from tokenize_corpus.config import VQKDConfig
@@ -87,9 +88,9 @@ def model_config(cfg: VQKDConfig, teacher_dim: int) -> VQKDModelConfig:
     )
 
 
-@dataclasses.dataclass
-class _Run:
-    """What the loop carries between epochs."""
+@dataclass
+class Loop:
+    """The state the stage-1 loop carries from epoch to epoch."""
 
     cfg: VQKDConfig
     out: Path
@@ -112,30 +113,21 @@ def fit(cfg: VQKDConfig) -> tuple[dict[str, Any], VQKD]:
     if not cfg.images:
         raise UserError("images is empty; pass images=<folder, tar shards or parquet files>")
     start_time = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-    ddp = Distributed.setup(device)
-    try:
-        run, start_epoch = _start(cfg, device, ddp)
-        last_eval = _train(run, start_epoch)
-        return _finish(run, last_eval, start_time), run.model
-    finally:
-        ddp.close()
+    with start_run(cfg) as run:
+        loop, start_epoch = _start(run)
+        last_eval = _train(loop, start_epoch)
+        return _finish(loop, last_eval, start_time), loop.model
 
 
-def _start(cfg: VQKDConfig, device: torch.device, ddp: Distributed) -> tuple[_Run, int]:
-    """Build teacher, model, optimiser and metrics; resume from the checkpoint when asked."""
-    out = Path(cfg.out_dir)
-    if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+def _start(run: Run[VQKDConfig]) -> tuple[Loop, int]:
+    """Build teacher, model, optimiser and metrics; resume from the checkpoint when asked.
+    (start_run seeded torch: the same initial weights on every rank; DDP also broadcasts.)"""
+    cfg, device, ddp, out = run.cfg, run.device, run.ddp, run.out
     if cfg.train.batch_size % ddp.world_size:
         raise UserError(
             f"train.batch_size={cfg.train.batch_size} is not divisible by {ddp.world_size} "
             "processes; use a multiple of the process count"
         )
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     side = cfg.model.image_size // cfg.model.patch_size
     teacher = load_teacher(
         cfg.teacher.name, cfg.teacher.weights or None, (side, side), cfg.teacher.input_size
@@ -157,99 +149,94 @@ def _start(cfg: VQKDConfig, device: torch.device, ddp: Distributed) -> tuple[_Ru
         log.info("resumed from %s at epoch %d, step %d", checkpoint, start_epoch, step)
     elif t.resume:
         log.warning("train.resume=true but %s does not exist; starting from scratch", checkpoint)
-    metrics = MetricsWriter(
-        out,
-        cfg.log,
-        enabled=ddp.main,
-        keep=(lambda r: r["step"] <= step) if step else None,
-        resume_step=step,
-        config=to_dict(cfg),
-    )
+    metrics = run.metrics(keep=(lambda r: r["step"] <= step) if step else None, resume_step=step)
     # Buffers (the codebook) are kept in sync by the quantiser's all-reduced statistics, not by
     # DDP broadcasting rank 0's copy, so a desynchronised codebook would show in tests.
     net = ddp.wrap(model, device, broadcast_buffers=False)
     total = steps_per_epoch * t.epochs
     warmup = int(round(t.warmup_epochs * steps_per_epoch))
     schedule = Schedule(cfg.lr, total, warmup, floor=t.min_lr)
-    run = _Run(cfg, out, device, ddp, teacher, model, net, optimizer, schedule, metrics,
-               steps_per_epoch, num_images, step, bad_images)  # fmt: skip
-    return run, start_epoch
+    loop = Loop(cfg, out, device, ddp, teacher, model, net, optimizer, schedule, metrics,
+                steps_per_epoch, num_images, step, bad_images)  # fmt: skip
+    return loop, start_epoch
 
 
-def _train(run: _Run, start_epoch: int) -> dict[str, float]:
+def _train(loop: Loop, start_epoch: int) -> dict[str, float]:
     """Epochs ``start_epoch..`` with a checkpoint after each; returns the last evaluation."""
-    cfg, t = run.cfg, run.cfg.train
+    cfg, t = loop.cfg, loop.cfg.train
     aug = AugConfig(
         size=cfg.model.image_size, scale=t.crop_scale, flip=True, jitter=(), eval_seed0=False
     )
-    rank_batch = t.batch_size // run.ddp.world_size
+    rank_batch = t.batch_size // loop.ddp.world_size
     dataset = TrainViews(
-        list_shards(cfg.images), aug, t.seed, run.steps_per_epoch, rank_batch, run.ddp.rank,
-        run.ddp.world_size,
+        list_shards(cfg.images), aug, t.seed, loop.steps_per_epoch, rank_batch, loop.ddp.rank,
+        loop.ddp.world_size,
     )  # fmt: skip
     eval_set = EvalSet(cfg.eval.images or cfg.images, cfg.eval.max_images, cfg.model.image_size)
     last_eval: dict[str, float] = {}
-    bar = _progress(run.steps_per_epoch * t.epochs, run.step, disable=not run.ddp.main)
+    bar = _progress(loop.steps_per_epoch * t.epochs, loop.step, disable=not loop.ddp.main)
     for epoch in range(start_epoch, t.epochs):
-        run.model.train()
+        loop.model.train()
         dataset.epoch = epoch
         loader = DataLoader(dataset, batch_size=None, num_workers=t.num_workers)
         sums = {"loss": 0.0, "rec_cosine": 0.0, "commit_loss": 0.0}
         for batch in loader:
-            values = _step(run, batch, epoch)
+            values = _step(loop, batch, epoch)
             for key in sums:
                 sums[key] += values[key]
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}", cos=f"{values['rec_cosine']:.3f}")
-        record: dict[str, Any] = {"kind": "epoch", "step": run.step, "epoch": epoch}
-        record.update({k: v / run.steps_per_epoch for k, v in sums.items()})
+        record: dict[str, Any] = {"kind": "epoch", "step": loop.step, "epoch": epoch}
+        record.update({k: v / loop.steps_per_epoch for k, v in sums.items()})
         last_epoch = epoch == t.epochs - 1
         if last_epoch or (t.eval_every > 0 and (epoch + 1) % t.eval_every == 0):
-            last_eval = evaluate(run.model, run.teacher, eval_set, run.device, run.ddp, t.precision)
+            last_eval = evaluate(
+                loop.model, loop.teacher, eval_set, loop.device, loop.ddp, t.precision
+            )
             record.update({f"eval_{k}": v for k, v in last_eval.items()})
-        record["bad_images"] = run.bad_images
-        if run.ddp.main:
-            run.metrics.write(record)
+        record["bad_images"] = loop.bad_images
+        if loop.ddp.main:
+            loop.metrics.write(record)
             _save_checkpoint(
-                run.out / CHECKPOINT, run.model, run.optimizer, cfg, run.step, epoch + 1,
-                run.bad_images,
+                loop.out / CHECKPOINT, loop.model, loop.optimizer, cfg, loop.step, epoch + 1,
+                loop.bad_images,
             )  # fmt: skip
             log.info("epoch %d: %s", epoch, json.dumps(record))
-        run.ddp.barrier()
+        loop.ddp.barrier()
     bar.close()
     if not last_eval:  # resumed after the last epoch: evaluate what is there
-        last_eval = evaluate(run.model, run.teacher, eval_set, run.device, run.ddp, t.precision)
+        last_eval = evaluate(loop.model, loop.teacher, eval_set, loop.device, loop.ddp, t.precision)
     return last_eval
 
 
-def _step(run: _Run, batch: dict[str, Any], epoch: int) -> dict[str, float]:
+def _step(loop: Loop, batch: dict[str, Any], epoch: int) -> dict[str, float]:
     """One optimiser step; returns the rank-averaged losses (and logs them every log_every)."""
-    t = run.cfg.train
-    lr = run.schedule(run.step)
-    set_lr(run.optimizer, lr)
+    t = loop.cfg.train
+    lr = loop.schedule(loop.step)
+    set_lr(loop.optimizer, lr)
     tic = time.perf_counter()
-    views = to_unit(batch["views"]).to(run.device, non_blocking=True)  # [B, 3, H, W]
-    with autocast(t.precision, run.device):
+    views = to_unit(batch["views"]).to(loop.device, non_blocking=True)  # [B, 3, H, W]
+    with autocast(t.precision, loop.device):
         with torch.no_grad():
-            features = run.teacher(views)  # [B, N, Dt]
-        result = run.net(views, features)
-    run.optimizer.zero_grad(set_to_none=True)
+            features = loop.teacher(views)  # [B, N, Dt]
+        result = loop.net(views, features)
+    loop.optimizer.zero_grad(set_to_none=True)
     result["loss"].backward()
-    run.optimizer.step()
-    run.step += 1
-    run.bad_images += int(batch["bad"])
+    loop.optimizer.step()
+    loop.step += 1
+    loop.bad_images += int(batch["bad"])
     stacked = torch.stack(
         [result[k].detach().float() for k in ("loss", "rec_cosine", "commit_loss")]
     )
-    run.ddp.sum_(stacked)
-    loss, cosine, commit = (stacked / run.ddp.world_size).tolist()
-    check_finite(loss, run.step, epoch)
+    loop.ddp.sum_(stacked)
+    loss, cosine, commit = (stacked / loop.ddp.world_size).tolist()
+    check_finite(loss, loop.step, epoch)
     values = {"loss": loss, "rec_cosine": cosine, "commit_loss": commit}
-    if run.ddp.main and (run.step % t.log_every == 0 or run.step == 1):
-        run.metrics.write(
+    if loop.ddp.main and (loop.step % t.log_every == 0 or loop.step == 1):
+        loop.metrics.write(
             {
                 "kind": "step",
-                "step": run.step,
+                "step": loop.step,
                 "epoch": epoch,
                 **values,
                 "lr": lr,
@@ -259,9 +246,9 @@ def _step(run: _Run, batch: dict[str, Any], epoch: int) -> dict[str, float]:
     return values
 
 
-def _finish(run: _Run, last_eval: dict[str, float], start_time: float) -> dict[str, Any]:
+def _finish(loop: Loop, last_eval: dict[str, float], start_time: float) -> dict[str, Any]:
     """Write the tokenizer and the plot (rank 0); the run's summary."""
-    out = run.out
+    out = loop.out
     summary = {
         "checkpoint": str(out / CHECKPOINT),
         "tokenizer": str(out / TOKENIZER),
@@ -271,17 +258,17 @@ def _finish(run: _Run, last_eval: dict[str, float], start_time: float) -> dict[s
         "codebook_usage_fraction": last_eval.get("codebook_usage_fraction"),
         "perplexity": last_eval.get("perplexity"),
         "rec_cosine": last_eval.get("rec_cosine"),
-        "precision": run.cfg.train.precision,
-        "steps": run.step,
-        "train_images": run.num_images,
-        "bad_images": run.bad_images,
+        "precision": loop.cfg.train.precision,
+        "steps": loop.step,
+        "train_images": loop.num_images,
+        "bad_images": loop.bad_images,
         "seconds": round(time.perf_counter() - start_time, 1),
     }
-    run.metrics.close()
-    if run.ddp.main:
-        save_tokenizer(run.model, out / TOKENIZER, extra={"teacher": run.cfg.teacher.name})
+    loop.metrics.close()
+    if loop.ddp.main:
+        save_tokenizer(loop.model, out / TOKENIZER, extra={"teacher": loop.cfg.teacher.name})
         plot_metrics(out / METRICS, out / PLOT, PANELS)
-    run.ddp.barrier()
+    loop.ddp.barrier()
     return summary
 
 
@@ -373,6 +360,4 @@ def _load_checkpoint(
 
 
 def _progress(total: int, initial: int, disable: bool) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc="vqkd", unit="step", disable=disable)

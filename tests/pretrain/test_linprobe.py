@@ -9,6 +9,7 @@ import torch
 from engine.config import build_config
 from pipeline.demo_corpus import build_demo_corpus
 from pretrain import linprobe as lp
+from pretrain.evaluation import key_in_val
 from pretrain.model import BEiTConfig, BEiTv2
 
 TINY = dict(image_size=32, patch_size=8, width=32, depth=1, heads=2, vocab_size=16)
@@ -60,9 +61,9 @@ def test_random_backbone_probe_and_cache(tmp_path, corpus, monkeypatch):
 
 def test_split_is_by_key_hash():
     keys = [f"class/img_{i}" for i in range(2000)]
-    val = [k for k in keys if lp.key_in_val(k, 0.2)]
+    val = [k for k in keys if key_in_val(k, 0.2)]
     assert 300 < len(val) < 500
-    assert val == [k for k in reversed(keys) if lp.key_in_val(k, 0.2)][::-1]
+    assert val == [k for k in reversed(keys) if key_in_val(k, 0.2)][::-1]
 
 
 def test_checkpoint_and_timm_export_give_same_features(tmp_path, corpus):
