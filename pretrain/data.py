@@ -41,8 +41,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pretrain.masking import block_mask
 from pretrain.matching import PretrainDataError, ShardInfo, ShardPlan, plan_shards
 from shards.decode import decode_image
+from shards.errors import TokenDatasetMismatch
 from shards.images import ImageShard, iter_shard, list_shards
-from shards.reader import TokenDataset, TokenDatasetMismatch
+from shards.reader import TokenDataset
 from shards.verify import check_image_digest, preflight
 from shards.views import (
     IMAGENET_MEAN,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from shards.images import BadShard, ImageShard, list_keys
 from shards.key_index import KeyIndex
 from shards.reader import TokenDataset
-from shards.verify import DataIntegrityError
+from shards.errors import DataIntegrityError
 
 log = logging.getLogger(__name__)
 

@@ -1,26 +1,34 @@
-"""One token-dataset directory: its filesystem, paths, receipts, manifest, config and lock.
+"""One token-dataset directory, and the one object that reads and writes it: :class:`TokenDatasetDir`.
 
-:class:`TokenDatasetDir` is what the stage-2 driver holds for ``out_dir`` (docs/design.md §3-§4):
-the filesystem is resolved once from the URL, and every question about the directory (which
-shards have a receipt, are their files intact, is another run writing here) is a method. It
-pickles as its URL, so a Dask task can carry it.
+Everything about a dataset's directory goes through this object (docs/design.md §3-§4): the
+filesystem is resolved once from the URL, and every file it holds has a method: a shard's token
+files and receipt (:meth:`~TokenDatasetDir.write_shard`, :meth:`~TokenDatasetDir.receipts`,
+:meth:`~TokenDatasetDir.damaged_files`), the manifest and the card, the run's config, the lock,
+and the names of its token sets. It pickles as its URL, so a Dask task can carry it.
+``shards.reader.TokenDataset`` reads the rows of a finished dataset through it.
+
+**Receipts.** A receipt is written last for its shard and marks it done. A receipt that is
+missing or cannot be parsed means the same thing everywhere: the shard is **not done**.
+:meth:`~TokenDatasetDir.receipt` returns None for it, :meth:`~TokenDatasetDir.receipts` leaves
+it out (logging the unreadable ones), the stage-2 driver redoes the shard, and a reader of the
+finished dataset (whose manifest holds a copy of every receipt) refuses a shard without one.
 
 Layout (names from ``shards.schema``)::
 
-    <root>/config.yaml            the last run's resolved config (what the user asked for)
+    <root>/config.yaml             the last run's resolved config (what the user asked for)
     <root>/receipts/shard-<i>.json one per finished image shard; written last, marks it done
-    <root>/parquet/seed=<s>/...   token files listed in the receipts
+    <root>/parquet/seed=<s>/...    token files listed in the receipts
     <root>/wds/tokens-<i>.tar.gz
-    <root>/manifest.json          assembled from the receipts when every shard is done
-    <root>/README.md              the dataset card
-    <root>/.lock                  held (flock) while a run writes here (local disks)
-    <root>/.lock.json             the same for object stores: a heartbeat record
+    <root>/manifest.json           assembled from the receipts when every shard is done
+    <root>/README.md               the dataset card
+    <root>/token_sets/<name>/      another tokenizer's targets for the same views (a dataset too)
+    <root>/.lock                   held (flock) while a run writes here (local disks)
+    <root>/.lock.json              the same for object stores: a heartbeat record
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -28,12 +36,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from engine.errors import UserError
-from shards import schema
-from shards.manifest import dataset_fs, dumps, is_local, join, read_json
+from shards import card, schema
+from shards.errors import DatasetBusy
+from shards.manifest import build_manifest
+from shards.storage import dataset_fs, dumps, file_sha256, is_local, join, publish, read_json
+from shards.writer import TokenRow, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +56,6 @@ HEARTBEAT_SECONDS = 20.0
 STALE_SECONDS = 90.0
 # Folders holding token files; anything in them that no receipt lists is an orphan.
 DATA_DIRS = (schema.PARQUET_DIR, schema.WDS_DIR)
-
-
-class DatasetBusy(UserError):
-    """Another run is writing into the same token-dataset directory."""
 
 
 class TokenDatasetDir:
@@ -86,10 +92,11 @@ class TokenDatasetDir:
     def read_json(self, relative: str) -> Any:
         return read_json(self.fs, self.path(relative))
 
-    def write_bytes(self, relative: str, data: bytes) -> None:
-        """Publish ``data`` at ``relative`` atomically (``shards.writer.publish``)."""
-        from shards.writer import publish
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self.path(relative))
 
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Publish ``data`` at ``relative`` atomically (``shards.storage.publish``)."""
         self.fs.makedirs(self.root, exist_ok=True)
         publish(self.fs, self.path(relative), data)
 
@@ -102,72 +109,116 @@ class TokenDatasetDir:
         return True
 
     def sha256(self, relative: str) -> str:
-        """Hex sha256 of a member's bytes, read in 4 MiB blocks."""
-        digest = hashlib.sha256()
-        with self.fs.open(self.path(relative), "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        """Hex sha256 of a member's bytes."""
+        return file_sha256(self.fs, self.path(relative))
 
-    # ---- receipts and manifest -----------------------------------------------------------------
+    # ---- shards: token files and receipts ------------------------------------------------------
 
     def receipt(self, shard_index: int) -> dict | None:
-        """The receipt of image shard ``shard_index``, or None when it has none."""
-        try:
-            return self.read_json(schema.receipt_path(shard_index))
-        except FileNotFoundError:
+        """The receipt of image shard ``shard_index``; None when the shard is not done (no
+        receipt, or one that cannot be parsed: see the module docstring)."""
+        path = self.path(schema.receipt_path(shard_index))
+        receipt = self._read_receipt(path)
+        if receipt is not None and receipt["shard_index"] != shard_index:
+            log.warning("ignoring receipt %s: it names shard %s", path, receipt["shard_index"])
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None  # a damaged receipt marks nothing done
+        return receipt
 
     def receipts(self) -> dict[int, dict]:
-        """Every readable receipt, by shard index."""
+        """Every readable receipt, by shard index (unreadable ones are logged and left out)."""
         folder = self.path(schema.RECEIPTS_DIR)
         if not self.fs.exists(folder):
             return {}
         found: dict[int, dict] = {}
         for path in sorted(self.fs.ls(folder, detail=False)):
             name = str(path).rsplit("/", 1)[-1]
-            if not (name.startswith("shard-") and name.endswith(".json")):
-                continue
-            try:
-                receipt = read_json(self.fs, path)
-                found[int(receipt["shard_index"])] = receipt
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-                log.warning("ignoring unreadable receipt %s", path)
+            if name.startswith("shard-") and name.endswith(".json"):
+                receipt = self._read_receipt(str(path))
+                if receipt is not None:
+                    found[receipt["shard_index"]] = receipt
         return found
 
-    def manifest(self) -> dict | None:
-        """manifest.json, or None when the dataset is not complete."""
+    def _read_receipt(self, path: str) -> dict | None:
         try:
-            return self.read_json(schema.MANIFEST_NAME)
+            receipt = read_json(self.fs, path)
+            receipt["shard_index"] = int(receipt["shard_index"])
+            return receipt
         except FileNotFoundError:
             return None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignoring unreadable receipt %s: its shard counts as not done", path)
+            return None
 
-    def withdraw_manifest(self) -> None:
-        """Remove manifest.json: the dataset is incomplete until a run finishes it again."""
-        self.remove(schema.MANIFEST_NAME)
+    def write_shard(
+        self,
+        shard_index: int,
+        num_shards: int,
+        image_shard_url: str,
+        seeds: Sequence[int],
+        rows: Sequence[TokenRow],
+        skipped: Sequence[tuple[str, str]],
+        formats: Sequence[str] = schema.FORMATS,
+        *,
+        tokenizer: dict | None = None,
+        num_tokens: int | None = None,
+        image_shard_info: dict | None = None,
+        job: dict | None = None,
+    ) -> dict:
+        """Publish every token file of image shard ``shard_index``, then its receipt; return it.
 
-    def damaged_files(self, receipt: dict) -> list[str]:
-        """The files of ``receipt`` that are missing or whose size or sha256 differ from it."""
-        damaged = []
+        rows: in image-shard order; skipped: (key, reason) of each image that produced no row.
+        tokenizer, num_tokens: see ``shards.writer.shard_files``.
+        image_shard_info: facts about the image shard for the receipt (kind, size, sha256, ...).
+        job: the identity of the job that made the shard (tokenizer fingerprint, aug, seeds,
+            precision, ...; ``tokenize_corpus.identity.job_identity``), stored in the receipt.
+        """
+        num_tokens, files = shard_files(
+            shard_index, num_shards, seeds, rows, formats, tokenizer, num_tokens
+        )
+        # A redo first withdraws the old receipt: until the new one lands the shard is not done.
+        self.remove(schema.receipt_path(shard_index))
+        for entry, data in files:
+            self.write_bytes(entry["path"], data)
+        receipt = {
+            "schema_version": schema.SCHEMA_VERSION,
+            "shard_index": int(shard_index),
+            "num_shards": int(num_shards),
+            "image_shard": {
+                "url": str(image_shard_url),
+                "index": int(shard_index),
+                **(image_shard_info or {}),
+            },
+            "seeds": [int(s) for s in seeds],
+            "num_tokens": num_tokens,
+            "rows": len(rows),
+            "skipped": [[str(k), str(r)] for k, r in skipped],
+            "files": [entry for entry, _ in files],
+        }
+        if job is not None:
+            receipt["job"] = job
+        self.write_bytes(schema.receipt_path(shard_index), dumps(receipt))
+        log.debug("shard %d: %d rows, %d skipped", shard_index, len(rows), len(skipped))
+        return receipt
+
+    def damaged_files(self, receipt: dict, checksum: bool = True) -> dict[str, str]:
+        """The files of ``receipt`` that are not as it records them: path -> what it is (missing, ...
+
+        The one intact-check of a shard: every file must exist with its recorded size and, with
+        ``checksum`` (the default), its recorded sha256. The size is compared first: it is
+        cheap, and a short file needs no hashing to be found.
+        """
+        damaged = {}
         for entry in receipt.get("files", []):
+            relative = entry["path"]
             try:
-                # the size first: cheap, and a short file needs no hashing to be found
-                intact = self.fs.size(self.path(entry["path"])) == entry["size"]
-                intact = intact and self.sha256(entry["path"]) == entry["sha256"]
+                size = self.fs.size(self.path(relative))
+                if size != entry["size"]:
+                    damaged[relative] = f"{size} bytes, its receipt says {entry['size']}"
+                elif checksum and self.sha256(relative) != entry["sha256"]:
+                    damaged[relative] = "damaged (its sha256 differs from its receipt)"
             except FileNotFoundError:
-                intact = False
-            if not intact:
-                damaged.append(entry["path"])
+                damaged[relative] = "missing"
         return damaged
-
-    def remove_shard(self, receipt: dict) -> None:
-        """Withdraw a shard: its receipt first (so it is never done with missing files), then
-        every file it lists."""
-        self.remove(schema.receipt_path(int(receipt["shard_index"])))
-        for entry in receipt.get("files", []):
-            self.remove(entry["path"])
 
     def renumber(self, receipt: dict, num_shards: int) -> dict:
         """Rename a shard's Parquet files to a new shard count and rewrite its receipt.
@@ -235,15 +286,56 @@ class TokenDatasetDir:
             log.info("removed %d partial files left by an interrupted run", len(stale))
         return len(stale)
 
+    # ---- manifest, card, config ----------------------------------------------------------------
+
+    def manifest(self) -> dict | None:
+        """manifest.json, or None when the dataset is not complete."""
+        try:
+            return self.read_json(schema.MANIFEST_NAME)
+        except FileNotFoundError:
+            return None
+
+    def withdraw_manifest(self) -> None:
+        """Remove manifest.json: the dataset is incomplete until a run finishes it again."""
+        self.remove(schema.MANIFEST_NAME)
+
+    def write_manifest(self, receipts: list[dict], info: dict) -> dict:
+        """Assemble manifest.json from ``receipts`` and the job's ``info``
+        (``shards.manifest.build_manifest``), publish it with the dataset card; return it."""
+        manifest = build_manifest(receipts, info)
+        self.write_bytes(schema.CARD_NAME, self._card(manifest))
+        self.write_bytes(schema.MANIFEST_NAME, dumps(manifest))
+        return manifest
+
+    def refresh_card(self) -> None:
+        """Rewrite the card of a finished dataset (after a token set was added to it)."""
+        self.write_bytes(schema.CARD_NAME, self._card(self.read_json(schema.MANIFEST_NAME)))
+
+    def _card(self, manifest: dict) -> bytes:
+        return card.render_card(manifest, self.named_sets()).encode("utf-8")
+
     def write_config(self, text: str) -> None:
         """Save the run's resolved config as ``config.yaml``."""
         self.write_bytes(CONFIG_NAME, text.encode("utf-8"))
 
-    def write_manifest(self, receipts: list[dict], info: dict) -> dict:
-        """manifest.json + the dataset card, assembled from ``receipts`` (shards.writer)."""
-        from shards.writer import write_manifest
+    # ---- token sets ----------------------------------------------------------------------------
 
-        return write_manifest(self.url, receipts, info)
+    def named_sets(self) -> list[str]:
+        """Names of the finished named token sets (``token_sets/<name>/manifest.json``), sorted.
+
+        Each is a token dataset of its own (``shards.token_sets``).
+        """
+        folder = self.path(schema.TOKEN_SETS_DIR)
+        if not self.fs.isdir(folder):
+            return []
+        names = []
+        for entry in self.fs.ls(folder, detail=False):
+            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if schema.TOKEN_SET_NAME.fullmatch(name) and self.exists(
+                f"{schema.TOKEN_SETS_DIR}/{name}/{schema.MANIFEST_NAME}"
+            ):
+                names.append(name)
+        return sorted(names)
 
     # ---- one writer at a time ------------------------------------------------------------------
 

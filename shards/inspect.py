@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shards.manifest import dataset_fs, is_local, named_sets
 from shards.reader import TokenDataset, open_token_dataset
 from shards.validate import parse_args
 
@@ -61,7 +60,7 @@ def summary(ds: TokenDataset, counts: np.ndarray) -> dict:
         "top_tokens": [[int(t), int(counts[t])] for t in order if counts[t] > 0],
         "bytes_per_token": totals.get("bytes_per_token"),
         # other tokenizers' targets for these views (shards.token_sets; inspect each by its path)
-        "token_sets": named_sets(ds.path),
+        "token_sets": ds.dir.named_sets(),
     }
 
 
@@ -154,8 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     path, options = parse_args(argv, ("out", "images", "shard_size", "keys"))
     ds = open_token_dataset(path)
-    fs, root = dataset_fs(path)
-    out = options.get("out") or (os.path.join(root, "inspect") if is_local(fs) else "inspect")
+    out = options.get("out") or (
+        os.path.join(ds.dir.root, "inspect") if ds.dir.local else "inspect"
+    )
     os.makedirs(out, exist_ok=True)
     counts = token_counts(ds)
     info = summary(ds, counts)

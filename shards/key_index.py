@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards import schema
-from shards.manifest import dataset_fs, join
+from shards.errors import MissingShards
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,10 @@ class KeyIndex:
 
 def shard_keys(ds, i: int) -> list[str]:
     """The keys of token shard ``i`` in row order, reading as little as possible."""
-    from shards.reader import MissingShards
-
-    fs, root = dataset_fs(ds.path)
     parquet = ds.files(i, schema.FORMAT_PARQUET)
     try:
         if parquet:
-            with fs.open(join(root, parquet[0]["path"]), "rb") as f:
+            with ds.dir.fs.open(ds.dir.path(parquet[0]["path"]), "rb") as f:
                 column = pq.read_table(f, columns=[schema.KEY]).column(0)
             return [str(k) for k in column.to_pylist()]
     except FileNotFoundError:

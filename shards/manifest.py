@@ -1,22 +1,17 @@
-"""The token dataset's index: where it lives (fsspec), its per-shard receipts and manifest.json.
+"""What ``manifest.json`` holds: :func:`build_manifest` assembles it from the per-shard receipts.
 
 A receipt (``receipts/shard-<i>.json``) is written last for each image shard and marks it done;
-the manifest is assembled from the receipts at the end of a run (docs/design.md §3-§4). Every read and
-write goes through fsspec, so a dataset may live on a local disk or an object store (``s3://``).
-``shards.dataset.TokenDatasetDir`` is the object a writer holds for one dataset directory; the
-functions here are the format-level pieces it and the readers share.
+when every shard is done the stage-2 driver assembles the manifest from the receipts and the
+job's facts (docs/design.md §3-§4) and ``shards.dataset.TokenDatasetDir.write_manifest``
+publishes it with the dataset card.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from typing import Any
-
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from shards import schema
 
@@ -35,72 +30,6 @@ SOFTWARE = (
     "distributed",
     "fsspec",
 )
-
-
-def dataset_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """A dataset URL or local path -> (filesystem, root path inside it without a trailing slash)."""
-    fs, root = fsspec.core.url_to_fs(str(path))
-    return fs, root.rstrip("/") or root
-
-
-def join(root: str, relative: str) -> str:
-    """Path of a dataset member: ``root/relative`` (fsspec paths always use '/')."""
-    return f"{root}/{relative}"
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """Local disks can rename atomically; object stores cannot (they publish the receipt last)."""
-    return isinstance(fs, LocalFileSystem)
-
-
-def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    """Parse one JSON file."""
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
-def dumps(obj: Any) -> bytes:
-    """Deterministic JSON bytes (sorted keys) so reruns write byte-identical receipts/manifests."""
-    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def named_sets(root_url: str) -> list[str]:
-    """Names of the finished named token sets of a dataset (``token_sets/<name>/manifest.json``).
-
-    See ``shards.token_sets``; listed here so the card writer can name them without the reader.
-    """
-    fs, root = dataset_fs(root_url)
-    folder = join(root, schema.TOKEN_SETS_DIR)
-    if not fs.isdir(folder):
-        return []
-    names = []
-    for entry in fs.ls(folder, detail=False):
-        name = str(entry).rstrip("/").rsplit("/", 1)[-1]
-        if schema.TOKEN_SET_NAME.fullmatch(name) and fs.exists(
-            join(join(folder, name), schema.MANIFEST_NAME)
-        ):
-            names.append(name)
-    return sorted(names)
-
-
-def read_receipt(out_dir: str, shard_index: int) -> dict | None:
-    """The receipt of image shard ``shard_index``, or None when it has none (not done)."""
-    fs, root = dataset_fs(out_dir)
-    path = join(root, schema.receipt_path(shard_index))
-    if not fs.exists(path):
-        return None
-    return read_json(fs, path)
-
-
-def read_receipts(out_dir: str) -> list[dict]:
-    """Every receipt under ``out_dir/receipts``, ordered by shard index."""
-    fs, root = dataset_fs(out_dir)
-    folder = join(root, schema.RECEIPTS_DIR)
-    if not fs.exists(folder):
-        return []
-    paths = sorted(p for p in fs.ls(folder, detail=False) if str(p).endswith(".json"))
-    receipts = [read_json(fs, p) for p in paths]
-    return sorted(receipts, key=lambda r: r["shard_index"])
 
 
 def software_versions() -> dict[str, str]:

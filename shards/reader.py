@@ -1,7 +1,9 @@
-"""Open a token dataset and read its shards back as TokenRows, checking it before anything is yielded.
+"""Read a finished token dataset's shards back as TokenRows, checking it before anything is yielded.
 
 Stage 3 calls ``open_token_dataset(path).check(...)`` with its tokenizer and model facts; a dataset
 made for another tokenizer, codebook or patch grid is refused with both values named (docs/design.md §3).
+The directory itself is read through ``shards.dataset.TokenDatasetDir``; the receipts a reader
+uses are the manifest's copies, and a shard without one is refused (``MissingShards``).
 """
 
 from __future__ import annotations
@@ -18,29 +20,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards import schema
-from shards.manifest import dataset_fs, join, read_json
-from shards.verify import CorruptTokenShard, DataIntegrityError, rerun_stage2
+from shards.dataset import TokenDatasetDir
+from shards.errors import CorruptTokenShard, MissingShards, TokenDatasetMismatch, rerun_stage2
 from shards.writer import TokenRow
-
-
-class TokenDatasetMismatch(DataIntegrityError):
-    """The token dataset does not match the tokenizer / model / schema it is used with."""
-
-
-class MissingShards(DataIntegrityError, FileNotFoundError):
-    """Shards of the token dataset are not there (the tokenize run failed or did not finish)."""
 
 
 def open_token_dataset(path: str) -> TokenDataset:
     """Open the token dataset at ``path`` (local or fsspec URL) from its manifest.json."""
-    fs, root = dataset_fs(path)
-    manifest_file = join(root, schema.MANIFEST_NAME)
-    if not fs.exists(manifest_file):
+    manifest = TokenDatasetDir(path).manifest()
+    if manifest is None:
         raise MissingShards(
             f"no {schema.MANIFEST_NAME} in token dataset {path}; the tokenize stage writes it at the "
             "end: rerun `pipeline run stage=tokenize` with the same out_dir to finish it"
         )
-    return TokenDataset(path, read_json(fs, manifest_file))
+    return TokenDataset(path, manifest)
 
 
 class TokenDataset:
@@ -55,6 +48,7 @@ class TokenDataset:
                 f"{schema.REGENERATE}, or read it with the matching version of this project"
             )
         self.path = str(path)
+        self.dir = TokenDatasetDir(self.path)
         self.manifest = manifest
         self.num_shards: int = int(manifest["num_shards"])
         self.seeds: tuple[int, ...] = tuple(int(s) for s in manifest["seeds"])
@@ -176,12 +170,11 @@ class TokenDataset:
             raise ValueError(
                 f"token dataset {self.path} has no {fmt} files (it has {sorted(formats)})"
             )
-        fs, root = dataset_fs(self.path)
         entries = self.files(i, fmt)
         if fmt == schema.FORMAT_PARQUET:
             by_seed = {int(e["seed"]): e for e in entries}
             entries = [by_seed[s] for s in wanted]
-        blobs = [self._read_file(fs, root, i, entry, verify) for entry in entries]
+        blobs = [self._read_file(i, entry, verify) for entry in entries]
         try:
             if fmt == schema.FORMAT_PARQUET:
                 return self._read_parquet(entries, blobs, wanted)
@@ -208,10 +201,9 @@ class TokenDataset:
             )
         return wanted
 
-    def _read_file(self, fs, root: str, i: int, entry: dict, verify: bool) -> bytes:
-        path = join(root, entry["path"])
+    def _read_file(self, i: int, entry: dict, verify: bool) -> bytes:
         try:
-            data = fs.cat_file(path)
+            data = self.dir.read_bytes(entry["path"])
         except FileNotFoundError:
             raise MissingShards(
                 rerun_stage2(

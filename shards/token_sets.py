@@ -25,17 +25,14 @@ from collections.abc import Sequence
 
 from engine.errors import UserError
 from shards import schema
-from shards.manifest import dataset_fs, join, named_sets, read_json
-from shards.reader import TokenDataset, TokenDatasetMismatch, open_token_dataset
+from shards.dataset import TokenDatasetDir
+from shards.errors import TokenDatasetMismatch, TokenSetNotFound
+from shards.reader import TokenDataset, open_token_dataset
 
 DEFAULT = "default"
 NAME = schema.TOKEN_SET_NAME
 # A fingerprint prefix must be this long to pick a set (shorter ones collide too easily).
 MIN_PREFIX = 8
-
-
-class TokenSetNotFound(UserError):
-    """``token_set=`` names no token set of the dataset (or several)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +87,9 @@ def token_sets(root: str) -> list[TokenSet]:
     """Every finished token set of the dataset at ``root``: the default one first."""
     default = open_token_dataset(root)
     sets = [TokenSet(DEFAULT, default.path, default.manifest)]
-    fs, base = dataset_fs(root)
-    for name in named_sets(root):
-        manifest = read_json(
-            fs, join(base, f"{schema.TOKEN_SETS_DIR}/{name}/{schema.MANIFEST_NAME}")
-        )
-        sets.append(TokenSet(name, set_url(root, name), manifest))
+    for name in default.dir.named_sets():
+        url = set_url(root, name)
+        sets.append(TokenSet(name, url, TokenDatasetDir(url).manifest()))
     return sets
 
 

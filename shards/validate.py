@@ -11,7 +11,6 @@ Prints every problem found and returns 1 when there is any, 0 otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -19,8 +18,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from shards import schema
-from shards.manifest import dataset_fs, join, read_json, read_receipts
-from shards.reader import TokenDataset, TokenDatasetMismatch
+from shards.dataset import TokenDatasetDir
+from shards.errors import TokenDatasetMismatch
+from shards.reader import TokenDataset
 from shards.token_sets import compare_views, token_sets
 
 log = logging.getLogger(__name__)
@@ -59,25 +59,11 @@ def image_alignment(
 
 def check_shard(ds: TokenDataset, receipt: dict, checksum: bool) -> list[str]:
     """Every problem of one shard's files (sizes, checksums, footers, counts, ranges, agreement)."""
-    fs, root = dataset_fs(ds.path)
     i = receipt["shard_index"]
+    damaged = ds.dir.damaged_files(receipt, checksum)
+    if damaged:
+        return [f"shard {i}: {path} is {why}" for path, why in damaged.items()]
     problems = []
-    for entry in receipt["files"]:
-        path = join(root, entry["path"])
-        if not fs.exists(path):
-            problems.append(f"shard {i}: file {entry['path']} is missing")
-            continue
-        size = fs.size(path)
-        if size != entry["size"]:
-            problems.append(
-                f"shard {i}: {entry['path']} is {size} bytes, its receipt says {entry['size']}"
-            )
-        elif checksum and hashlib.sha256(fs.cat_file(path)).hexdigest() != entry["sha256"]:
-            problems.append(
-                f"shard {i}: {entry['path']} sha256 differs from its receipt (corrupted)"
-            )
-    if problems:
-        return problems
     formats = sorted({e["format"] for e in receipt["files"]})
     if sorted(
         {e["seed"] for e in receipt["files"] if e["format"] == schema.FORMAT_PARQUET}
@@ -222,21 +208,23 @@ def validate(
     path: str, images: str | None = None, shard_size: int | None = None, checksum: bool = True
 ) -> list[str]:
     """Every problem of the token dataset at ``path``; an empty list means it is valid."""
-    fs, root = dataset_fs(path)
-    manifest_file = join(root, schema.MANIFEST_NAME)
-    if not fs.exists(manifest_file):
-        return [f"no {schema.MANIFEST_NAME} in {path}: the tokenize run did not finish"]
+    dataset = TokenDatasetDir(path)
     try:
-        ds = TokenDataset(path, read_json(fs, manifest_file))
+        manifest = dataset.manifest()
+        if manifest is None:
+            return [f"no {schema.MANIFEST_NAME} in {path}: the tokenize run did not finish"]
+        ds = TokenDataset(path, manifest)
     except (TokenDatasetMismatch, KeyError, TypeError, ValueError) as err:
         return [f"manifest: {err}"]
     problems = []
-    on_disk = {r["shard_index"]: r for r in read_receipts(path)}
+    on_disk = dataset.receipts()
     for i in ds.missing_shards:
         problems.append(f"shard {i}: no receipt in the manifest (the shard failed or never ran)")
     for i, receipt in sorted(ds.receipts.items()):
         if i not in on_disk:
-            problems.append(f"shard {i}: receipt file {schema.receipt_path(i)} is missing")
+            problems.append(
+                f"shard {i}: receipt file {schema.receipt_path(i)} is missing or unreadable"
+            )
         elif on_disk[i] != receipt:
             problems.append(f"shard {i}: receipt file differs from the manifest's copy")
         if receipt.get("schema_version") != schema.SCHEMA_VERSION:

@@ -1,12 +1,8 @@
-"""Write one image shard's tokens as Parquet + WebDataset files, then its receipt (docs/design.md §3-§4).
+"""One image shard's tokens encoded as Parquet + WebDataset files (docs/design.md §3).
 
 Every file is built in memory (a shard is small: 256 images x 4 seeds x 196 tokens is 400 KB of
-uint16) so its sha256 and size are known before it is published, and published atomically:
-
-- local disk: write a temporary file beside the target, fsync, ``os.replace``;
-- object stores (``s3://``...), which have no rename: PUT the final objects (each PUT is atomic),
-  then the receipt LAST. The receipt is what marks a shard done, so a crash in between leaves a
-  shard that the next run redoes.
+uint16) so its sha256 and size are known before ``shards.dataset.TokenDatasetDir.write_shard``
+publishes it (atomically, receipt last).
 
 Bytes are deterministic (no timestamps, fixed tar/gzip headers, sorted JSON, rows in image-shard
 order), so two runs of the same job give byte-identical files.
@@ -40,10 +36,7 @@ import gzip
 import hashlib
 import io
 import json
-import logging
-import os
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,25 +45,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards import card, schema
-from shards.manifest import (
-    build_manifest,
-    dataset_fs,
-    dumps,
-    is_local,
-    join,
-    named_sets,
-    read_json,
-    read_receipt,
-)
+from shards import schema
 from shards.tarfiles import add_member
 
 if TYPE_CHECKING:
-    import fsspec
-
     from shards.views import ViewParams
-
-log = logging.getLogger(__name__)
 
 ZSTD_LEVEL = 19  # 22 measured no smaller; a 50K-token file takes milliseconds at 19
 GZIP_LEVEL = 9
@@ -196,52 +175,22 @@ def wds_bytes(rows: Sequence[TokenRow]) -> bytes:
     return raw.getvalue()
 
 
-def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Make ``data`` appear at ``path`` all at once (see the module docstring)."""
-    if not is_local(fs):
-        fs.pipe_file(path, data)
-        return
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_shard(
-    out_dir: str,
+def shard_files(
     shard_index: int,
     num_shards: int,
-    image_shard_url: str,
-    seeds: tuple[int, ...],
-    rows: list[TokenRow],
-    skipped: list[tuple[str, str]],
-    formats: tuple[str, ...] = schema.FORMATS,
-    *,
+    seeds: Sequence[int],
+    rows: Sequence[TokenRow],
+    formats: Sequence[str] = schema.FORMATS,
     tokenizer: dict | None = None,
     num_tokens: int | None = None,
-    image_shard_info: dict | None = None,
-    job: dict | None = None,
-) -> dict:
-    """Write every file of image shard ``shard_index``, then its receipt; return the receipt.
+) -> tuple[int, list[tuple[dict, bytes]]]:
+    """The token files of image shard ``shard_index``: (tokens per view, [(receipt entry, bytes)]).
 
     rows: in image-shard order (never sorted: token shard i aligns with image shard i).
-    skipped: (key, reason) of each image that produced no row.
     tokenizer: Tokenizer.describe() (fingerprint, codebook_size, grid); stored in every file's
         footer and used to range-check tokens.
     num_tokens: tokens per view, needed only when ``rows`` is empty and ``tokenizer`` has no grid.
-    image_shard_info: extra facts about the image shard for the receipt (size, sha256, ...).
-    job: the identity of the job that made the shard (tokenizer fingerprint, aug, seeds,
-        precision, ...; ``tokenize_corpus.identity.job_identity``), stored in the receipt.
+    Each entry has the file's ``path``, ``format``, ``seed``, ``rows``, ``size`` and ``sha256``.
     """
     unknown = set(formats) - set(schema.FORMATS)
     if unknown:
@@ -255,92 +204,27 @@ def write_shard(
     elif num_tokens is None and grid:
         num_tokens = int(grid[0]) * int(grid[1])
     if num_tokens is None:
-        raise ValueError("write_shard got no rows: pass num_tokens= or tokenizer= with a grid")
+        raise ValueError("a shard without rows needs num_tokens= or tokenizer= with a grid")
     codebook_size = tokenizer.get("codebook_size")
     _check_rows(rows, seeds, num_tokens, codebook_size)
-
-    fs, root = dataset_fs(out_dir)
-    receipt_file = join(root, schema.receipt_path(shard_index))
-    # A redo first withdraws the old receipt: until the new one lands the shard is not done.
-    if fs.exists(receipt_file):
-        fs.rm(receipt_file)
     metadata = schema.schema_metadata(num_tokens, codebook_size, grid, tokenizer.get("fingerprint"))
     outputs: list[tuple[dict, bytes]] = []
     if schema.FORMAT_PARQUET in formats:
         for position, seed in enumerate(seeds):
-            data = parquet_bytes(rows, position, num_tokens, metadata)
-            entry = {"format": schema.FORMAT_PARQUET, "seed": int(seed), "rows": len(rows)}
-            outputs.append(
-                ({"path": schema.parquet_path(seed, shard_index, num_shards), **entry}, data)
-            )
+            entry = {
+                "path": schema.parquet_path(seed, shard_index, num_shards),
+                "format": schema.FORMAT_PARQUET,
+                "seed": int(seed),
+                "rows": len(rows),
+            }
+            outputs.append((entry, parquet_bytes(rows, position, num_tokens, metadata)))
     if schema.FORMAT_WEBDATASET in formats:
-        entry = {"format": schema.FORMAT_WEBDATASET, "seed": None, "rows": len(rows)}
-        outputs.append(({"path": schema.wds_path(shard_index), **entry}, wds_bytes(rows)))
-    files = []
-    for entry, data in outputs:
-        publish(fs, join(root, entry["path"]), data)
-        files.append({**entry, "size": len(data), "sha256": _sha256(data)})
-    receipt = {
-        "schema_version": schema.SCHEMA_VERSION,
-        "shard_index": int(shard_index),
-        "num_shards": int(num_shards),
-        "image_shard": {
-            "url": str(image_shard_url),
-            "index": int(shard_index),
-            **(image_shard_info or {}),
-        },
-        "seeds": [int(s) for s in seeds],
-        "num_tokens": num_tokens,
-        "rows": len(rows),
-        "skipped": [[str(k), str(r)] for k, r in skipped],
-        "files": files,
-    }
-    if job is not None:
-        receipt["job"] = job
-    publish(fs, receipt_file, dumps(receipt))
-    log.debug("shard %d: %d rows, %d skipped", shard_index, len(rows), len(skipped))
-    return receipt
-
-
-def shard_done(out_dir: str, shard_index: int, checksum: bool = False) -> bool:
-    """Whether image shard ``shard_index`` is done: its receipt exists and its files match it.
-
-    Sizes are always compared; ``checksum=True`` also re-hashes every file (slower).
-    """
-    receipt = read_receipt(out_dir, shard_index)
-    if receipt is None or receipt.get("schema_version") != schema.SCHEMA_VERSION:
-        return False
-    fs, root = dataset_fs(out_dir)
-    for entry in receipt["files"]:
-        path = join(root, entry["path"])
-        try:
-            if fs.size(path) != entry["size"]:
-                return False
-        except FileNotFoundError:
-            return False
-        if checksum and _sha256(fs.cat_file(path)) != entry["sha256"]:
-            return False
-    return True
-
-
-def write_manifest(out_dir: str, receipts: list[dict], info: dict) -> dict:
-    """Write manifest.json (assembled from ``receipts`` + the job's ``info``) and the README.md card.
-
-    See ``shards.manifest.build_manifest`` for what ``info`` holds. Returns the manifest.
-    """
-    fs, root = dataset_fs(out_dir)
-    manifest = build_manifest(receipts, info)
-    publish(fs, join(root, schema.CARD_NAME), _card(out_dir, manifest))
-    publish(fs, join(root, schema.MANIFEST_NAME), dumps(manifest))
-    return manifest
-
-
-def refresh_card(out_dir: str) -> None:
-    """Rewrite the README.md card of a finished dataset (after a token set was added to it)."""
-    fs, root = dataset_fs(out_dir)
-    manifest = read_json(fs, join(root, schema.MANIFEST_NAME))
-    publish(fs, join(root, schema.CARD_NAME), _card(out_dir, manifest))
-
-
-def _card(out_dir: str, manifest: dict) -> bytes:
-    return card.render_card(manifest, named_sets(out_dir)).encode("utf-8")
+        entry = {
+            "path": schema.wds_path(shard_index),
+            "format": schema.FORMAT_WEBDATASET,
+            "seed": None,
+            "rows": len(rows),
+        }
+        outputs.append((entry, wds_bytes(rows)))
+    files = [({**e, "size": len(data), "sha256": _sha256(data)}, data) for e, data in outputs]
+    return num_tokens, files

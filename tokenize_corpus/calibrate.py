@@ -169,8 +169,9 @@ def write_seconds(req: Request, images: int, num_tokens: int, codebook_size: int
     import numpy as np
 
     from engine.config import from_dict
+    from shards.dataset import TokenDatasetDir
     from shards.views import AugConfig, sample_view
-    from shards.writer import TokenRow, write_shard
+    from shards.writer import TokenRow
 
     aug = from_dict(AugConfig, req.aug)
     rng = np.random.default_rng(0)
@@ -189,7 +190,9 @@ def write_seconds(req: Request, images: int, num_tokens: int, codebook_size: int
     tokenizer = {"codebook_size": codebook_size, "fingerprint": "0" * 64}
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        write_shard(out, 0, 1, "images", req.seeds, rows, [], req.formats, tokenizer=tokenizer)
+        TokenDatasetDir(out).write_shard(
+            0, 1, "images", req.seeds, rows, [], req.formats, tokenizer=tokenizer
+        )
         return time.perf_counter() - start
 
 

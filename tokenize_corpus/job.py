@@ -22,26 +22,32 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from engine.config import to_dict
-from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from shards.dataset import TokenDatasetDir
+from shards.errors import DataIntegrityError
+from shards.manifest import build_manifest
+from shards.reader import TokenDataset, open_token_dataset
+from shards.schema import MANIFEST_NAME
+from shards.storage import dumps
+from shards.token_sets import compare_views, views_record
+from tokenize_corpus.append import VERSIONS_NAME, next_versions
+from tokenize_corpus.cluster import cluster_precision, open_client, run_tasks, set_dask_logging
+from tokenize_corpus.config import TokenizeConfig
+from tokenize_corpus.identity import job_identity
+from tokenize_corpus.preflight import Preflight, preflight
+from tokenize_corpus.resume import ResumePlan, plan_resume
+from tokenize_corpus.worker import ShardJob
 
-if TYPE_CHECKING:
-    from shards.dataset import TokenDatasetDir
-    from tokenize_corpus.preflight import Preflight
-    from tokenize_corpus.resume import ResumePlan
-    from tokenize_corpus.worker import ShardJob
-
-__all__ = ["ClusterConfig", "TokenizeConfig", "tokenize"]
+__all__ = ["tokenize"]
 
 log = logging.getLogger(__name__)
 
 
 def _job(cfg: TokenizeConfig, pre: Preflight, precision: str, identity: dict) -> ShardJob:
-    from tokenize_corpus.worker import ShardJob
 
     return ShardJob(
         out_dir=pre.out_dir,
@@ -66,9 +72,6 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     commands to run next; its ``exit_code`` is 1 when a shard failed (rerun the same command to
     redo only those). User mistakes raise ``engine.errors.UserError`` subclasses (exit 2).
     """
-    from shards.dataset import TokenDatasetDir
-    from tokenize_corpus.cluster import set_dask_logging
-    from tokenize_corpus.preflight import preflight
 
     start = time.perf_counter()
     set_dask_logging(cfg.log_level)
@@ -87,8 +90,6 @@ def tokenize(cfg: TokenizeConfig) -> dict:
         client = None
         precision = pre.precision
         if precision is None:  # an external cluster: ask its workers (nothing is started)
-            from tokenize_corpus.cluster import cluster_precision, open_client
-
             client = stack.enter_context(open_client(cfg.cluster, cfg.log_level))
             precision = cluster_precision(cfg.precision, cfg.cluster.device, client)
         summary = _run(cfg, pre, dataset, precision, client, stack)
@@ -106,8 +107,6 @@ def _run(
     stack: contextlib.ExitStack,
 ) -> dict:
     """Resume, run the tasks (starting a LocalCluster only when there is work), finish."""
-    from tokenize_corpus.identity import job_identity
-    from tokenize_corpus.resume import plan_resume
 
     identity = job_identity(
         pre.tokenizer["fingerprint"], cfg.aug, tuple(cfg.seeds), precision, tuple(cfg.formats)
@@ -135,8 +134,6 @@ def _run(
             group[index] = dataset.renumber(group[index], len(pre.shards))
         dataset.remove_orphans([*plan.kept.values(), *plan.extend.values()], len(pre.shards))
     if plan.todo:
-        from tokenize_corpus.cluster import cluster_precision, open_client, run_tasks
-
         if client is None:
             client = stack.enter_context(open_client(cfg.cluster, cfg.log_level))
             # the workers run the precision the driver resolved (same machine) or say why not
@@ -159,8 +156,6 @@ def _finish(
     run_seconds: float,
 ) -> dict:
     """Summary of the run; the manifest when every shard is done."""
-    from shards.manifest import dumps
-    from shards.schema import MANIFEST_NAME
 
     receipts = [
         results[s.index]["receipt"] if s.index in results else plan.kept[s.index]
@@ -198,7 +193,6 @@ def _finish(
         )
         summary["next"] = [_command(cfg)]
         return summary
-    from tokenize_corpus.append import VERSIONS_NAME, next_versions
 
     identity = receipts[0]["job"] if receipts else None
     previous = next(iter(plan.extend.values()), None)
@@ -240,17 +234,12 @@ def _finish(
         f"pipeline run stage=pretrain 'images={pre.images}' tokens={root}{pick}",
     ]
     if pre.dataset_root:
-        from shards.writer import refresh_card
-
-        refresh_card(pre.dataset_root)  # the dataset's card lists its token sets
+        TokenDatasetDir(pre.dataset_root).refresh_card()  # the dataset's card lists its token sets
     return summary
 
 
 def _shares_views(pre: Preflight, name: str, receipts: list[dict], info: dict) -> list[str]:
     """Compare a named token set's rows with its dataset's views; on success record it in ``info``."""
-    from shards.manifest import build_manifest
-    from shards.reader import DataIntegrityError, TokenDataset, open_token_dataset
-    from shards.token_sets import compare_views, views_record
 
     try:
         default = open_token_dataset(pre.dataset_root)
@@ -295,12 +284,3 @@ def _log_summary(summary: dict) -> None:
     )
     for command in summary["next"]:
         log.info("next: %s", command)
-
-
-def __getattr__(name: str) -> Any:
-    # encode_views lived here before the split; it is the shard task's now (lazy: no torch here)
-    if name == "encode_views":
-        from tokenize_corpus.shard_task import encode_views
-
-        return encode_views
-    raise AttributeError(f"module 'tokenize_corpus.job' has no attribute {name!r}")

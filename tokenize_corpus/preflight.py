@@ -168,7 +168,8 @@ def check_token_set(cfg: TokenizeConfig, root: str, images: str, shards: list[Im
     """
     import dataclasses
 
-    from shards.reader import MissingShards, TokenDatasetMismatch, open_token_dataset
+    from shards.errors import MissingShards, TokenDatasetMismatch
+    from shards.reader import open_token_dataset
     from shards.token_sets import check_name, manifest_problems, set_url
 
     name = check_name(cfg.token_set)

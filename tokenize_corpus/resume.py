@@ -105,7 +105,7 @@ def _verdict(dataset: TokenDatasetDir, shard: ImageShard, receipt: dict) -> str:
         return f"image shard changed ({', '.join(changed)})"
     damaged = dataset.damaged_files(receipt)
     if damaged:
-        return f"token files missing or damaged ({', '.join(damaged[:3])})"
+        return f"token files missing or damaged ({', '.join(list(damaged)[:3])})"
     return ""
 
 

@@ -101,8 +101,9 @@ def tokenize_shard(shard: ImageShard, job: ShardJob, previous: dict | None = Non
     import numpy as np
     import torch
 
+    from shards.dataset import TokenDatasetDir
     from shards.images import BadShard
-    from shards.writer import TokenRow, write_shard
+    from shards.writer import TokenRow
 
     start = time.perf_counter()
     tokenizer = worker_tokenizer(job)
@@ -150,8 +151,7 @@ def tokenize_shard(shard: ImageShard, job: ShardJob, previous: dict | None = Non
         return {"index": shard.index, "name": shard.name, "failed": f"bad shard {shard.url}: {err}"}
     if pending:
         flush(len(pending))
-    receipt = write_shard(
-        job.out_dir,
+    receipt = TokenDatasetDir(job.out_dir).write_shard(
         shard.index,
         job.num_shards,
         shard.url,

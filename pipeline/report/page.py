@@ -50,9 +50,9 @@ def _wanted(rep: Report, needs: tuple[str, ...]) -> bool:
     if needs == ("*metrics",):
         return any(p.file("metrics.jsonl") for p in rep.parts)
     if needs == ("*token_sets",):
-        from shards.manifest import named_sets
+        from shards.dataset import TokenDatasetDir
 
-        return any(named_sets(str(p.path)) for p in rep.of_kind("tokenize"))
+        return any(TokenDatasetDir(str(p.path)).named_sets() for p in rep.of_kind("tokenize"))
     if needs == ("pretrain",):
         return any(p.file("checkpoint.pth") for p in rep.of_kind("pretrain"))
     if needs == ("linprobe", "finetune"):

@@ -215,9 +215,9 @@ def token_sets_comparison(rep: Report, part: Part) -> str:
 
 
 def section_token_sets(rep: Report) -> str:
-    from shards.manifest import named_sets
+    from shards.dataset import TokenDatasetDir
 
-    parts = [p for p in rep.of_kind("tokenize") if named_sets(str(p.path))]
+    parts = [p for p in rep.of_kind("tokenize") if TokenDatasetDir(str(p.path)).named_sets()]
     return per_part(rep, parts, lambda part: token_sets_comparison(rep, part))
 
 

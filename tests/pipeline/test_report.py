@@ -15,10 +15,11 @@ import torch
 from pipeline.demo_corpus import build_demo_corpus
 from pipeline.report import write_report
 from pretrain.model import BEiTConfig, BEiTv2
+from shards.dataset import TokenDatasetDir
 from shards.decode import decode_image
 from shards.images import iter_shard, list_shards
 from shards.views import AugConfig, sample_view
-from shards.writer import TokenRow, write_manifest, write_shard
+from shards.writer import TokenRow
 
 CHROMIUM = Path("/usr/bin/chromium")  # `apt-get install -y chromium`
 SECTIONS = ("overview", "timings", "curves", "codebook", "token-maps", "mim", "linprobe", "files")
@@ -64,13 +65,15 @@ def _tiny_run(run: Path) -> None:
             )
         )
     tok = {"fingerprint": "0" * 64, "codebook_size": vocab, "grid": list(grid), "image_size": 32}
-    receipt = write_shard(str(run / "tokenize"), 0, 1, shard.url, seeds, rows, [], tokenizer=tok)
+    receipt = TokenDatasetDir(str(run / "tokenize")).write_shard(
+        0, 1, shard.url, seeds, rows, [], tokenizer=tok
+    )
     info = {
         "tokenizer": tok,
         "seeds": list(seeds),
         "images": {"source": str(images), "shard_size": 8},
     }
-    write_manifest(str(run / "tokenize"), [receipt], info)
+    TokenDatasetDir(str(run / "tokenize")).write_manifest([receipt], info)
 
     mcfg = BEiTConfig(
         image_size=32,

@@ -19,7 +19,8 @@ from support import pretrain_data as helpers
 from pretrain.data import MIMDataset, seed_index
 from shards.reader import open_token_dataset
 from shards.views import AugConfig, to_unit
-from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from tokenize_corpus.job import tokenize
 from tokenize_corpus.tokenizer import load_tokenizer, save_tokenizer
 from tokenize_corpus.vqkd import VQKD
 

@@ -25,8 +25,9 @@ from pretrain.data import (
     shards_for,
 )
 from shards.decode import decode_image
+from shards.errors import TokenDatasetMismatch
 from shards.images import iter_shard, list_shards
-from shards.reader import TokenDatasetMismatch, open_token_dataset
+from shards.reader import open_token_dataset
 from shards.views import render_view
 
 
@@ -236,9 +237,9 @@ def test_seed_subset_reads_only_those_seeds(corpus: dict, monkeypatch) -> None:
     read: list[str] = []
     original = TokenDataset._read_file
 
-    def spy(self, fs, root, i, entry, verify):
+    def spy(self, i, entry, verify):
         read.append(entry["path"])
-        return original(self, fs, root, i, entry, verify)
+        return original(self, i, entry, verify)
 
     monkeypatch.setattr(TokenDataset, "_read_file", spy)
     ds = dataset(corpus, seeds=[2, 0])

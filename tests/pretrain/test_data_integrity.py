@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 from engine.errors import UserError
 from pretrain.data import MIMDataset
 from shards import schema
+from shards.errors import CorruptTokenShard, ImageDigestMismatch, TokenDatasetMismatch
 from shards.pack import PackConfig, pack
-from shards.reader import TokenDatasetMismatch, open_token_dataset
+from shards.reader import open_token_dataset
 from shards.validate import validate
-from shards.verify import CorruptTokenShard, ImageDigestMismatch
 
 
 @pytest.fixture(scope="module")

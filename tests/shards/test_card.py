@@ -19,10 +19,11 @@ from PIL import Image
 
 from shards import schema
 from shards.card import RECIPE, RECIPE_MARKER
+from shards.dataset import TokenDatasetDir
 from shards.decode import decode_image
 from shards.images import iter_shard, list_shards
 from shards.views import AugConfig, render_view, sample_view
-from shards.writer import TokenRow, write_manifest, write_shard
+from shards.writer import TokenRow
 
 SEEDS = (0, 1, 2, 3, 4, 5)
 PROJECT = ("shards", "pretrain", "tokenize_corpus", "pipeline", "engine")
@@ -69,8 +70,8 @@ def test_card_recipe_rebuilds_render_view_without_the_project(tmp_path: Path) ->
         rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
     out = tmp_path / "tokens"
     tok = {"fingerprint": "a" * 64, "codebook_size": 16, "grid": [2, 2], "image_size": 24}
-    receipt = write_shard(str(out), 0, 1, shard.url, SEEDS, rows, [], tokenizer=tok)
-    write_manifest(str(out), [receipt], {"tokenizer": tok, "seeds": list(SEEDS)})
+    receipt = TokenDatasetDir(str(out)).write_shard(0, 1, shard.url, SEEDS, rows, [], tokenizer=tok)
+    TokenDatasetDir(str(out)).write_manifest([receipt], {"tokenizer": tok, "seeds": list(SEEDS)})
     flips = {bool(v.flip) for r in rows for v in r.views}
     orders = {v.jitter_order for r in rows for v in r.views}
     assert flips == {True, False} and len(orders) > 3  # the recipe meets flips and op orders

@@ -27,10 +27,11 @@ def image_dataset(tmp_path):
     """6 small images in a flat folder (2 image shards of 3), tokenized with sample_view views."""
     from PIL import Image
 
+    from shards.dataset import TokenDatasetDir
     from shards.decode import decode_image
     from shards.images import iter_shard, list_shards
     from shards.views import AugConfig, sample_view
-    from shards.writer import TokenRow, write_manifest, write_shard
+    from shards.writer import TokenRow
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -52,8 +53,7 @@ def image_dataset(tmp_path):
             tokens = rng.integers(0, 16, size=(2, 16)).astype(np.uint16)
             rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
         receipts.append(
-            write_shard(
-                str(tmp_path / "tokens"),
+            TokenDatasetDir(str(tmp_path / "tokens")).write_shard(
                 shard.index,
                 len(shards),
                 shard.url,
@@ -68,7 +68,7 @@ def image_dataset(tmp_path):
         "seeds": list(helpers.SEEDS),
         "images": {"source": str(folder), "shard_size": 3},
     }
-    write_manifest(str(tmp_path / "tokens"), receipts, info)
+    TokenDatasetDir(str(tmp_path / "tokens")).write_manifest(receipts, info)
     return tmp_path / "tokens", folder
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 from support import token_datasets as helpers
 
+from shards.errors import CorruptTokenShard, unwrap_worker_message
 from shards.key_index import KeyIndex, shard_keys
 from shards.reader import open_token_dataset
-from shards.verify import CorruptTokenShard, _unwrap_worker_message
 
 
 def test_lookup_finds_every_key_and_only_those():
@@ -37,4 +37,4 @@ def test_worker_wrapping_is_removed():
         "token file wds/x is damaged: rerun stage 2\n"
     )
     assert str(CorruptTokenShard(wrapped)) == "token file wds/x is damaged: rerun stage 2"
-    assert _unwrap_worker_message("plain") == "plain"
+    assert unwrap_worker_message("plain") == "plain"

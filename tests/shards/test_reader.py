@@ -5,7 +5,9 @@ import pytest
 from support import token_datasets as helpers
 
 from shards import schema
-from shards.reader import MissingShards, TokenDatasetMismatch, open_token_dataset
+from shards.dataset import TokenDatasetDir
+from shards.errors import MissingShards, TokenDatasetMismatch
+from shards.reader import open_token_dataset
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
@@ -41,10 +43,8 @@ def test_check_names_both_values(tmp_path):
 
 def test_missing_shard_is_named(tmp_path):
     manifest = helpers.make_dataset(tmp_path)
-    from shards.writer import write_manifest
-
-    write_manifest(
-        str(tmp_path), [r for r in manifest["shards"] if r["shard_index"] != 1], manifest
+    TokenDatasetDir(str(tmp_path)).write_manifest(
+        [r for r in manifest["shards"] if r["shard_index"] != 1], manifest
     )
     ds = open_token_dataset(str(tmp_path))
     assert ds.missing_shards == [1]

@@ -26,22 +26,22 @@ def test_corrupted_file(dataset, capsys):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     assert main([str(dataset)]) == 1
-    assert "parquet/seed=1/train-00000-of-00003.parquet sha256 differs" in capsys.readouterr().out
+    assert "parquet/seed=1/train-00000-of-00003.parquet is damaged (its sha256 differs" in capsys.readouterr().out
 
 
 def test_out_of_range_token(dataset, capsys):
     # Rewrite shard 2 with a token == codebook size, then restore the manifest's codebook claim.
-    from shards.writer import write_manifest, write_shard
+    from shards.dataset import TokenDatasetDir
 
     rows = helpers.fake_rows(2, 5)
     rows[3].tokens[1, 7] = helpers.CODEBOOK
     big = {**helpers.TOKENIZER, "codebook_size": 65536}
-    receipt = write_shard(
-        str(dataset), 2, 3, "images/shard-000002.tar", helpers.SEEDS, rows, [], tokenizer=big
+    receipt = TokenDatasetDir(str(dataset)).write_shard(
+        2, 3, "images/shard-000002.tar", helpers.SEEDS, rows, [], tokenizer=big
     )
     manifest = json.loads((dataset / schema.MANIFEST_NAME).read_text())
     receipts = [r for r in manifest["shards"] if r["shard_index"] != 2] + [receipt]
-    write_manifest(str(dataset), receipts, manifest)
+    TokenDatasetDir(str(dataset)).write_manifest(receipts, manifest)
     assert main([str(dataset)]) == 1
     out = capsys.readouterr().out
     assert (
@@ -61,13 +61,12 @@ def test_missing_receipt_and_file(dataset, capsys):
 
 def _replace_parquet(dataset, rows):
     """Rewrite shard 0's Parquet files from ``rows`` while keeping its old WebDataset tar."""
-    from shards.manifest import dumps
-    from shards.writer import write_manifest, write_shard
+    from shards.dataset import TokenDatasetDir
+    from shards.storage import dumps
 
     manifest = json.loads((dataset / schema.MANIFEST_NAME).read_text())
     old = manifest["shards"][0]
-    receipt = write_shard(
-        str(dataset),
+    receipt = TokenDatasetDir(str(dataset)).write_shard(
         0,
         3,
         old["image_shard"]["url"],
@@ -79,7 +78,7 @@ def _replace_parquet(dataset, rows):
     )
     receipt["files"] += [e for e in old["files"] if e["format"] == "webdataset"]
     (dataset / schema.receipt_path(0)).write_bytes(dumps(receipt))
-    write_manifest(str(dataset), [receipt, *manifest["shards"][1:]], manifest)
+    TokenDatasetDir(str(dataset)).write_manifest([receipt, *manifest["shards"][1:]], manifest)
 
 
 def test_parquet_and_webdataset_disagree(dataset, capsys):

@@ -1,4 +1,4 @@
-"""write_shard / shard_done / write_manifest: receipts, determinism, atomicity, refusals."""
+"""TokenDatasetDir: write_shard / write_manifest, receipts, the intact-check, determinism, refusals."""
 
 import hashlib
 import json
@@ -8,7 +8,7 @@ import pytest
 from support import token_datasets as helpers
 
 from shards import schema
-from shards.writer import shard_done, write_shard
+from shards.dataset import TokenDatasetDir
 
 
 def test_receipt_lists_every_file_with_checksums(tmp_path):
@@ -41,37 +41,56 @@ def test_rewrite_is_byte_identical(tmp_path):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
 
 
-def test_shard_done_detects_damage(tmp_path):
+def test_damaged_files_names_every_damage_and_unreadable_receipts_mean_not_done(tmp_path):
     helpers.make_dataset(tmp_path)
-    assert all(shard_done(str(tmp_path), i, checksum=True) for i in range(3))
+    dataset = TokenDatasetDir(str(tmp_path))
+    receipts = dataset.receipts()
+    assert sorted(receipts) == [0, 1, 2]
+    assert all(dataset.damaged_files(receipts[i]) == {} for i in range(3))
     wds = tmp_path / schema.wds_path(0)
     wds.write_bytes(wds.read_bytes()[:-10])  # truncated
-    assert not shard_done(str(tmp_path), 0)
+    size = wds.stat().st_size
+    assert dataset.damaged_files(receipts[0], checksum=False) == {
+        schema.wds_path(0): f"{size} bytes, its receipt says {size + 10}"
+    }
     (tmp_path / schema.parquet_path(1, 1, 3)).unlink()
-    assert not shard_done(str(tmp_path), 1)
+    assert dataset.damaged_files(receipts[1]) == {schema.parquet_path(1, 1, 3): "missing"}
     path = tmp_path / schema.parquet_path(0, 2, 3)
     data = bytearray(path.read_bytes())
-    data[100] ^= 0xFF  # same size, different bytes
+    data[100] ^= 0xFF  # same size, different bytes: only the checksum finds it
     path.write_bytes(bytes(data))
-    assert shard_done(str(tmp_path), 2) and not shard_done(str(tmp_path), 2, checksum=True)
+    assert dataset.damaged_files(receipts[2], checksum=False) == {}
+    assert dataset.damaged_files(receipts[2]) == {
+        schema.parquet_path(0, 2, 3): "damaged (its sha256 differs from its receipt)"
+    }
+    # a receipt that is missing, unparsable, or names another shard: the shard is not done
     (tmp_path / schema.receipt_path(2)).unlink()
-    assert not shard_done(str(tmp_path), 2)
-    assert not shard_done(str(tmp_path), 7)
+    (tmp_path / schema.receipt_path(1)).write_text("{not json")
+    (tmp_path / schema.receipt_path(7)).write_text(json.dumps({**receipts[0], "shard_index": 0}))
+    assert dataset.receipt(2) is None and dataset.receipt(1) is None
+    assert dataset.receipt(7) is None and dataset.receipt(9) is None
+    assert sorted(dataset.receipts()) == [0]
 
 
 def test_empty_shard_and_refusals(tmp_path):
-    receipt = write_shard(
-        str(tmp_path), 0, 1, "x.tar", (0, 1), [], [("a", "zero bytes")], tokenizer=helpers.TOKENIZER
+    dataset = TokenDatasetDir(str(tmp_path))
+    receipt = dataset.write_shard(
+        0, 1, "x.tar", (0, 1), [], [("a", "zero bytes")], tokenizer=helpers.TOKENIZER
     )
-    assert receipt["rows"] == 0 and shard_done(str(tmp_path), 0)
+    assert receipt["rows"] == 0 and dataset.receipt(0) == receipt
+    assert dataset.damaged_files(receipt) == {}
     rows = helpers.fake_rows(0, 2)
     with pytest.raises(ValueError, match="outside"):
         bad = helpers.fake_rows(0, 1)
         bad[0].tokens = bad[0].tokens + np.uint16(helpers.CODEBOOK)
-        write_shard(str(tmp_path), 0, 1, "x.tar", (0, 1), bad, [], tokenizer=helpers.TOKENIZER)
+        TokenDatasetDir(str(tmp_path)).write_shard(
+            0, 1, "x.tar", (0, 1), bad, [], tokenizer=helpers.TOKENIZER
+        )
     with pytest.raises(ValueError, match="seeds"):
-        write_shard(str(tmp_path), 0, 1, "x.tar", (0, 5), rows, [], tokenizer=helpers.TOKENIZER)
+        TokenDatasetDir(str(tmp_path)).write_shard(
+            0, 1, "x.tar", (0, 5), rows, [], tokenizer=helpers.TOKENIZER
+        )
     with pytest.raises(ValueError, match="duplicate"):
-        write_shard(str(tmp_path), 0, 1, "x.tar", (0, 1), [rows[0], rows[0]], [])
+        TokenDatasetDir(str(tmp_path)).write_shard(0, 1, "x.tar", (0, 1), [rows[0], rows[0]], [])
     with pytest.raises(ValueError, match="unknown token formats"):
-        write_shard(str(tmp_path), 0, 1, "x.tar", (0, 1), rows, [], ("csv",))
+        TokenDatasetDir(str(tmp_path)).write_shard(0, 1, "x.tar", (0, 1), rows, [], ("csv",))

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shards.dataset import TokenDatasetDir
 from shards.decode import BadImage, decode_image
 from shards.images import iter_shard, list_shards
 from shards.views import AugConfig, render_view, sample_view, to_unit
-from shards.writer import TokenRow, write_manifest, write_shard
+from shards.writer import TokenRow
 from tokenize_corpus.tokenizer import load_tokenizer, save_tokenizer
 from tokenize_corpus.vqkd import VQKD, VQKDModelConfig
 
@@ -81,8 +82,7 @@ def make_tokens(
             tokens = tok.encode(to_unit(pixels)).numpy().astype(np.uint16)  # [K, N]
             rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
         receipts.append(
-            write_shard(
-                str(out),
+            TokenDatasetDir(str(out)).write_shard(
                 shard.index,
                 len(shards),
                 shard.url,
@@ -99,5 +99,5 @@ def make_tokens(
         "num_shards": len(shards),
         "images": {"source": str(images), "shard_size": SHARD_SIZE},
     }
-    write_manifest(str(out), receipts, info)
+    TokenDatasetDir(str(out)).write_manifest(receipts, info)
     return out

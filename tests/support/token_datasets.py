@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.dataset import TokenDatasetDir
 from shards.views import ViewParams
-from shards.writer import TokenRow, write_manifest, write_shard
+from shards.writer import TokenRow
 
 SEEDS = (0, 1)
 GRID = (4, 4)
@@ -82,8 +83,7 @@ def make_dataset(out: Path, num_shards: int = 3, per_shard: int = 5) -> dict:
     for i in range(num_shards):
         skipped = [(f"c{i}/broken", "truncated JPEG")] if i == 1 else []
         receipts.append(
-            write_shard(
-                str(out),
+            TokenDatasetDir(str(out)).write_shard(
                 i,
                 num_shards,
                 f"images/shard-{i:06d}.tar",
@@ -102,4 +102,4 @@ def make_dataset(out: Path, num_shards: int = 3, per_shard: int = 5) -> dict:
         "precision": "fp32",
         "images": {"source": "images/", "shard_size": per_shard},
     }
-    return write_manifest(str(out), receipts, info)
+    return TokenDatasetDir(str(out)).write_manifest(receipts, info)

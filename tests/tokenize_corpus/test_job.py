@@ -22,7 +22,8 @@ from shards.reader import open_token_dataset
 from shards.validate import main as validate_main
 from shards.views import AugConfig, render_view, to_unit
 from tokenize_corpus import cluster as cluster_module
-from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from tokenize_corpus.job import tokenize
 from tokenize_corpus.resume import ResumeRefused
 from tokenize_corpus.tokenizer import load_tokenizer
 

@@ -10,7 +10,8 @@ import pytest
 from support import stage2 as helpers
 
 from shards.views import AugConfig
-from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from tokenize_corpus.job import tokenize
 from tokenize_corpus.resume import ResumeRefused
 
 # Files that record the dataset's history: an appended dataset has one more version.

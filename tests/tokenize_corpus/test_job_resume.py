@@ -19,7 +19,8 @@ from support import stage2 as helpers
 from pipeline.cli import main as cli_main
 from shards.validate import main as validate_main
 from shards.views import AugConfig
-from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from tokenize_corpus.job import tokenize
 
 SHARDS = 16
 OVERRIDES = [

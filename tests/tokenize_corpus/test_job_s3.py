@@ -11,7 +11,8 @@ from support import stage2 as helpers
 
 from shards.validate import main as validate_main
 from shards.views import AugConfig
-from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from tokenize_corpus.job import tokenize
 
 pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")

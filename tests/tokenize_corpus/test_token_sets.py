@@ -17,12 +17,14 @@ from support import stage2 as helpers
 
 from engine.config import ConfigError, build_config
 from engine.errors import UserError
+from shards.errors import TokenDatasetMismatch, TokenSetNotFound
 from shards.inspect import summary, token_counts
-from shards.reader import TokenDatasetMismatch, open_token_dataset
-from shards.token_sets import TokenSetNotFound, compare_views, resolve, token_sets
+from shards.reader import open_token_dataset
+from shards.token_sets import compare_views, resolve, token_sets
 from shards.validate import validate
 from shards.views import AugConfig
-from tokenize_corpus.job import ClusterConfig, TokenizeConfig, tokenize
+from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from tokenize_corpus.job import tokenize
 from tokenize_corpus.preflight import preflight
 
 NAME = "b"

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import tokenize_corpus
 from engine.checkpoint import CheckpointError
 from tokenize_corpus.tokenizer import (
     Tokenizer,
@@ -102,10 +101,6 @@ def test_fingerprint_tracks_weights(tmp_path, trained):
         changed.quantize.embedding.weight[0, 0] += 1e-3
     second = load_tokenizer(save_tokenizer(changed, tmp_path / "b.pth"))
     assert first.fingerprint != second.fingerprint
-
-
-def test_package_exports_load_tokenizer():
-    assert tokenize_corpus.load_tokenizer is load_tokenizer
 
 
 def test_missing_and_bad_files_fail_clearly(tmp_path, trained):
