@@ -28,15 +28,18 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import smoke
 
+from shards.dataset import TokenDatasetDir
 from shards.key_index import KeyIndex
 from shards.reader import open_token_dataset
 from shards.views import ViewParams
-from shards.writer import TokenRow, write_manifest, write_shard
+from shards.writer import TokenRow
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_TRAIN = 1_281_167
 SHARD = 256
+SMOKE = ["--keys=5000", "--rounds=1", "--files=2", "--out={tmp}/key_index.json"]
 
 
 def imagenet_keys(total: int = IMAGENET_TRAIN, classes: int = 1000) -> list[str]:
@@ -87,12 +90,13 @@ def bench_build(keys: list[str], rounds: int) -> dict:
     }
 
 
-def bench_key_reads(files: int, seeds: int = 4) -> dict:
-    keys = imagenet_keys()[: files * SHARD]
+def bench_key_reads(keys: list[str], files: int, seeds: int = 4) -> dict:
+    keys = keys[: files * SHARD]
     rng = np.random.default_rng(0)
     view = ViewParams(0, 500, 375, 10, 20, 200, 300, False, 1.0, 1.0, 1.0, (), 224, "bicubic")
     tok = {"fingerprint": "c" * 64, "codebook_size": 8192, "grid": [14, 14], "image_size": 224}
     with tempfile.TemporaryDirectory() as tmp:
+        out = TokenDatasetDir(tmp)
         receipts = []
         for i in range(files):
             rows = [
@@ -106,11 +110,11 @@ def bench_key_reads(files: int, seeds: int = 4) -> dict:
                 for j, k in enumerate(keys[i * SHARD : (i + 1) * SHARD])
             ]
             receipts.append(
-                write_shard(
-                    tmp, i, files, "x", tuple(range(seeds)), rows, [], ("parquet",), tokenizer=tok
+                out.write_shard(
+                    i, files, "x", tuple(range(seeds)), rows, [], ("parquet",), tokenizer=tok
                 )
             )
-        write_manifest(tmp, receipts, {"tokenizer": tok, "seeds": list(range(seeds))})
+        out.write_manifest(receipts, {"tokenizer": tok, "seeds": list(range(seeds))})
         ds = open_token_dataset(tmp)
         tick = time.perf_counter()
         index = KeyIndex.from_dataset(ds)
@@ -128,18 +132,19 @@ def bench_key_reads(files: int, seeds: int = 4) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=IMAGENET_TRAIN, help="keys to index")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--files", type=int, default=100)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/key_index.json"))
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, SMOKE)
     load_before = os.getloadavg()
     tick = time.perf_counter()
-    keys = imagenet_keys()
+    keys = imagenet_keys(args.keys)
     make_keys_s = time.perf_counter() - tick
     result = {
         "make_keys_seconds": make_keys_s,
         "build": bench_build(keys, args.rounds),
-        "read_keys_from_token_shards": bench_key_reads(args.files),
+        "read_keys_from_token_shards": bench_key_reads(keys, args.files),
         "load_before": load_before,
         "load_after": os.getloadavg(),
     }

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import smoke
 
 from engine.layout import imagenet_sample_dir
 
@@ -68,6 +69,12 @@ COARSE_IMAGENET: dict[str, list[tuple[int, int]]] = {
     "food_plants_fungi": [(924, 969), (984, 998)],
     "landscapes": [(970, 980)],
 }
+
+SMOKE = [
+    "--seeds=0", "--view-seeds", "0", "1", "--vqkd-epochs=1", "--pretrain-epochs=1",
+    "--probe-steps=5", "--skip-fashion", "--imagenet={imagenet}", "--work-dir={tmp}/work",
+    "--out={tmp}/learning_signal.json", *smoke.TINY_STAGES,
+]  # fmt: skip
 
 log = logging.getLogger("bench_learning_signal")
 
@@ -133,6 +140,24 @@ def imagenet_folder(work: Path, sample: Path) -> str | None:
 
 
 EXTRA: dict[str, list[str]] = {}  # stage -> key=value overrides from --set
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set STAGE:KEY=VALUE``, repeatable: a key for every ``run_stage`` of that stage."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE:KEY=VALUE",
+        help="extra stage override, e.g. --set vqkd:model.depth=4 --set pretrain:train.batch_size=64",
+    )
+
+
+def use_set(items: list[str]) -> None:
+    """Keep the ``--set`` items for ``run_stage``."""
+    for item in items:
+        stage, _, kv = item.partition(":")
+        EXTRA.setdefault(stage, []).append(kv)
 
 
 REUSE = False  # --reuse: keep stage outputs that already exist (to add probes to a finished run)
@@ -284,13 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imagenet", type=Path, default=IMAGENET_SAMPLE)
     parser.add_argument("--skip-imagenet", action="store_true")
     parser.add_argument("--skip-fashion", action="store_true")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="STAGE:KEY=VALUE",
-        help="extra stage override, e.g. --set vqkd:model.depth=4 --set pretrain:train.batch_size=64",
-    )
+    add_set_argument(parser)
     parser.add_argument(
         "--pools",
         nargs="+",
@@ -311,27 +330,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks/results/learning_signal.json"
     )
-    args = parser.parse_args(argv)
+    args = smoke.parse_args(parser, SMOKE, argv)
     global REUSE
     REUSE = args.reuse
     if args.online_seeds is None:
         args.online_seeds = list(args.seeds)
-    for item in args.set:
-        stage, _, kv = item.partition(":")
-        EXTRA.setdefault(stage, []).append(kv)
+    use_set(args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "datasets": {}}
-    if not args.skip_fashion:
+    if args.skip_fashion:
+        smoke.skipped("Fashion-MNIST", "--skip-fashion")
+    else:
         folders = fashion_folders(args.work_dir, args.fashion_train, args.fashion_test)
         if folders:
             report["datasets"]["fashion-mnist"] = bench_dataset(
                 "fashion-mnist", folders[0], folders[1], args.work_dir, args
             )
-    if not args.skip_imagenet:
+    if args.skip_imagenet:
+        smoke.skipped("the ImageNet sample", "--skip-imagenet")
+    else:
         folder = imagenet_folder(args.work_dir, args.imagenet)
         if folder:
             report["datasets"]["imagenet-coarse"] = bench_dataset(

@@ -2,12 +2,13 @@
 
     .venv/bin/python benchmarks/bench_plan.py bytes     # refit tokenize_corpus/cost.py's constants
     .venv/bin/python benchmarks/bench_plan.py check     # plan vs real runs on the ImageNet sample
+    .venv/bin/python benchmarks/bench_plan.py bytes check --out both.json   # one file, a key each
 
 ``bytes`` writes synthetic shards through the real writer (``shards.writer.parquet_bytes`` and
-``wds_bytes``) over codebooks of 512 and 8192, grids of 36 and 196 tokens, 64 and 256 images, K of
-1 and 4, for uniform and Zipf-skewed token ids, and fits bytes = file + row/image/view terms +
-tokens x (tok + tok_bit x log2(codebook)) by least squares; the constants go into
-``tokenize_corpus/cost.py`` by hand.
+``wds_bytes``) over codebooks of 512 and 8192, grids of 36 and 196 tokens, 64 and 256 images
+(``--fit-images``), K of 1 and 4, for uniform and Zipf-skewed token ids, and fits bytes = file +
+row/image/view terms + tokens x (tok + tok_bit x log2(codebook)) by least squares; the constants
+go into ``tokenize_corpus/cost.py`` by hand.
 
 ``check`` links the first ``--images`` ImageNet-sample files into a folder (shards of
 ``--shard-size``), and for each tokenizer case runs, interleaved: plan, real run, plan, real run,
@@ -31,10 +32,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import smoke
+from synthetic import TINY_VQKD, fake_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results"
+OUTPUTS = {"bytes": "plan_bytes_fit.json", "check": "plan.json"}  # each part's results file
+SMOKE = [
+    "bytes", "check", "--fit-images", "8", "16", "--cases=tiny", "--reps=1", "--workers=1",
+    "--sample={imagenet}", "--out={tmp}/plan.json",
+]  # fmt: skip
 
 CASES = {
     # name: VQKDModelConfig overrides, images, seeds, images per shard
@@ -42,13 +49,12 @@ CASES = {
               "codebook_size": 512, "decoder_depth": 1, "teacher_dim": 320}, 256, (0, 1), 32),
     "base": ({"image_size": 224, "patch_size": 16, "width": 768, "depth": 12, "heads": 12,
               "codebook_size": 8192, "decoder_depth": 1, "teacher_dim": 512}, 64, (0, 1), 16),
+    "tiny": (TINY_VQKD, 16, (0, 1), 8),
 }  # fmt: skip
 
 
-def fit_bytes() -> dict:
+def fit_bytes(image_counts: list[int]) -> dict:
     """Least-squares constants of tokenize_corpus.cost's byte model, from the real writer."""
-    from support.token_datasets import fake_rows
-
     from shards.writer import parquet_bytes, wds_bytes
 
     out: dict = {}
@@ -61,7 +67,7 @@ def fit_bytes() -> dict:
                 weights = 1.0 / (np.arange(codebook) + 20.0)
                 probs = weights / weights.sum()
             for n_tok in (36, 196):
-                for images in (64, 256):
+                for images in image_counts:
                     for seeds in ((0,), (0, 1, 2, 3)):
                         rows = fake_rows(0, images, seeds, n_tok, codebook, probs)
                         k = len(seeds)
@@ -159,7 +165,7 @@ def check(args: argparse.Namespace) -> dict:
                 os.symlink(f, folder / f.name)
             torch.manual_seed(0)
             ckpt = work / f"{name}.pth"
-            save_tokenizer(VQKD(VQKDModelConfig(**shape, kmeans_iters=0)), ckpt)
+            save_tokenizer(VQKD(VQKDModelConfig(**{**shape, "kmeans_iters": 0})), ckpt)
             keys = [
                 f"images={folder}", f"tokenizer={ckpt}", f"seeds={list(seeds)}".replace(" ", ""),
                 f"aug.size={shape['image_size']}", f"shard_size={shard_size}",
@@ -212,7 +218,10 @@ def _errors(case: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("bytes", "check"))
+    parser.add_argument("what", nargs="*", help="bytes, check or both")
+    parser.add_argument(
+        "--fit-images", type=int, nargs="+", default=[64, 256], help="bytes: images per shard"
+    )
     parser.add_argument("--cases", default="demo,base")
     parser.add_argument("--images", type=int, default=0, help="images per case (0 = its default)")
     parser.add_argument("--shard-size", type=int, default=0, help="0 = the case's default")
@@ -220,17 +229,19 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--sample", default="", help="ImageNet sample folder ($IMAGENET_SAMPLE)")
-    parser.add_argument("--out", default="")
-    args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.what == "bytes":
-        result = fit_bytes()
-        out = Path(args.out or RESULTS / "plan_bytes_fit.json")
+    parser.add_argument("--out", default="", help="default: each part's file in results/")
+    args = smoke.parse_args(parser, SMOKE)
+    if not args.what or set(args.what) - set(OUTPUTS):
+        parser.error(f"what: one or both of {', '.join(OUTPUTS)}, not {args.what}")
+    results = {w: fit_bytes(args.fit_images) if w == "bytes" else check(args) for w in args.what}
+    if args.out:  # one file: the part's results, or a key per part when both ran
+        outputs = {Path(args.out): results if len(results) > 1 else results[args.what[0]]}
     else:
-        result = check(args)
-        out = Path(args.out or RESULTS / "plan.json")
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(json.dumps(result if args.what == "bytes" else {}, indent=1), f"\nwrote {out}")
+        outputs = {RESULTS / OUTPUTS[w]: result for w, result in results.items()}
+    for out, result in outputs.items():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(results.get("bytes", {}), indent=1), f"\nwrote {', '.join(map(str, outputs))}")
 
 
 if __name__ == "__main__":

@@ -31,14 +31,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import smoke
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from synthetic import TINY_VQKD
 
 from tokenize_corpus.tokenizer import Tokenizer, load_tokenizer
 from tokenize_corpus.vqkd import VQKD, VQKDModelConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAYOUTS = {"official": {}, "tiny": TINY_VQKD}  # VQKDModelConfig overrides
+SMOKE = [
+    "--images={imagenet}", "--demo-tokenizer={tokenizer}", "--demo-images=8", "--layout=tiny",
+    "--official-images=8", "--batch=4", "--reps=1", "--out={tmp}/precision_tokens.json",
+]  # fmt: skip
 
 
 def load_views(folder: Path, size: int, limit: int) -> torch.Tensor:
@@ -135,10 +142,11 @@ def speed(tok: Tokenizer, views: torch.Tensor, batch: int, reps: int) -> dict:
     return {"views_per_s": med, "bf16_over_fp32": med["bf16"] / med["fp32"], "reps": reps}
 
 
-def official_layout(seed: int = 0) -> Tokenizer:
-    """The official ViT-B/16 VQ-KD shape (8192 codes of 32 dims), random weights."""
+def official_layout(layout: str = "official", seed: int = 0) -> Tokenizer:
+    """The official ViT-B/16 VQ-KD shape (8192 codes of 32 dims), or the tiny one (``--layout``),
+    random weights."""
     torch.manual_seed(seed)
-    model = VQKD(VQKDModelConfig(kmeans_iters=0))  # random unit-norm codebook
+    model = VQKD(VQKDModelConfig(**{"kmeans_iters": 0, **LAYOUTS[layout]}))  # random unit codebook
     return Tokenizer(model.eval())
 
 
@@ -149,10 +157,13 @@ def main() -> None:
     ap.add_argument("--demo-tokenizer", default=None)
     ap.add_argument("--demo-images", type=int, default=1000)
     ap.add_argument("--official-images", type=int, default=64)
+    ap.add_argument(
+        "--layout", choices=sorted(LAYOUTS), default="official", help="the tokenizer's shape"
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/precision_tokens.json")
-    args = ap.parse_args()
+    args = smoke.parse_args(ap, SMOKE)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     precisions = ["bf16"] + (["fp16"] if fp16_available() else [])
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -169,9 +180,10 @@ def main() -> None:
             "speed": speed(tok, views, args.batch, args.reps),
         }
         print(json.dumps(results["demo"], indent=1))
-    tok = official_layout()
+    tok = official_layout(args.layout)
     views = load_views(folder, tok.image_size, args.official_images)
     results["official_layout"] = {
+        "layout": args.layout,
         "weights": "random (seed 0): no released tokenizer offline",
         "images": len(views),
         **agreement(tok, views, precisions, args.batch),

@@ -20,12 +20,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_learning_signal import run_stage  # noqa: E402
+import smoke  # noqa: E402
+from bench_learning_signal import add_set_argument, run_stage, use_set  # noqa: E402
 from bench_seeds import HELD_OUT_SEED, METRICS, print_table, score_student, subset_folder  # noqa: E402
 
 from engine.layout import imagenet_sample_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = [
+    "--tokenizer={tokenizer}", "--sample={imagenet}", "--images=16", "--epochs=1", "--seeds=0",
+    "--probe-steps=5", "--work-dir={tmp}/work", "--out={tmp}/precision_training.json",
+    *smoke.TINY_STAGES,
+]  # fmt: skip
 log = logging.getLogger("bench_precision_training")
 
 
@@ -41,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks/results/precision_training.json"
     )
-    args = parser.parse_args(argv)
+    add_set_argument(parser)
+    args = smoke.parse_args(parser, SMOKE, argv)
+    use_set(args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import smoke
 import torch
 
 from engine.layout import imagenet_sample_dir
@@ -39,6 +40,10 @@ from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = imagenet_sample_dir()  # $IMAGENET_SAMPLE, see engine/layout.py
+SMOKE = [
+    "--pairs=tiny:tiny", "--batch=2", "--steps=1", "--image-size=32", "--images={imagenet}",
+    "--shard-size=8", "--workers=1", "--out={tmp}/pretrain.json",
+]  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -176,10 +181,11 @@ class ImageOnlyDataset(torch.utils.data.IterableDataset):
 def build_random_tokens(images: str, out: Path, size: int, shard_size: int, jitter: bool) -> str:
     """A token dataset over ``images`` with sampled views and random tokens (loader speed does
     not depend on token values)."""
+    from shards.dataset import TokenDatasetDir
     from shards.decode import BadImage, decode_image
     from shards.images import iter_shard, list_shards
     from shards.views import AugConfig, sample_view
-    from shards.writer import TokenRow, write_manifest, write_shard
+    from shards.writer import TokenRow
 
     aug = AugConfig(size=size, jitter=(0.4, 0.4, 0.4) if jitter else ())
     seeds = (0, 1, 2, 3)
@@ -187,6 +193,7 @@ def build_random_tokens(images: str, out: Path, size: int, shard_size: int, jitt
     tokenizer = {"codebook_size": 8192, "grid": [grid, grid], "image_size": size, "patch_size": 16}
     shards = list_shards(images, shard_size=shard_size)
     rng = np.random.default_rng(0)
+    dataset = TokenDatasetDir(str(out))
     receipts = []
     for shard in shards:
         rows, skipped = [], []
@@ -200,8 +207,7 @@ def build_random_tokens(images: str, out: Path, size: int, shard_size: int, jitt
             tokens = rng.integers(0, 8192, (len(seeds), grid * grid), dtype=np.uint16)
             rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
         receipts.append(
-            write_shard(
-                str(out),
+            dataset.write_shard(
                 shard.index,
                 len(shards),
                 shard.url,
@@ -218,7 +224,7 @@ def build_random_tokens(images: str, out: Path, size: int, shard_size: int, jitt
         "num_shards": len(shards),
         "images": {"source": images, "shard_size": shard_size},
     }
-    write_manifest(str(out), receipts, info)
+    dataset.write_manifest(receipts, info)
     return str(out)
 
 
@@ -317,7 +323,7 @@ def main() -> None:
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-loader", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pretrain.json"))
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, SMOKE)
 
     report: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if not args.skip_step:

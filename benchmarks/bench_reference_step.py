@@ -18,6 +18,8 @@ rotates every round, so drifting load from other processes hits all of them alik
 
 Goals: ours_default / ref_fp32 <= 0.6 and ours_fp32 / ref_fp32 <= 1.0. Ratios are taken
 per round (same-moment measurements) and their median reported, with the medians of the times.
+``--reference ''`` times our steps alone (no ratios); ``--student`` and ``--image-size`` shrink our
+student and the views (the reference's model is always its ViT-B/16, at ``--image-size``).
 
 The reference's ``optim_factory`` imports optimizers that current timm renamed (``Nadam``...);
 only those missing names are shimmed, inside this process, before importing it.
@@ -43,6 +45,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import smoke
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +56,10 @@ from pretrain.masking import block_mask, num_masked_for
 from pretrain.model import BEiTv2, beit_config
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = [
+    "--reference=", "--student=tiny", "--image-size=32", "--batch=2", "--rounds=1", "--steps=1",
+    "--out={tmp}/reference_step.json",
+]  # fmt: skip
 SHIMMED_OPTIMIZERS = {
     "timm.optim.adafactor": "Adafactor",
     "timm.optim.adahessian": "Adahessian",
@@ -94,6 +101,7 @@ def reference_step(ref, optim_factory, args: argparse.Namespace):
     model = ref.beit_base_patch16_224_8k_vocab_cls_pt(
         drop_path_rate=0.1, use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
         init_values=0.1, vocab_size=8192, early_layers=9, head_layers=2, shared_lm_head=True,
+        img_size=args.image_size,
     )  # fmt: skip
     model.train()
     opt_args = argparse.Namespace(
@@ -117,10 +125,12 @@ def reference_step(ref, optim_factory, args: argparse.Namespace):
     return model, step
 
 
-def our_step(precision: str, compile_model: bool, device: torch.device):
+def our_step(precision: str, compile_model: bool, device: torch.device, args: argparse.Namespace):
     """Our student and ``pretrain.loop.train_step`` at ``precision`` as a closure."""
     torch.manual_seed(0)
-    mcfg = beit_config("base", image_size=224, patch_size=16, vocab_size=8192, drop_path=0.1)
+    mcfg = beit_config(
+        args.student, image_size=args.image_size, patch_size=16, vocab_size=8192, drop_path=0.1
+    )
     model = BEiTv2(mcfg).to(device).train()
     train = types.SimpleNamespace(precision=precision, clip_grad=3.0)
     loop = types.SimpleNamespace(
@@ -159,7 +169,11 @@ def uptime() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--reference", default="/work/ref/unilm/beit2", help="reference beit2/ folder")
+    p.add_argument(
+        "--reference", default="/work/ref/unilm/beit2", help="reference beit2/ folder ('': none)"
+    )
+    p.add_argument("--student", default="base", help="our student's size (pretrain.model)")
+    p.add_argument("--image-size", type=int, default=224, help="views, patch 16")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
@@ -169,29 +183,32 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time train.compile=true")
     p.add_argument("--ref-amp", action="store_true", help="on CUDA: the reference's fp16 autocast")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reference_step.json"))
-    args = p.parse_args()
+    args = smoke.parse_args(p, SMOKE)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_before = uptime()
-    ref, optim_factory, shims = import_reference(args.reference)
     default = resolve_precision("auto", device)
 
-    variants = {}
-    ref_model, variants["ref_fp32"] = reference_step(ref, optim_factory, args)
-    ref_model.to(device)
-    _, variants["ours_default"] = our_step(default, False, device)
-    _, variants["ours_fp32"] = our_step("fp32", False, device)
+    variants, shims, no_reference = {}, [], None
+    if args.reference:
+        ref, optim_factory, shims = import_reference(args.reference)
+        ref_model, variants["ref_fp32"] = reference_step(ref, optim_factory, args)
+        ref_model.to(device)
+    else:
+        no_reference = smoke.skipped("the reference's step", "no --reference checkout")
+    _, variants["ours_default"] = our_step(default, False, device, args)
+    _, variants["ours_fp32"] = our_step("fp32", False, device, args)
     if args.compile:
-        _, variants["ours_compile"] = our_step(default, True, device)
+        _, variants["ours_compile"] = our_step(default, True, device, args)
 
-    size = 224
+    size = args.image_size
     rng = np.random.default_rng(0)
     grid = (size // 16, size // 16)
     views = torch.randn(args.batch, 3, size, size, device=device)  # normalised pixels
     mask = torch.from_numpy(
         np.stack([block_mask(grid, num_masked_for(grid), rng) for _ in range(args.batch)])
-    ).to(device)  # [B, 196] bool, 75 masked
+    ).to(device)  # [B, N] bool, 75 of 196 masked at 224 px
     tokens = torch.randint(0, 8192, (args.batch, grid[0] * grid[1]), device=device)
     batch = (views, mask, tokens)
 
@@ -214,10 +231,12 @@ def main() -> None:
             a / b for a, b in zip(per_round[n], per_round["ref_fp32"], strict=True)
         )
         for n in names
-        if n != "ref_fp32"
+        if n != "ref_fp32" and "ref_fp32" in per_round
     }
     result = {
-        "what": f"ViT-B/16 MIM train step, 224 px, batch {args.batch}, interleaved rounds",
+        "what": f"MIM train step, ours {args.student}/16"
+        + (" vs the reference's ViT-B/16" if args.reference else "")
+        + f", {size} px, batch {args.batch}, interleaved rounds",
         "device": str(device),
         "cpu": _cpu_name(),
         "torch_threads": torch.get_num_threads(),
@@ -228,7 +247,7 @@ def main() -> None:
         "steps_per_round": args.steps,
         "median_step_s": {n: round(statistics.median(v), 4) for n, v in per_round.items()},
         "per_round_s": {n: [round(x, 4) for x in v] for n, v in per_round.items()},
-        "median_ratio": {k: round(v, 4) for k, v in ratios.items()},
+        "median_ratio": {k: round(v, 4) for k, v in ratios.items()} if ratios else no_reference,
         "goals": {"ours_default/ref_fp32": 0.6, "ours_fp32/ref_fp32": 1.0},
         "first_steps_s": warm_seconds,
         "reference_shims": shims,

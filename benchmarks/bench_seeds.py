@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_learning_signal import coarse_label, run_stage  # noqa: E402
+import smoke  # noqa: E402
+from bench_learning_signal import add_set_argument, coarse_label, run_stage, use_set  # noqa: E402
 
 from engine.layout import imagenet_sample_dir  # noqa: E402
 from pipeline.report.views_study import mean_spread as _mean_spread  # noqa: E402
@@ -40,6 +41,11 @@ from pipeline.report.views_study import plot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_SEED = 100
+SMOKE = [
+    "--tokenizer={tokenizer}", "--sample={imagenet}", "--images=16", "--epochs=1", "--seeds=0",
+    "--ks", "1", "2", "--probe-steps=5", "--work-dir={tmp}/work", "--out={tmp}/seeds_k.json",
+    *smoke.TINY_STAGES,
+]  # fmt: skip
 log = logging.getLogger("bench_seeds")
 
 
@@ -61,7 +67,7 @@ def subset_folder(work: Path, sample: Path, count: int) -> Path:
 @torch.no_grad()
 def held_out_mim_accuracy(checkpoint: Path, images: str, heldout: str) -> float:
     """Final-layer MIM top-1 (%) on the held-out views, masks fixed by a run seed of 999."""
-    from pretrain.backbones import split_checkpoint
+    from pretrain.checkpoints import split_checkpoint
     from pretrain.data import MIMDataset
     from pretrain.masking import num_masked_for
     from pretrain.model import BEiTv2
@@ -145,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-steps", type=int, default=300)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_seeds"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/seeds_k.json")
-    args = parser.parse_args(argv)
+    add_set_argument(parser)
+    args = smoke.parse_args(parser, SMOKE, argv)
+    use_set(args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)

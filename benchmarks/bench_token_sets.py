@@ -7,7 +7,7 @@ measured in the same run. Then the same tiny student is pretrained on each set, 
 
 * stage 2: wall time of A's dataset; of B's token set and of B alone (alternated, medians of
   ``--repeats``); ``compare_views`` alone; ``pipeline validate`` of B alone and of the dataset
-  with its set (medians of 5); bytes per token of each set;
+  with its set (medians of ``--timing-repeats``); bytes per token of each set;
 * tokens: codebook usage and token entropy of each set (``shards.inspect``);
 * stage 3: MIM top-1 on held-out views (seed 100, each tokenizer's own targets) and the linear
   probe (coarse ImageNet groups) with their run-seed spread, and pretraining wall time.
@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_learning_signal import run_stage  # noqa: E402
+import smoke  # noqa: E402
+from bench_learning_signal import add_set_argument, run_stage, use_set  # noqa: E402
 from bench_seeds import (  # noqa: E402
     HELD_OUT_SEED,
     METRICS,
@@ -46,6 +47,12 @@ from bench_seeds import (  # noqa: E402
 from engine.layout import imagenet_sample_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = [
+    "--tokenizer-a={tokenizer}", "--tokenizer-b={tokenizer_b}", "--sample={imagenet}",
+    "--images=16", "--k=2", "--epochs=1", "--seeds=0", "--probe-steps=5", "--repeats=1",
+    "--timing-repeats=1", "--work-dir={tmp}/work", "--out={tmp}/token_sets.json",
+    *smoke.TINY_STAGES,
+]  # fmt: skip
 log = logging.getLogger("bench_token_sets")
 
 
@@ -89,9 +96,10 @@ def stage2(work: Path, shards: str, args: argparse.Namespace) -> dict:
             run_stage, "tokenize", {**common, "tokenizer": b, "out_dir": str(work / "b_alone")}
         ))  # fmt: skip
     default, named = resolve(dataset).open(), resolve(dataset, "b").open()
-    runs["compare_views"] = [timed(compare_views, default, named) for _ in range(5)]
-    runs["validate_default_alone"] = [timed(validate, str(work / "b_alone")) for _ in range(5)]
-    runs["validate_with_set"] = [timed(validate, dataset) for _ in range(5)]
+    timings = range(args.timing_repeats)
+    runs["compare_views"] = [timed(compare_views, default, named) for _ in timings]
+    runs["validate_default_alone"] = [timed(validate, str(work / "b_alone")) for _ in timings]
+    runs["validate_with_set"] = [timed(validate, dataset) for _ in timings]
     seconds.update({k: statistics.median(v) for k, v in runs.items()})
     held = {**common, "seeds": [HELD_OUT_SEED], "out_dir": str(work / "heldout")}
     run_stage("tokenize", {**held, "tokenizer": a})
@@ -136,10 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--probe-steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3, help="stage-2 runs timed per variant")
+    parser.add_argument(
+        "--timing-repeats", type=int, default=5, help="compare_views and validate calls timed"
+    )
     parser.add_argument("--skip-pretrain", action="store_true", help="stage-2 figures only")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_token_sets"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/token_sets.json")
-    args = parser.parse_args(argv)
+    add_set_argument(parser)
+    args = smoke.parse_args(parser, SMOKE, argv)
+    use_set(args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)

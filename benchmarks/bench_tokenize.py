@@ -30,10 +30,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import smoke
+
 from engine.layout import imagenet_sample_dir
 
 DEFAULT_SAMPLE = imagenet_sample_dir()  # $IMAGENET_SAMPLE, see engine/layout.py
 RESULTS = Path(__file__).resolve().parent / "results" / "tokenize.json"
+SMOKE = [
+    "--sample={imagenet}", "--images=16", "--shard-size=8", "--seeds=2", "--batch-size=16",
+    "--model=tiny", "--image-size=32", "--forward-batches=1", "--precisions=auto",
+    "--mem-shards=1", "--out={tmp}/tokenize.json",
+]  # fmt: skip
 
 
 def forward_only(
@@ -84,14 +91,15 @@ def repeat_shards(pattern: str, times: int, out: Path) -> str:
     return str(out / "*.tar")
 
 
-def make_tokenizer(model: str, path: Path) -> str:
+def make_tokenizer(model: str, image_size: int, path: Path) -> str:
     import torch
 
     from tokenize_corpus.tokenizer import save_tokenizer
     from tokenize_corpus.vqkd import VQKD, VQKD_SIZES, VQKDModelConfig
 
     torch.manual_seed(0)
-    config = VQKDModelConfig(**VQKD_SIZES[model], kmeans_iters=0)  # 224, patch 16, 8192 codes
+    # patch 16, 8192 codes
+    config = VQKDModelConfig(**VQKD_SIZES[model], image_size=image_size, kmeans_iters=0)
     vqkd = VQKD(config).eval()
     with torch.no_grad():  # a random unit-norm codebook: a zero one would map every patch to 0
         codebook = torch.nn.functional.normalize(torch.randn_like(vqkd.quantize.codebook), dim=-1)
@@ -116,7 +124,7 @@ def run(
         tokenizer=tokenizer,
         out_dir=str(out),
         seeds=tuple(range(args.seeds)),
-        aug=AugConfig(size=224),
+        aug=AugConfig(size=args.image_size),
         batch_size=args.batch_size,
         precision=precision,
         cluster=ClusterConfig(n_workers=workers, threads_per_worker=args.threads, dashboard=False),
@@ -184,6 +192,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--model", default="base", choices=["tiny", "small", "base"])
+    parser.add_argument("--image-size", type=int, default=224, help="the tokenizer's and views'")
     parser.add_argument("--forward-batches", type=int, default=3)
     parser.add_argument(
         "--precisions", type=lambda s: s.split(","), default=["auto", "fp32"],
@@ -196,14 +205,14 @@ def main() -> None:
     parser.add_argument("--mem-shards", type=int, default=2, help="shards of the 1x memory corpus")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, SMOKE)
     logging.basicConfig(level=logging.WARNING)
 
     scratch = Path(tempfile.mkdtemp(prefix="bench_tokenize_"))
     main_precision = args.precisions[0]
     try:
         images = pack_sample(args.sample, args.images, args.shard_size, scratch / "sample")
-        tokenizer = make_tokenizer(args.model, scratch / "tokenizer.pth")
+        tokenizer = make_tokenizer(args.model, args.image_size, scratch / "tokenizer.pth")
         per_precision = precision_runs(images, tokenizer, scratch, args)
         first = scratch / f"tokens1-{main_precision}"
         rerun = run(images, tokenizer, first, args, 1, main_precision)

@@ -28,18 +28,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import smoke
 import torch
 
 from engine.layout import imagenet_sample_dir
 from pretrain.data import MIMDataset
+from shards.dataset import TokenDatasetDir
 from shards.decode import BadImage, decode_image
 from shards.images import iter_shard, list_shards
 from shards.reader import open_token_dataset
 from shards.verify import preflight
 from shards.views import AugConfig, sample_view
-from shards.writer import TokenRow, write_manifest, write_shard
+from shards.writer import TokenRow
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = [
+    "--images={imagenet}", "--limit=16", "--shard-size=8", "--seeds=2", "--rounds=1",
+    "--out={tmp}/verify.json",
+]  # fmt: skip
 
 
 def build(images: Path, out: Path, shard_size: int, seeds: tuple[int, ...]) -> None:
@@ -48,6 +54,7 @@ def build(images: Path, out: Path, shard_size: int, seeds: tuple[int, ...]) -> N
     shards = list_shards(str(images), shard_size=shard_size)
     rng = np.random.default_rng(0)
     tok = {"fingerprint": "b" * 64, "codebook_size": 8192, "grid": [14, 14], "image_size": 224}
+    dataset = TokenDatasetDir(str(out))
     receipts = []
     for shard in shards:
         rows, skipped = [], []
@@ -61,13 +68,13 @@ def build(images: Path, out: Path, shard_size: int, seeds: tuple[int, ...]) -> N
             tokens = rng.integers(0, 8192, (len(seeds), 196), dtype=np.uint16)
             rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
         receipts.append(
-            write_shard(
-                str(out), shard.index, len(shards), shard.url, seeds, rows, skipped, tokenizer=tok
+            dataset.write_shard(
+                shard.index, len(shards), shard.url, seeds, rows, skipped, tokenizer=tok
             )
         )
     info = {"tokenizer": tok, "seeds": list(seeds), "aug": {"size": 224}}
     info["images"] = {"source": str(images), "shard_size": shard_size}
-    write_manifest(str(out), receipts, info)
+    dataset.write_manifest(receipts, info)
 
 
 def make(images: str, tokens: str, shard_size: int, verify: bool, blocks: int) -> MIMDataset:
@@ -121,7 +128,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/verify.json"))
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, SMOKE)
     # One intra-op thread, as in a DataLoader worker (torch sets 1 there): with several, the
     # per-sample tensor ops contend with the other processes of a shared machine.
     torch.set_num_threads(1)

@@ -7,7 +7,8 @@ in each phase. The teacher is the offline EfficientNet-Lite0 (the CLIP teacher's
 available offline); pass ``--teacher`` / ``--teacher-weights`` to time another.
 
 (b) ``--demo IMAGES``: ``pipeline run stage=vqkd preset=demo images=IMAGES`` end to end, reporting
-codebook usage and reconstruction cosine on the evaluation pass, and wall time.
+codebook usage and reconstruction cosine on the evaluation pass, and wall time (``--demo-set
+KEY=VALUE``: more stage keys).
 
     python benchmarks/bench_vqkd.py --sizes tiny small base
     python benchmarks/bench_vqkd.py --sizes none --demo "$IMAGENET_SAMPLE"
@@ -27,16 +28,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import smoke
 import torch
 import torch.nn.functional as F
 
-from engine.config import build_config
+from engine.config import build_config, parse_overrides
 from tokenize_corpus.config import VQKDConfig
 from tokenize_corpus.teachers import load_teacher
 from tokenize_corpus.train import vqkd
 from tokenize_corpus.vqkd import VQKD, VQKD_SIZES, VQKDModelConfig
 
 PHASES = ("teacher", "encoder", "quantiser", "decoder", "backward_optimizer")
+SMOKE = [
+    "--sizes", "tiny", "--batch=2", "--steps=1", "--demo={imagenet}", "--demo-out={tmp}/demo",
+    *(f"--demo-set={kv}" for kv in smoke.TINY["vqkd"]), "--demo-set=train.epochs=1",
+    "--out={tmp}/vqkd.json",
+]  # fmt: skip
 
 
 def time_step(model: VQKD, teacher: Any, optimizer: torch.optim.Optimizer, views: torch.Tensor):
@@ -94,10 +101,11 @@ def throughput(size: str, batch: int, steps: int, teacher_name: str, weights: st
     }
 
 
-def demo(images: str, out_dir: str | None) -> dict:
-    """The demo preset end to end on ``images``."""
+def demo(images: str, out_dir: str | None, keys: list[str]) -> dict:
+    """The demo preset (plus ``keys``, KEY=VALUE) end to end on ``images``."""
     out = out_dir or tempfile.mkdtemp(prefix="bench-vqkd-demo-")
-    cfg = build_config(VQKDConfig, VQKDConfig.presets["demo"], {"images": images, "out_dir": out})
+    paths = {"images": images, "out_dir": out}
+    cfg = build_config(VQKDConfig, VQKDConfig.presets["demo"], parse_overrides(keys), paths)
     tic = time.perf_counter()
     summary = vqkd(cfg)
     return {
@@ -124,8 +132,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--demo", default=None, help="image source for the demo-preset run")
     parser.add_argument("--demo-out", default=None)
+    parser.add_argument(
+        "--demo-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a stage key for the demo run, e.g. --demo-set train.epochs=2",
+    )
     parser.add_argument("--out", default="benchmarks/results/vqkd.json")
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, SMOKE)
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict[str, Any] = {
@@ -145,7 +160,7 @@ def main() -> None:
         )
         print(json.dumps(results["throughput"][-1]), flush=True)
     if args.demo:
-        results["demo"] = demo(args.demo, args.demo_out)
+        results["demo"] = demo(args.demo, args.demo_out, args.demo_set)
     text = json.dumps(results, indent=2)
     print(text)
     path = Path(args.out)

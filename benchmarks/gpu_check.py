@@ -32,19 +32,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import smoke
 import torch
+from synthetic import TINY_VQKD
 
 from pretrain.model import BEiTConfig, BEiTv2, mim_loss
 from tokenize_corpus.tokenizer import Tokenizer, save_tokenizer
 from tokenize_corpus.vqkd import VQKD, VQKDModelConfig
 
-TINY_VQKD = VQKDModelConfig(
-    image_size=32, patch_size=8, width=32, depth=1, heads=1, code_dim=8, codebook_size=16,
-    decoder_depth=1, teacher_dim=12, kmeans_iters=0,
-)  # fmt: skip
+SMOKE = ["--tiny", "--reps=1", "--images={imagenet}", "--out={tmp}/gpu_check.json"]
 TINY_BEIT = BEiTConfig(
     image_size=32, patch_size=8, width=32, depth=1, heads=1, vocab_size=16, head_from_layer=1
 )
+
+
+def _vqkd_config(tiny: bool) -> VQKDModelConfig:
+    """The tiny tokenizer, or the official-layout ViT-B/16 VQ-KD (8192 codes); random codebook."""
+    return VQKDModelConfig(**TINY_VQKD) if tiny else VQKDModelConfig(kmeans_iters=0)
 
 
 def _sync(device: torch.device) -> None:
@@ -63,7 +67,7 @@ def _timed(fn, device: torch.device) -> float:
 def check_tokenizer(device: torch.device, tiny: bool, batch: int, reps: int) -> dict:
     """fp32 vs bf16 codes of the same views; views/s of each (interleaved, medians)."""
     torch.manual_seed(0)
-    tok = Tokenizer(VQKD(TINY_VQKD if tiny else VQKDModelConfig(kmeans_iters=0))).to(device)
+    tok = Tokenizer(VQKD(_vqkd_config(tiny))).to(device)
     size = tok.image_size
     views = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     ref = tok.encode(views, precision="fp32")
@@ -155,14 +159,14 @@ def _decode_seconds(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def check_stage2(images: str | None, seeds: int) -> dict:
+def check_stage2(images: str | None, seeds: int, tiny: bool) -> dict:
     """``stage=tokenize`` on one GPU worker; wall time, views/s and the JPEG decode share."""
     if not images or not Path(images).is_dir():
         return {"skipped": f"--images {images!r} is not a folder of images"}
     files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        cfg = VQKDModelConfig(kmeans_iters=0)
+        cfg = _vqkd_config(tiny)
         tok_path = save_tokenizer(VQKD(cfg), Path(tmp) / "tokenizer.pth")
         cmd = [
             "pipeline", "run", "stage=tokenize", f"images={images}", f"tokenizer={tok_path}",
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    args = smoke.parse_args(ap, SMOKE, argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     tiny = args.tiny or not cuda
@@ -223,12 +227,12 @@ def main(argv: list[str] | None = None) -> dict:
     report["tokenizer"] = check_tokenizer(device, tiny, batch, args.reps)
     report["stage3_step"] = check_step(device, tiny, args.reps, args.ref if cuda else None)
     if cuda:
-        report["stage2"] = check_stage2(args.images, args.seeds)
+        report["stage2"] = check_stage2(args.images, args.seeds, tiny)
         report["nccl_ddp"] = check_nccl()
     else:
-        why = "skipped: no CUDA device (the tokenizer and step above ran as a CPU smoke)"
-        report["stage2"] = {"skipped": why}
-        report["nccl_ddp"] = {"skipped": why}
+        why = "no CUDA device (the tokenizer and step above ran as a CPU smoke)"
+        report["stage2"] = smoke.skipped("stage 2 on one GPU worker", why)
+        report["nccl_ddp"] = smoke.skipped("the NCCL all_reduce", why)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
