@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from engine.checkpoint import (
     CheckpointError,
@@ -66,8 +67,6 @@ def test_fsspec_urls():
 
 
 def test_safetensors(tmp_path):
-    from safetensors.torch import save_file
-
     save_file({"w": torch.full((2, 2), 3.0)}, str(tmp_path / "m.safetensors"))
     assert torch.equal(load_file(tmp_path / "m.safetensors")["w"], torch.full((2, 2), 3.0))
     (tmp_path / "bad.safetensors").write_bytes(b"junk")

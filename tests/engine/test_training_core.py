@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine.device import resolve_device
 from engine.distributed import Distributed
@@ -70,8 +72,6 @@ def test_param_groups_decay_only_weight_matrices() -> None:
 
 
 def test_metrics_go_to_jsonl_and_tensorboard(tmp_path) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     with MetricsWriter(tmp_path, LogSpec(tensorboard=True)) as writer:
         for step in (1, 2, 3):
             writer.write({"kind": "step", "step": step, "epoch": 0, "loss": 1.0 / step, "tag": "x"})
@@ -107,8 +107,6 @@ def test_resumed_metrics_keep_only_what_the_checkpoint_covers(tmp_path) -> None:
 
 
 def test_wandb_is_optional(tmp_path, monkeypatch, caplog) -> None:
-    import builtins
-
     real_import = builtins.__import__
 
     def no_wandb(name, *args, **kwargs):

@@ -5,6 +5,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from timm.optim import create_optimizer_v2
 
 from engine.config import build_config
 from pipeline.demo_corpus import build_demo_corpus
@@ -58,8 +59,6 @@ def test_finetune_from_pretrain_checkpoint(tmp_path, corpus):
 
 
 def test_layer_decay_groups(tmp_path):
-    from timm.optim import create_optimizer_v2
-
     cfg = _cfg(
         tmp_path,
         random_init={

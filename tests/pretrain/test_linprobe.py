@@ -10,6 +10,7 @@ from engine.config import build_config
 from pipeline.demo_corpus import build_demo_corpus
 from pretrain import linprobe as lp
 from pretrain.evaluation import key_in_val
+from pretrain.export import export_backbone
 from pretrain.model import BEiTConfig, BEiTv2
 
 TINY = dict(image_size=32, patch_size=8, width=32, depth=1, heads=2, vocab_size=16)
@@ -67,8 +68,6 @@ def test_split_is_by_key_hash():
 
 
 def test_checkpoint_and_timm_export_give_same_features(tmp_path, corpus):
-    from pretrain.export import export_backbone
-
     torch.manual_seed(0)
     model = BEiTv2(BEiTConfig(**TINY, head_layers=1, head_from_layer=1))
     ckpt = tmp_path / "checkpoint.pth"

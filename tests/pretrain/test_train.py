@@ -11,15 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 # The tiny corpus builders live beside the data tests (loaded by path, not collected twice).
 from support import pretrain_data as helpers
 
 from engine.config import build_config
+from engine.guards import NonFiniteLoss
 from engine.optim import param_groups
+from engine.precision import resolve_precision
 from engine.schedule import lr_at
 from pretrain import train as train_module
 from pretrain.config import PretrainConfig
+from pretrain.model import BEiTConfig, BEiTv2
 from pretrain.train import pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,8 +87,6 @@ def test_lr_is_linearly_scaled_and_scheduled() -> None:
 
 
 def test_no_weight_decay_on_biases_norms_and_cls_token() -> None:
-    from pretrain.model import BEiTConfig, BEiTv2
-
     model = BEiTv2(
         BEiTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, vocab_size=16)
     )
@@ -109,6 +111,8 @@ def test_tiny_run_writes_every_output(corpus: dict, tmp_path: Path) -> None:
     ckpt = torch.load(summary["checkpoint"], weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["config"]["model"]["vocab_size"] == 16
     assert ckpt["config"]["pretrain"]["train"]["batch_size"] == 4
+    # no generator state: everything random is seeded by (run seed, epoch), resume included
+    assert set(ckpt) == {"model", "config", "optimizer", "epoch", "step"}
     backbone = torch.load(summary["backbone"], weights_only=True)
     assert "blocks.0.attn.relative_position_bias_table" in backbone
     assert not any(k.startswith(("lm_head", "mask_token", "cls_pt_layers")) for k in backbone)
@@ -206,10 +210,6 @@ def test_ddp_two_cpu_processes_keep_identical_weights(corpus: dict, tmp_path: Pa
 
 def test_precision_is_resolved_and_recorded(corpus: dict, tmp_path: Path) -> None:
     """fp32 and the default (auto) both train with fp32 weights; config.yaml says which ran."""
-    import yaml
-
-    from engine.precision import resolve_precision
-
     auto = pretrain(tiny(corpus, tmp_path / "auto", epochs=1))
     exact = pretrain(tiny(corpus, tmp_path / "fp32", epochs=1, precision="fp32"))
     expected = resolve_precision("auto", "cpu")
@@ -223,8 +223,6 @@ def test_precision_is_resolved_and_recorded(corpus: dict, tmp_path: Path) -> Non
 
 
 def test_non_finite_loss_stops_naming_the_step(corpus: dict, tmp_path: Path) -> None:
-    from engine.guards import NonFiniteLoss
-
     # an infinite rate ruins the weights in the first update: the second step's loss is NaN
     with pytest.raises(NonFiniteLoss, match=r"nan at step 2 \(epoch 0\)"):
         pretrain(tiny(corpus, tmp_path / "nan", epochs=1, blr=float("inf")))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from support import cli_runs as cli
@@ -34,8 +35,6 @@ def records(out_dir: Path) -> list[dict]:
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """16 small images in a flat folder (one bad file) and a tiny timm ViT teacher file, as the
     stage 1 training tests use."""
-    import timm
-
     root = tmp_path_factory.mktemp("vqkd_kill")
     images = root / "images"
     images.mkdir()
