@@ -5,10 +5,11 @@ On a CUDA machine (a few minutes):
 1. tokenizer: the official-layout ViT-B/16 VQ-KD (random weights) encodes the same views in
    fp32 and bf16: code agreement and views/s at batch 64;
 2. stage 2 end to end on one GPU worker (``pipeline run stage=tokenize cluster.n_workers=1
-   cluster.device=cuda``) over ``--images``, with the share of the wall time spent decoding the
-   JPEGs on the CPU (measured separately on the same files): if it is large, decode is the
-   bottleneck (GPU JPEG decode would have to reproduce the CPU views bit for bit to keep the
-   view contract, docs/design.md §2, so it is not switched on here);
+   cluster.device=cuda``; the tiny tokenizer with ``--tiny``) over ``--images``, with the share
+   of the wall time spent decoding the JPEGs on the CPU (measured separately on the same
+   files): if it is large, decode is the bottleneck (GPU JPEG decode would have to reproduce
+   the CPU views bit for bit to keep the view contract, docs/design.md §2, so it is not
+   switched on here);
 3. the stage-3 step (ViT-B/16, 224 px, batch 8, AdamW): bf16 autocast vs fp32, interleaved; with
    ``--ref <unilm beit2 folder>`` also the reference model's own fp32 step;
 4. a 1-process NCCL process group: an all_reduce of a CUDA tensor.
@@ -169,9 +170,10 @@ def check_stage2(images: str | None, seeds: int, tiny: bool) -> dict:
         cfg = _vqkd_config(tiny)
         tok_path = save_tokenizer(VQKD(cfg), Path(tmp) / "tokenizer.pth")
         cmd = [
-            "pipeline", "run", "stage=tokenize", f"images={images}", f"tokenizer={tok_path}",
-            f"out_dir={tmp}/tokens", f"aug.size={cfg.image_size}", f"seeds={list(range(seeds))}",
-            "cluster.n_workers=1", "cluster.device=cuda", "precision=auto", "formats=[parquet]",
+            sys.executable, "-m", "pipeline.cli", "run", "stage=tokenize", f"images={images}",
+            f"tokenizer={tok_path}", f"out_dir={tmp}/tokens", f"aug.size={cfg.image_size}",
+            f"seeds={list(range(seeds))}", "cluster.n_workers=1", "cluster.device=cuda",
+            "precision=auto", "formats=[parquet]",
         ]  # fmt: skip
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)

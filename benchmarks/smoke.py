@@ -27,8 +27,8 @@ import synthetic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Stage overrides that shrink the demo presets to seconds: the tiny tokenizer's 32 px and 4x4
-# grid, a 1-block student, no loader workers, stage 2 on the shared cluster.
+# Stage keys that shrink the demo presets to seconds: the 32 px, 4x4 grid of the tiny tokenizer
+# (synthetic.TINY_VQKD), a 1-block student, no loader workers, stage 2 on the shared cluster.
 TINY: dict[str, list[str]] = {
     "vqkd": [
         "model.image_size=32", "model.patch_size=8", "model.width=32", "model.depth=1",
@@ -44,7 +44,7 @@ TINY: dict[str, list[str]] = {
     ],
     "linprobe": ["feature_batch_size=16"],
 }  # fmt: skip
-# ... as bench_learning_signal's --set words
+# the same as bench_learning_signal's --set words
 TINY_STAGES = [f"--set={stage}:{kv}" for stage, kvs in TINY.items() for kv in kvs]
 
 
