@@ -43,7 +43,7 @@ def slurm_available() -> str | None:
     return None
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # the widest scope: it runs before a module's other fixtures
 def skip_without_slurm() -> None:
     """Skip the test, with the reason, when no SLURM cluster answers."""
     reason = slurm_available()
