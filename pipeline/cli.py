@@ -17,7 +17,9 @@ import difflib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -33,6 +35,7 @@ from pipeline.tools import TOOLS, Tool
 log = logging.getLogger("pipeline")
 
 HELP = ("-h", "--help")
+JOB_SCRIPT = "--print-job-script"
 
 
 def build_stage_config(name: str, overrides: dict[str, Any]) -> Any:
@@ -48,7 +51,8 @@ def build_stage_config(name: str, overrides: dict[str, Any]) -> Any:
 def run(argv: list[str]) -> int:
     """``pipeline run stage=<name> [key=value ...]`` (or its help)."""
     want_help = any(a in HELP for a in argv)
-    args = [a for a in argv if a not in HELP]
+    want_script = JOB_SCRIPT in argv
+    args = [a for a in argv if a not in (*HELP, JOB_SCRIPT)]
     if not args:
         print(run_help(), file=sys.stdout if want_help else sys.stderr)
         return 0 if want_help else 2
@@ -66,6 +70,14 @@ def run(argv: list[str]) -> int:
         print(stage_help(stage.name, cfg, layers))
         return 0
     cfg = build_stage_config(stage.name, overrides)
+    if want_script:
+        job_script = stage.job_script_fn()
+        if job_script is None:
+            raise UserError(
+                f"stage={stage.name} submits no batch job; {JOB_SCRIPT} is for stage=tokenize"
+            )
+        print(job_script(cfg), end="")
+        return 0
     out = guide.absolute(getattr(cfg, "out_dir", "") or "")
     log.info("stage=%s: starting; outputs go to %s", stage.name, out or "(no out_dir)")
     start = time.perf_counter()
@@ -140,9 +152,26 @@ def dispatch(argv: list[str]) -> int:
     raise UserError(f"unknown command {command!r}.{hint} See: pipeline --help")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a batch scheduler's scancel, a closed terminal): ends the run as
+    Ctrl-C does, so every ``finally`` runs (worker jobs are cancelled, locks released)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The console entry point; returns the exit code (0 ok, 1 the work failed, 2 bad input)."""
+    """The console entry point; returns the exit code (0 ok, 1 the work failed, 2 bad input,
+    128 + the signal number when interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _interrupt)
     try:
         argv, verbose, level = pop_logging_options(argv)
         setup_logging(verbose, level)
@@ -150,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(
+            f"interrupted ({signal.Signals(signum).name}): what was finished is kept; rerun the "
+            "same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + signum
     except BrokenPipeError:
         # the reader went away (`pipeline ... --help | head`): not an error of ours, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

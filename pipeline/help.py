@@ -107,6 +107,16 @@ def stage_help(name: str, cfg: Any = None, layers: str = "") -> str:
     if stage.example:
         example = stage.example.format(**example_paths())
         lines += ["", "example:", f"  pipeline run stage={name} {example}"]
+    if stage.job_script:
+        lines += [
+            "",
+            "batch jobs: cluster.kind=slurm|pbs submits worker jobs from this node; add",
+            "  --print-job-script to see the job script a run would submit, without submitting:",
+            f"  pipeline run stage={name} ... cluster.kind=slurm cluster.queue=<partition> "
+            "--print-job-script",
+            "  inside an allocation: srun -n N pipeline run stage=tokenize ... "
+            "cluster.kind=slurm-runner",
+        ]
     lines += ["", EXIT_CODES]
     return "\n".join(lines)
 

@@ -24,12 +24,17 @@ class Stage:
     run: str  # "module:function"
     help: str
     example: str = ""  # key=value arguments after `pipeline run stage=<name>`
+    # "module:function" giving the batch job script a run would submit (--print-job-script)
+    job_script: str = ""
 
     def config_class(self) -> type:
         return _load(self.config)
 
     def run_fn(self) -> Callable[[Any], dict]:
         return _load(self.run)
+
+    def job_script_fn(self) -> Callable[[Any], str] | None:
+        return _load(self.job_script) if self.job_script else None
 
 
 def _load(target: str) -> Any:
@@ -60,6 +65,7 @@ STAGES: dict[str, Stage] = {
             "tokenize_corpus.job:tokenize",
             "stage 2: tokenize image shards at K view seeds on Dask into a token dataset",
             "preset=demo 'images={pack_shards}' tokenizer={tokenizer} out_dir={tokenize}",
+            job_script="tokenize_corpus.job:print_job_script",
         ),
         Stage(
             "pretrain",

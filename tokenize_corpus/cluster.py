@@ -1,9 +1,26 @@
-"""Stage 2's Dask side: start or join a cluster, resolve precision on it, run the shard tasks.
+"""Stage 2's Dask side: the cluster of one run, and the tasks it runs (docs/design.md §4).
 
-Dask runs one task at a time per worker (``nthreads=1``): memory per worker is bounded by one
-shard, whatever the corpus size; ``cluster.threads_per_worker`` sets torch's intra-op threads.
-Dask's own logging is quiet unless ``log_level=info|debug``; this module logs its own progress
-(cluster starting, workers up, tokenizer loaded) so the first seconds of a run are not silent.
+:class:`DaskCluster` is the cluster of ``cluster.kind``, opened for one run and closed with it:
+
+- ``local``: a LocalCluster on this machine (its nannies restart a crashed worker);
+- ``address``: an existing scheduler (``cluster.address``);
+- ``slurm`` / ``pbs``: the scheduler runs here, worker jobs are submitted through dask-jobqueue
+  and kept running by a :class:`tokenize_corpus.batch.JobWatch`; every job is cancelled when the
+  run ends, fails or is interrupted;
+- ``slurm-runner``: inside ``srun -n N`` every task runs this command; dask-jobqueue's
+  SLURMRunner makes rank 0 the scheduler and ranks 2.. workers, which serve until the run on
+  rank 1 ends and then leave (only rank 1 gets past :meth:`DaskCluster.__enter__`).
+
+The cluster starts on first use (:meth:`DaskCluster.client`), after every check that needs no
+cluster has passed. A run that can get no worker (its jobs keep failing, an external cluster
+has none) stops with :class:`ClusterLost` instead of waiting forever.
+
+Each worker runs one task at a time (``nthreads=1``): memory per worker is bounded by one shard,
+whatever the corpus size. The tasks are :func:`check_receipts` (does a finished shard still
+hold? Read on the workers, so the driver never reads image or token bytes) and
+:func:`run_tasks` (one :func:`tokenize_corpus.shard_task.tokenize_shard` per shard). Dask's own
+logging is quiet unless ``log_level=info|debug``; this module logs its own progress so that the
+first seconds of a run are not silent.
 """
 
 from __future__ import annotations
@@ -11,25 +28,39 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
+import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+from dask.utils import parse_timedelta
+from distributed import Client, Future, LocalCluster, as_completed
+from tqdm.auto import tqdm
 
 from engine.config import ConfigError
+from engine.launch import is_srun_task
+from shards.dataset import TokenDatasetDir
+from shards.records import ImageShard
+from tokenize_corpus import batch
 from tokenize_corpus.config import ClusterConfig
+from tokenize_corpus.resume import check_receipt
 from tokenize_corpus.shard_task import tokenize_shard
 from tokenize_corpus.worker import ShardJob, TokenizerPlugin, worker_device_precision
-
-if TYPE_CHECKING:
-    from distributed import Client
-
-    from shards.images import ImageShard
 
 log = logging.getLogger(__name__)
 
 # Loggers of Dask and the libraries it drives, set to the run's log_level.
-DASK_LOGGERS = ("distributed", "dask", "bokeh", "tornado")
+DASK_LOGGERS = ("distributed", "dask", "bokeh", "tornado", "dask_jobqueue")
+# How often a wait for workers says what it waits for.
+WAIT_REPORT_SECONDS = 30.0
+
+
+class ClusterLost(RuntimeError):
+    """No worker is left and none can be started; finished shards are kept (a rerun resumes)."""
 
 
 def set_dask_logging(level: str) -> int:
@@ -42,59 +73,245 @@ def set_dask_logging(level: str) -> int:
     return numeric
 
 
-@contextlib.contextmanager
-def open_client(cluster: ClusterConfig, log_level: str = "warning") -> Iterator[Client]:
-    """A Client to ``cluster.address``, or to a LocalCluster started (and closed) here."""
-    import dask
-    from distributed import Client, LocalCluster
+def log_dir(cluster: ClusterConfig, out_dir: str) -> str:
+    """Where worker job logs, the job script and the scheduler file go (``cluster.log_dir``)."""
+    if cluster.log_dir:
+        return os.path.abspath(os.path.expanduser(cluster.log_dir))
+    if "://" in out_dir and not out_dir.startswith("file://"):
+        return os.path.abspath("dask-logs")  # an object-store dataset: a folder here
+    return os.path.join(out_dir.removeprefix("file://"), "logs")
 
-    level = set_dask_logging(log_level)
-    if cluster.address:
-        log.info("connecting to the Dask scheduler at %s", cluster.address)
+
+def check_settings(cluster: ClusterConfig, submitting: bool = True) -> None:
+    """The cluster settings, checked before anything starts (ConfigError); ``submitting``:
+    see ``tokenize_corpus.batch.check_settings``."""
+    kind = cluster.effective_kind
+    if cluster.address and kind != "address":
+        raise ConfigError(
+            f"cluster.address={cluster.address} is only used with cluster.kind=address (this run "
+            f"has cluster.kind={kind}); drop one of them"
+        )
+    if kind == "address" and not cluster.address:
+        raise ConfigError("cluster.kind=address needs cluster.address=tcp://<host>:<port>")
+    if cluster.n_workers < 1 or cluster.threads_per_worker < 0 or cluster.retries < 0:
+        raise ConfigError(
+            "cluster.n_workers must be >= 1, cluster.threads_per_worker >= 0 (0 = its default) "
+            "and cluster.retries >= 0"
+        )
+    for key in ("death_timeout", "no_worker_timeout"):
         try:
-            client = Client(cluster.address, timeout="30s")
+            parse_timedelta(getattr(cluster, key))
+        except (ValueError, KeyError):
+            raise ConfigError(
+                f"cluster.{key}={getattr(cluster, key)!r} is not a duration; write it like 60s "
+                "or 10m"
+            ) from None
+    if cluster.batch:
+        batch.check_settings(cluster, submitting)
+    if kind == "slurm-runner":
+        tasks = int(os.environ.get("SLURM_NTASKS") or 0) if is_srun_task(os.environ) else 0
+        if tasks < 3:
+            found = f"{tasks} tasks" if tasks else "no srun step"
+            raise ConfigError(
+                "cluster.kind=slurm-runner runs inside `srun -n N pipeline run stage=tokenize "
+                f"...` with N >= 3 (rank 0 the scheduler, rank 1 the run, ranks 2.. workers); "
+                f"found {found}. To submit worker jobs from a login node use cluster.kind=slurm"
+            )
+
+
+class DaskCluster:
+    """The Dask cluster of one stage-2 run (see the module docstring); a context manager."""
+
+    def __init__(self, cluster: ClusterConfig, log_dir: str, log_level: str = "warning") -> None:
+        self.cfg = cluster
+        self.kind = cluster.effective_kind
+        self.log_dir = log_dir
+        self.log_level = log_level
+        self.lost: str | None = None  # why no worker can be had, once a watch gave up
+        self.pending: set[Future] = set()  # futures a lost cluster cancels
+        self.job_script: Path | None = None  # kind=slurm|pbs: the script of the worker jobs
+        self._watch: Any = None  # batch.JobWatch or IdleWatch
+        self._runner: Any = None
+        self._client: Client | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> DaskCluster:
+        if self.kind == "slurm-runner":
+            self._enter_runner()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+        self._stack.close()
+
+    def client(self) -> Client:
+        """The client, starting (or joining) the cluster on the first call."""
+        if self._client is None:
+            set_dask_logging(self.log_level)
+            start: dict[str, Callable[[], Client]] = {
+                "local": self._start_local,
+                "address": self._start_address,
+                "slurm": self._start_batch,
+                "pbs": self._start_batch,
+                "slurm-runner": self._start_runner_client,
+            }
+            self._client = start[self.kind]()
+        return self._client
+
+    # ---- the kinds -----------------------------------------------------------------------------
+
+    def _start_local(self) -> Client:
+        cluster = self.cfg
+        if cluster.dashboard and importlib.util.find_spec("bokeh") is None:
+            log.info("the Dask dashboard needs bokeh (pip install bokeh); running without it")
+        memory = 0 if cluster.memory_limit.lower() in ("0", "none", "") else cluster.memory_limit
+        log.info("starting a local Dask cluster: %d worker processes", cluster.n_workers)
+        tick = time.perf_counter()
+        # Dask's nannies export MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
+        # threshold: every activation tensor of the tokenizer's forward is then a fresh mmap,
+        # and page faults double. Memory stays flat without it (one shard per task), so local
+        # workers keep glibc's defaults.
+        settings = {
+            "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+            "logging.distributed": self.log_level,  # what the worker processes log
+        }
+        with dask.config.set(settings):
+            local = LocalCluster(
+                n_workers=cluster.n_workers,
+                threads_per_worker=1,  # one shard at a time per worker
+                processes=True,
+                memory_limit=memory,
+                dashboard_address=":0" if cluster.dashboard else None,  # never 8787
+                silence_logs=set_dask_logging(self.log_level),
+            )
+        self._stack.enter_context(local)
+        client = self._stack.enter_context(Client(local))
+        log.info("%d workers up in %.1f s", cluster.n_workers, time.perf_counter() - tick)
+        return client
+
+    def _start_address(self) -> Client:
+        address = self.cfg.address
+        log.info("connecting to the Dask scheduler at %s", address)
+        try:
+            client = Client(address, timeout="30s")
         except (OSError, TimeoutError) as err:
             raise ConfigError(
-                f"cannot reach the Dask scheduler at cluster.address={cluster.address} ({err}); "
-                "check the address, or leave cluster.address unset to start a local cluster"
+                f"cannot reach the Dask scheduler at cluster.address={address} ({err}); check the "
+                "address, or leave cluster.address unset to start a local cluster"
             ) from None
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    if cluster.dashboard and importlib.util.find_spec("bokeh") is None:
-        log.info("the Dask dashboard needs bokeh (pip install bokeh); running without it")
-    memory = 0 if cluster.memory_limit.lower() in ("0", "none", "") else cluster.memory_limit
-    log.info("starting a local Dask cluster: %d worker processes", cluster.n_workers)
-    start = time.perf_counter()
-    # Dask's nannies export MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap threshold:
-    # every activation tensor of the tokenizer's forward is then a fresh mmap, and page faults
-    # double. Memory stays flat without it (one shard per task), so workers keep glibc's defaults.
-    settings = {
-        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-        "logging.distributed": log_level,  # what the worker processes log
-    }
-    with dask.config.set(settings):
-        local = LocalCluster(
-            n_workers=cluster.n_workers,
-            threads_per_worker=1,  # one shard at a time per worker: bounded memory, one tokenizer
-            processes=True,
-            memory_limit=memory,
-            dashboard_address=":0" if cluster.dashboard else None,  # a free port, never 8787
-            silence_logs=level,
+        self._stack.enter_context(client)
+        self._watch = IdleWatch(client, parse_timedelta(self.cfg.no_worker_timeout), self._give_up)
+        self._watch.start()
+        return client
+
+    def _start_batch(self) -> Client:
+        """Start the scheduler, write and test the job script, submit the jobs, watch them."""
+        os.makedirs(self.log_dir, exist_ok=True)
+        jq = batch.make_cluster(self.cfg, self.log_dir, self.cfg.dashboard)
+        self._stack.callback(jq.close)  # cancels every job, whatever ends the run
+        self.job_script = Path(self.log_dir) / "job-script.sh"
+        self.job_script.write_text(jq.job_script())
+        batch.test_submission(self.cfg, jq.job_script())
+        log.info(
+            "submitting %d %s worker jobs (%d cores, %s%s, walltime %s); job script %s, logs in %s",
+            self.cfg.jobs,
+            self.kind.upper(),
+            self.cfg.job_cores,
+            self.cfg.job_memory,
+            f", {self.cfg.gpus_per_job} GPUs" if self.cfg.gpus_per_job else "",
+            self.cfg.walltime,
+            self.job_script,
+            self.log_dir,
         )
-    client = Client(local)
-    log.info("%d workers up in %.1f s", cluster.n_workers, time.perf_counter() - start)
-    try:
-        yield client
-    finally:
-        client.close()
-        local.close()
+        client = self._stack.enter_context(Client(jq))
+        self._watch = batch.JobWatch(jq, self.cfg, self.log_dir, self._give_up).start()
+        return client
+
+    def _enter_runner(self) -> None:
+        """slurm-runner: every rank enters; ranks other than 1 serve, then leave (exit 0)."""
+        self._runner = batch.enter_runner(self.cfg, self.log_dir, self._stack)
+
+    def _start_runner_client(self) -> Client:
+        client = self._stack.enter_context(Client(self._runner))
+        self._watch = IdleWatch(client, parse_timedelta(self.cfg.no_worker_timeout), self._give_up)
+        self._watch.start()
+        return client
+
+    def _give_up(self, why: str) -> None:
+        """A watch found no worker can be had: cancel what is pending so every wait ends."""
+        self.lost = why
+        if self._client is not None and self.pending:
+            with contextlib.suppress(Exception):
+                self._client.cancel(list(self.pending))
+
+    # ---- waiting -------------------------------------------------------------------------------
+
+    def wait_for_workers(self) -> None:
+        """Block until a worker is up, saying every 30 s what the run waits for."""
+        client = self.client()
+        start = last = time.perf_counter()
+        while not client.scheduler_info().get("workers"):
+            if self.lost:
+                raise ClusterLost(self.lost)
+            if time.perf_counter() - last > WAIT_REPORT_SECONDS:
+                last = time.perf_counter()
+                log.info("waiting for workers (%.0f s so far): %s", last - start, self._jobs())
+            time.sleep(0.5)
+
+    def _jobs(self) -> str:
+        if isinstance(self._watch, batch.JobWatch):
+            return self._watch.describe()
+        return "no worker connected yet"
+
+    @contextlib.contextmanager
+    def tracking(self, futures: Sequence[Future]) -> Iterator[None]:
+        """While inside, a lost cluster cancels ``futures`` (their waits then end)."""
+        self.pending.update(futures)
+        if self.lost:
+            self._give_up(self.lost)
+        try:
+            yield
+        finally:
+            self.pending.difference_update(futures)
 
 
-def cluster_precision(requested: str, device: str, client: Client) -> str:
+class IdleWatch:
+    """Ends a run that has had no worker for ``timeout`` seconds (an external cluster, srun)."""
+
+    def __init__(self, client: Client, timeout: float, on_failure: Callable[[str], None]) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.on_failure = on_failure
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="idle-watch", daemon=True)
+
+    def start(self) -> IdleWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        since = time.monotonic()
+        while not self._stop.wait(2.0):
+            with contextlib.suppress(Exception):
+                if self.client.scheduler_info().get("workers"):
+                    since = time.monotonic()
+                elif time.monotonic() - since > self.timeout:
+                    self.on_failure(f"the cluster has had no worker for {self.timeout:.0f} s")
+                    return
+
+
+# ---- what runs on the cluster ------------------------------------------------------------------
+
+
+def cluster_precision(requested: str, device: str, cluster: DaskCluster) -> str:
     """``requested`` resolved on every worker (they may be on other machines); one answer."""
+    cluster.wait_for_workers()
+    client = cluster.client()
     answers = set(client.run(worker_device_precision, requested, device).values())
     if len(answers) > 1:
         raise ConfigError(
@@ -102,12 +319,53 @@ def cluster_precision(requested: str, device: str, client: Client) -> str:
             "have fast half precision, some not); set precision=fp32 or bf16 explicitly"
         )
     if not answers:
-        raise ConfigError(f"the Dask cluster at {client.scheduler.address} has no workers")
+        raise ClusterLost(f"the Dask cluster at {client.scheduler.address} has no workers")
     return answers.pop()
 
 
+def check_receipts(
+    cluster: DaskCluster,
+    dataset: TokenDatasetDir,
+    shards: Sequence[ImageShard],
+    receipts: dict[int, dict],
+) -> dict[int, str]:
+    """:func:`tokenize_corpus.resume.check_receipt` of every shard with a receipt, on the
+    workers: shard index -> "" (it holds) or why not."""
+    todo = [s for s in shards if s.index in receipts]
+    if not todo:
+        return {}
+    client = cluster.client()
+    run_id = uuid.uuid4().hex[:8]
+    futures = [
+        client.submit(
+            check_receipt,
+            dataset,
+            shard,
+            receipts[shard.index],
+            key=f"check-{shard.name}-{run_id}",
+            priority=-shard.index,
+            retries=1,
+        )
+        for shard in todo
+    ]
+    names = {f.key: s for f, s in zip(futures, todo, strict=True)}
+    verdicts: dict[int, str] = {}
+    with cluster.tracking(futures):
+        bar = tqdm(as_completed(futures), total=len(futures), desc="check", unit="shard")
+        for future in bar:
+            shard = names[future.key]
+            if future.status != "finished":
+                if cluster.lost:
+                    raise ClusterLost(cluster.lost)
+                verdicts[shard.index] = f"could not be checked ({future.exception()})"
+            else:
+                verdicts[shard.index] = future.result()
+            future.release()
+    return verdicts
+
+
 def run_tasks(
-    client: Client,
+    cluster: DaskCluster,
     todo: list[ImageShard],
     job: ShardJob,
     retries: int,
@@ -119,9 +377,7 @@ def run_tasks(
     ``previous``: receipts to append seeds to, by shard index (``shard_task.tokenize_shard``).
     """
     previous = previous or {}
-    from distributed import as_completed
-    from tqdm.auto import tqdm
-
+    client = cluster.client()
     if dashboard and importlib.util.find_spec("bokeh"):
         log.info("Dask dashboard: %s", client.dashboard_link)
     plugin = TokenizerPlugin(job)
@@ -150,21 +406,24 @@ def run_tasks(
     results: dict[int, dict] = {}
     failed: dict[int, str] = {}
     try:
-        bar = tqdm(as_completed(futures), total=len(futures), desc="tokenize", unit="shard")
-        for future in bar:
-            shard = names[future.key]
-            if future.status == "error":
-                err = future.exception()
-                failed[shard.index] = f"{type(err).__name__}: {err}"
-                log.error("%s (%s) failed: %s", shard.name, shard.url, failed[shard.index])
-            else:
-                result = future.result()
-                if "failed" in result:
-                    failed[shard.index] = result["failed"]
+        with cluster.tracking(futures):
+            bar = tqdm(as_completed(futures), total=len(futures), desc="tokenize", unit="shard")
+            for future in bar:
+                shard = names[future.key]
+                if future.status == "cancelled":
+                    failed[shard.index] = f"not run: {cluster.lost or 'cancelled'}"
+                elif future.status == "error":
+                    err = future.exception()
+                    failed[shard.index] = f"{type(err).__name__}: {err}"
+                    log.error("%s (%s) failed: %s", shard.name, shard.url, failed[shard.index])
                 else:
-                    results[shard.index] = result
-                    bar.set_postfix(images=sum(r["rows"] for r in results.values()))
-            future.release()
+                    result = future.result()
+                    if "failed" in result:
+                        failed[shard.index] = result["failed"]
+                    else:
+                        results[shard.index] = result
+                        bar.set_postfix(images=sum(r["rows"] for r in results.values()))
+                future.release()
     finally:
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(plugin.name)

@@ -143,17 +143,77 @@ class VQKDConfig(StageConfig):
 # ---- stage 2: ``pipeline run stage=tokenize`` (docs/design.md §4) -------------------------------
 
 
+# Where stage 2 runs (docs/design.md §4): a LocalCluster here, an existing Dask scheduler, worker
+# jobs submitted to SLURM or PBS through dask-jobqueue, or the tasks of `srun -n N` (SLURMRunner).
+ClusterKind = Literal["local", "address", "slurm", "pbs", "slurm-runner"]
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where the tasks run: an existing Dask scheduler, or a LocalCluster started for the run."""
+    """Where the shard tasks run, and how the workers are started there."""
 
-    address: str | None = None  # "tcp://host:8786" = use that scheduler; null = LocalCluster
-    n_workers: int = 2  # LocalCluster worker processes (one task at a time each)
-    threads_per_worker: int = 1  # torch intra-op threads in each worker
-    memory_limit: str = "auto"  # per LocalCluster worker, e.g. "4GiB"; "0" = no limit
+    # local: a LocalCluster on this machine; address: the scheduler at cluster.address; slurm,
+    # pbs: worker jobs submitted from this (login) node; slurm-runner: inside `srun -n N` (rank 0
+    # the scheduler, rank 1 this run, the other ranks workers)
+    kind: ClusterKind = "local"
+    address: str | None = None  # kind=address: "tcp://host:8786" (setting it implies kind=address)
+    n_workers: int = 2  # kind=local: worker processes (one task at a time each)
+    memory_limit: str = "auto"  # kind=local: per worker, e.g. "4GiB"; "0" = no limit
+    # torch intra-op threads per worker; 0 = 1 for kind=local, else the cores of a worker
+    threads_per_worker: int = 0
     retries: int = 2  # Dask retries of a failed shard task (BadShard is never retried)
     dashboard: bool = True  # serve the Dask dashboard (needs bokeh) and log its link
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per worker when there are GPUs
+    jobs: int = 2  # kind=slurm|pbs: worker jobs kept running while shards remain
+    job_cores: int = 4  # kind=slurm|pbs: CPU cores each worker job asks for
+    job_memory: str = "16GiB"  # kind=slurm|pbs: memory each worker job asks for, e.g. 32GB
+    # kind=slurm|pbs: time limit of each worker job ([D-]HH:MM:SS); workers leave a little before
+    # it (staggered) and are replaced while shards remain
+    walltime: str = "04:00:00"
+    queue: str = ""  # kind=slurm|pbs: the partition (SLURM) or queue (PBS); "" = the default
+    account: str = ""  # kind=slurm|pbs: the account (project) to charge; "" = your default
+    # kind=slurm|pbs: extra scheduler lines, without the #SBATCH/#PBS prefix, e.g. [--qos=low]
+    job_extra: tuple[str, ...] = ()
+    # kind=slurm|pbs: shell lines run before the worker starts, e.g. [module load cuda,source
+    # /path/venv/bin/activate]
+    prologue: tuple[str, ...] = ()
+    python: str = ""  # kind=slurm|pbs: the Python on the compute nodes; "" = this one
+    # worker job logs, the job script and the scheduler file; "" = <out_dir>/logs (must be a
+    # folder the compute nodes share)
+    log_dir: str = ""
+    gpus_per_job: int = 0  # kind=slurm|pbs: GPUs per worker job; one Dask worker per GPU
+    # kind=slurm|pbs: the network interface the scheduler and workers talk over (e.g. ib0);
+    # "" = the host's main address
+    interface: str = ""
+    # a worker that cannot reach its scheduler this long exits, and its job ends (e.g. when
+    # the run was killed)
+    death_timeout: str = "60s"
+    # kind=address|slurm-runner: a run with no worker this long ends (exit 1; a rerun resumes)
+    no_worker_timeout: str = "10m"
+
+    @property
+    def effective_kind(self) -> ClusterKind:
+        """``kind``, with ``address=`` implying ``address`` over the default ``local``."""
+        return "address" if self.address and self.kind == "local" else self.kind
+
+    @property
+    def batch(self) -> bool:
+        """Whether worker jobs are submitted to a batch scheduler (slurm or pbs)."""
+        return self.effective_kind in ("slurm", "pbs")
+
+    @property
+    def workers_per_job(self) -> int:
+        """Dask workers each batch job runs: one per GPU, else one."""
+        return max(1, self.gpus_per_job)
+
+    @property
+    def torch_threads(self) -> int:
+        """torch intra-op threads per worker (``threads_per_worker``, or its default)."""
+        if self.threads_per_worker:
+            return self.threads_per_worker
+        if self.batch:
+            return max(1, self.job_cores // self.workers_per_job)
+        return 1
 
 
 @dataclass(frozen=True)

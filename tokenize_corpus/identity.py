@@ -13,21 +13,23 @@ belongs to the current command:
   A receipt whose image shard differs was made from other pixels: that shard is redone.
 
 The checksum of a folder slice is :class:`RecordsDigest` over the records ``iter_shard`` yields:
-``key NUL len NUL bytes`` per record, in shard order, so the worker (while reading) and the
-driver (when checking a resume) compute the same value without sharing state.
+``key NUL len NUL bytes`` per record, in shard order, so a shard task (while it reads) and a
+resume check (``tokenize_corpus.resume.check_receipt``) compute the same value without sharing
+state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from shards import schema
-
-if TYPE_CHECKING:
-    from shards.images import ImageRecord, ImageShard
-    from shards.views import AugConfig
+from shards.images import iter_shard
+from shards.records import ImageRecord, ImageShard
+from shards.storage import dataset_fs, file_sha256
+from shards.views import AugConfig
 
 # Image-shard fields compared on resume, by shard kind (the URL is not: a moved copy of the same
 # bytes is the same input).
@@ -53,6 +55,20 @@ def job_identity(
         "seeds": [int(s) for s in seeds],
         "precision": precision,
         "formats": sorted(formats),
+    }
+
+
+def view_facts(
+    aug: AugConfig, seeds: Sequence[int], images: str, shard_size: int, shards: Sequence[ImageShard]
+) -> dict[str, Any]:
+    """What the manifest records about where the views come from: the augmentation, the seeds,
+    the image source (absolute) and its shards. The driver writes these into the manifest, and a
+    token set is planned against the dataset's (``shards.token_sets.manifest_problems``)."""
+    return {
+        "aug": dataclasses.asdict(aug),
+        "seeds": [int(s) for s in seeds],
+        "images": {"source": images, "shard_size": int(shard_size), "kind": shards[0].kind},
+        "num_shards": len(shards),
     }
 
 
@@ -100,28 +116,20 @@ def listing_sha256(shard: ImageShard) -> str | None:
 
 
 def file_facts(url: str) -> dict[str, Any]:
-    """Size and sha256 of one tar/Parquet file (read in 4 MiB blocks)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return {"size": int(fs.size(path)), "sha256": digest.hexdigest()}
+    """Size and sha256 of one tar/Parquet file."""
+    fs, path = dataset_fs(url)
+    return {"size": int(fs.size(path)), "sha256": file_sha256(fs, path)}
 
 
 def image_shard_identity(shard: ImageShard, records: RecordsDigest | None = None) -> dict:
     """The image shard's facts for its receipt: kind, listing and checksum (see module doc).
 
-    ``records``: the digest of the records a worker just read; None = read them here (the
-    driver checking a resume; folder slices only, file shards are hashed as files).
+    ``records``: the digest of the records a shard task just read; None = read them here (a
+    resume check; folder slices only, file shards are hashed as files).
     """
     info: dict[str, Any] = {"kind": shard.kind}
     if shard.kind == "folder":
         if records is None:
-            from shards.images import iter_shard
-
             records = RecordsDigest()
             for record in iter_shard(shard):
                 records.update(record)

@@ -19,14 +19,14 @@ keeps what still matches and redoes the rest.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from engine.config import to_dict
+from engine.config import ConfigError, to_dict
 from shards.dataset import TokenDatasetDir
 from shards.errors import DataIntegrityError
 from shards.manifest import build_manifest
@@ -35,11 +35,20 @@ from shards.schema import MANIFEST_NAME
 from shards.storage import dumps
 from shards.token_sets import compare_views, views_record
 from tokenize_corpus.append import VERSIONS_NAME, next_versions
-from tokenize_corpus.cluster import cluster_precision, open_client, run_tasks, set_dask_logging
+from tokenize_corpus.batch import make_cluster
+from tokenize_corpus.cluster import (
+    ClusterLost,
+    DaskCluster,
+    check_receipts,
+    cluster_precision,
+    log_dir,
+    run_tasks,
+    set_dask_logging,
+)
 from tokenize_corpus.config import TokenizeConfig
-from tokenize_corpus.identity import job_identity
-from tokenize_corpus.preflight import Preflight, preflight
-from tokenize_corpus.resume import ResumePlan, plan_resume
+from tokenize_corpus.identity import job_identity, view_facts
+from tokenize_corpus.preflight import Preflight, absolute_path, check_values, preflight
+from tokenize_corpus.resume import ResumePlan, check_job_identity, plan_resume
 from tokenize_corpus.worker import ShardJob
 
 __all__ = ["tokenize"]
@@ -48,7 +57,6 @@ log = logging.getLogger(__name__)
 
 
 def _job(cfg: TokenizeConfig, pre: Preflight, precision: str, identity: dict) -> ShardJob:
-
     return ShardJob(
         out_dir=pre.out_dir,
         num_shards=len(pre.shards),
@@ -60,7 +68,7 @@ def _job(cfg: TokenizeConfig, pre: Preflight, precision: str, identity: dict) ->
         tokenizer=pre.tokenizer_path,
         fingerprint=pre.tokenizer["fingerprint"],
         device=cfg.cluster.device,
-        threads=cfg.cluster.threads_per_worker,
+        threads=cfg.cluster.torch_threads,
         identity=identity,
     )
 
@@ -69,49 +77,77 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     """Stage 2 run function: tokenize ``cfg.images`` into the token dataset ``cfg.out_dir``.
 
     Returns a summary: shards done/failed (with reasons), images, skips, views, paths and the
-    commands to run next; its ``exit_code`` is 1 when a shard failed (rerun the same command to
-    redo only those). User mistakes raise ``engine.errors.UserError`` subclasses (exit 2).
+    commands to run next; its ``exit_code`` is 1 when a shard failed or no worker could be had
+    (rerun the same command to redo only what is missing). User mistakes raise
+    ``engine.errors.UserError`` subclasses (exit 2) before anything is written or submitted.
     """
-
     start = time.perf_counter()
     set_dask_logging(cfg.log_level)
-    log.info("stage 2: checking settings, images and tokenizer")
-    pre = preflight(cfg)
-    log.info(
-        "%d image shards (%s), tokenizer %s (%d codes, %dx%d grid)",
-        len(pre.shards),
-        pre.shards[0].kind,
-        pre.tokenizer["fingerprint"][:12],
-        pre.tokenizer["codebook_size"],
-        *pre.tokenizer["grid"],
-    )
-    dataset = TokenDatasetDir(pre.out_dir)
-    with dataset.lock(), contextlib.ExitStack() as stack:
-        client = None
-        precision = pre.precision
-        if precision is None:  # an external cluster: ask its workers (nothing is started)
-            client = stack.enter_context(open_client(cfg.cluster, cfg.log_level))
-            precision = cluster_precision(cfg.precision, cfg.cluster.device, client)
-        summary = _run(cfg, pre, dataset, precision, client, stack)
+    check_values(cfg)
+    logs = log_dir(cfg.cluster, absolute_path(cfg.out_dir))
+    # slurm-runner: only rank 1 of the srun step gets past this line (the others serve).
+    with DaskCluster(cfg.cluster, logs, cfg.log_level) as cluster:
+        log.info("stage 2: checking settings, images and tokenizer")
+        pre = preflight(cfg)
+        log.info(
+            "%d image shards (%s), tokenizer %s (%d codes, %dx%d grid)",
+            len(pre.shards),
+            pre.shards[0].kind,
+            pre.tokenizer["fingerprint"][:12],
+            pre.tokenizer["codebook_size"],
+            *pre.tokenizer["grid"],
+        )
+        dataset = TokenDatasetDir(pre.out_dir)
+        with dataset.lock():
+            try:
+                summary = _run(cfg, pre, dataset, cluster)
+            except ClusterLost as lost:
+                summary = _lost(cfg, pre, str(lost))
     summary["seconds"] = round(time.perf_counter() - start, 2)
     _log_summary(summary)
     return summary
 
 
-def _run(
-    cfg: TokenizeConfig,
-    pre: Preflight,
-    dataset: TokenDatasetDir,
-    precision: str,
-    client: Any,
-    stack: contextlib.ExitStack,
-) -> dict:
-    """Resume, run the tasks (starting a LocalCluster only when there is work), finish."""
+def print_job_script(cfg: TokenizeConfig) -> str:
+    """The worker job script a ``cluster.kind=slurm|pbs`` run would submit (nothing is).
 
-    identity = job_identity(
-        pre.tokenizer["fingerprint"], cfg.aug, tuple(cfg.seeds), precision, tuple(cfg.formats)
-    )
-    plan = plan_resume(dataset, pre.shards, identity)
+    ``pipeline run stage=tokenize ... --print-job-script`` prints it; neither ``sbatch`` nor
+    ``qsub`` is needed for that.
+    """
+    check_values(cfg, submitting=False)
+    if not cfg.cluster.batch:
+        raise ConfigError(
+            f"--print-job-script shows the worker job script of cluster.kind=slurm or pbs; this "
+            f"run has cluster.kind={cfg.cluster.effective_kind}, which submits no job"
+        )
+    logs = log_dir(cfg.cluster, absolute_path(cfg.out_dir))
+    created = [p for p in (Path(logs), Path(logs).parent) if not p.exists()]
+    try:
+        with make_cluster(cfg.cluster, logs, dashboard=False) as jq:
+            return jq.job_script()
+    finally:
+        for folder in created:  # dask-jobqueue makes the log folder: printing leaves no trace
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _run(
+    cfg: TokenizeConfig, pre: Preflight, dataset: TokenDatasetDir, cluster: DaskCluster
+) -> dict:
+    """Check the finished shards (on the workers), run the rest, finish."""
+    receipts = dataset.receipts()
+    # Refuse another job's directory before anything starts. The precision is part of the job's
+    # identity; unless it is explicit or resolved here, the workers resolve it, and it is
+    # compared once they have.
+    known = pre.precision or (None if cfg.precision == "auto" else cfg.precision)
+    identity = _identity(cfg, pre, known or "")
+    check_job_identity(dataset, receipts, identity, skip=() if known else ("precision",))
+    precision = cluster_precision(known or cfg.precision, cfg.cluster.device, cluster)
+    if known is None:
+        identity = _identity(cfg, pre, precision)
+        check_job_identity(dataset, receipts, identity)
+    verdicts = check_receipts(cluster, dataset, pre.shards, receipts)
+    plan = plan_resume(pre.shards, receipts, identity, verdicts)
     dataset.write_config(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log.info(
         "%d image shards: %d already done, %d to tokenize at precision %s",
@@ -134,15 +170,38 @@ def _run(
             group[index] = dataset.renumber(group[index], len(pre.shards))
         dataset.remove_orphans([*plan.kept.values(), *plan.extend.values()], len(pre.shards))
     if plan.todo:
-        if client is None:
-            client = stack.enter_context(open_client(cfg.cluster, cfg.log_level))
-            # the workers run the precision the driver resolved (same machine) or say why not
-            cluster_precision(precision, cfg.cluster.device, client)
         job = _job(cfg, pre, precision, identity)
         results, failed, run_seconds = run_tasks(
-            client, plan.todo, job, cfg.cluster.retries, cfg.cluster.dashboard, plan.extend
+            cluster, plan.todo, job, cfg.cluster.retries, cfg.cluster.dashboard, plan.extend
         )
-    return _finish(cfg, pre, dataset, plan, precision, results, failed, run_seconds)
+    summary = _finish(cfg, pre, dataset, plan, precision, results, failed, run_seconds)
+    if cluster.lost and failed:
+        summary["message"] = _lost_message(cluster.lost, len(failed), len(pre.shards))
+    return summary
+
+
+def _identity(cfg: TokenizeConfig, pre: Preflight, precision: str) -> dict:
+    return job_identity(
+        pre.tokenizer["fingerprint"], cfg.aug, tuple(cfg.seeds), precision, tuple(cfg.formats)
+    )
+
+
+def _lost_message(why: str, missing: int, shards: int) -> str:
+    return (
+        f"{why}: {missing} of {shards} shards were not tokenized. Finished shards are kept; "
+        "rerun the same command (when the cluster can run workers again) to resume"
+    )
+
+
+def _lost(cfg: TokenizeConfig, pre: Preflight, why: str) -> dict:
+    """The summary of a run that could get no worker before any shard ran."""
+    return {
+        "out_dir": pre.out_dir,
+        "shards": len(pre.shards),
+        "exit_code": 1,
+        "message": _lost_message(why, len(pre.shards), len(pre.shards)),
+        "next": [_command(cfg)],
+    }
 
 
 def _finish(
@@ -156,7 +215,6 @@ def _finish(
     run_seconds: float,
 ) -> dict:
     """Summary of the run; the manifest when every shard is done."""
-
     receipts = [
         results[s.index]["receipt"] if s.index in results else plan.kept[s.index]
         for s in pre.shards
@@ -198,14 +256,11 @@ def _finish(
     previous = next(iter(plan.extend.values()), None)
     versions = next_versions(dataset, list(cfg.seeds), num_shards, identity, previous)
     info = {
+        **view_facts(cfg.aug, cfg.seeds, pre.images, cfg.shard_size, pre.shards),
         "tokenizer": pre.tokenizer,
         "tokenizer_source": pre.tokenizer_path,
         "teacher": pre.tokenizer.get("teacher"),
-        "aug": dataclasses.asdict(cfg.aug),
-        "seeds": list(cfg.seeds),
         "precision": precision,
-        "images": {"source": pre.images, "shard_size": cfg.shard_size, "kind": pre.shards[0].kind},
-        "num_shards": num_shards,
         "identity": identity,
         "versions": versions,
     }
@@ -240,7 +295,6 @@ def _finish(
 
 def _shares_views(pre: Preflight, name: str, receipts: list[dict], info: dict) -> list[str]:
     """Compare a named token set's rows with its dataset's views; on success record it in ``info``."""
-
     try:
         default = open_token_dataset(pre.dataset_root)
         named = TokenDataset(pre.out_dir, build_manifest(receipts, info))

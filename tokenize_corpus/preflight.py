@@ -14,13 +14,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import torch
 
 from engine.config import ConfigError
+from engine.precision import resolve_precision
+from shards.errors import MissingShards, TokenDatasetMismatch
+from shards.images import list_shards
+from shards.reader import open_token_dataset
+from shards.records import ImageShard
+from shards.schema import FORMATS
+from shards.token_sets import check_name, manifest_problems, set_url
+from shards.views import sample_view
+from tokenize_corpus import cluster
 from tokenize_corpus.config import TokenizeConfig
-
-if TYPE_CHECKING:
-    from shards.images import ImageShard
+from tokenize_corpus.identity import view_facts
+from tokenize_corpus.tokenizer import tokenizer_info
 
 # A token must fit the uint16 columns of the token dataset (docs/design.md §3).
 MAX_CODEBOOK = 65536
@@ -63,11 +72,9 @@ def absolute_path(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def check_values(cfg: TokenizeConfig) -> None:
-    """Values that need no file: required keys, seeds, formats, sizes, the augmentation."""
-    from shards.schema import FORMATS
-    from shards.views import sample_view
-
+def check_values(cfg: TokenizeConfig, submitting: bool = True) -> None:
+    """Values that need no file: required keys, seeds, formats, sizes, the augmentation, and
+    the cluster settings (``tokenize_corpus.cluster.check_settings``)."""
     if not cfg.images:
         raise ConfigError("images is empty; pass images=<folder, tar shards or parquet files>")
     if not cfg.tokenizer:
@@ -84,22 +91,17 @@ def check_values(cfg: TokenizeConfig) -> None:
         or len(set(cfg.formats)) != len(cfg.formats)
     ):
         raise ConfigError(f"formats={list(cfg.formats)}: choose one or more of {list(FORMATS)}")
-    if cfg.batch_size < 1 or cfg.shard_size < 1 or cfg.cluster.n_workers < 1:
-        raise ConfigError("batch_size, shard_size and cluster.n_workers must be positive")
-    if cfg.cluster.threads_per_worker < 1:
-        raise ConfigError("cluster.threads_per_worker must be >= 1")
-    if cfg.cluster.retries < 0:
-        raise ConfigError("cluster.retries must be >= 0")
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise ConfigError("batch_size and shard_size must be positive")
     try:  # the workers would call exactly this for every image
         sample_view(cfg.aug, "preflight", cfg.seeds[0], 64, 48)
     except ValueError as err:
         raise ConfigError(f"{err}; fix the aug.* setting (see pipeline run --help)") from None
+    cluster.check_settings(cfg.cluster, submitting)
 
 
 def list_source(images: str, shard_size: int) -> list[ImageShard]:
     """The image shards of ``images``, or a ConfigError that says what was wrong."""
-    from shards.images import list_shards
-
     try:
         shards = list_shards(images, shard_size)
     except (FileNotFoundError, ValueError, NotADirectoryError, PermissionError) as err:
@@ -114,8 +116,6 @@ def list_source(images: str, shard_size: int) -> list[ImageShard]:
 
 def check_tokenizer(cfg: TokenizeConfig, path: str) -> dict:
     """The tokenizer's describe() block, read from its checkpoint; checked against the config."""
-    from tokenize_corpus.tokenizer import tokenizer_info
-
     try:
         info = tokenizer_info(path)
     except FileNotFoundError as err:
@@ -133,13 +133,10 @@ def check_tokenizer(cfg: TokenizeConfig, path: str) -> dict:
 
 
 def local_precision(cfg: TokenizeConfig) -> str | None:
-    """precision resolved for a LocalCluster on this machine; None for an external cluster."""
-    if cfg.cluster.address:
+    """precision resolved for a LocalCluster on this machine; None when the workers run
+    elsewhere (they resolve it themselves)."""
+    if cfg.cluster.effective_kind != "local":
         return None
-    import torch
-
-    from engine.precision import resolve_precision
-
     gpu = cfg.cluster.device != "cpu" and torch.cuda.is_available()
     if cfg.cluster.device == "cuda" and not gpu:
         raise ConfigError("cluster.device=cuda but this machine has no GPU; use device=auto")
@@ -147,8 +144,11 @@ def local_precision(cfg: TokenizeConfig) -> str | None:
 
 
 def preflight(cfg: TokenizeConfig) -> Preflight:
-    """Run every check that needs no cluster; raise ConfigError (or another UserError)."""
-    check_values(cfg)
+    """Run every check that needs no cluster; raise ConfigError (or another UserError).
+
+    :func:`check_values` is assumed to have passed (``tokenize_corpus.job.tokenize`` runs it
+    first, on every srun task of a ``slurm-runner`` run).
+    """
     images, tokenizer_path = absolute(cfg.images), absolute_path(cfg.tokenizer)
     tokenizer = check_tokenizer(cfg, tokenizer_path)
     shards = list_source(images, cfg.shard_size)
@@ -166,12 +166,6 @@ def check_token_set(cfg: TokenizeConfig, root: str, images: str, shards: list[Im
     The set's views are sampled from the same augmentation, seeds (a subset of the dataset's) and
     image source, so they are the dataset's own (the driver compares them row by row at the end).
     """
-    import dataclasses
-
-    from shards.errors import MissingShards, TokenDatasetMismatch
-    from shards.reader import open_token_dataset
-    from shards.token_sets import check_name, manifest_problems, set_url
-
     name = check_name(cfg.token_set)
     try:
         default = open_token_dataset(root)
@@ -180,13 +174,7 @@ def check_token_set(cfg: TokenizeConfig, root: str, images: str, shards: list[Im
             f"token_set={name} adds targets to the finished token dataset at out_dir={root}, "
             f"which cannot be read: {err}. Run stage=tokenize without token_set first"
         ) from None
-    planned = {
-        "aug": dataclasses.asdict(cfg.aug),
-        "seeds": list(cfg.seeds),
-        # as the driver records them in the manifest (tokenize_corpus.job._finish)
-        "images": {"source": images, "shard_size": cfg.shard_size, "kind": shards[0].kind},
-        "num_shards": len(shards),
-    }
+    planned = view_facts(cfg.aug, cfg.seeds, images, cfg.shard_size, shards)
     problems = manifest_problems(default.manifest, planned)
     if problems:
         raise ConfigError(

@@ -1,33 +1,23 @@
-"""Which finished shards a rerun keeps (docs/design.md §4; README, "Resume, and what it refuses").
+"""Which finished shards a rerun keeps; the rules are docs/design.md §4 ("Resume").
 
-A receipt is kept only when everything it was made from still holds:
+The work is split so the driver never reads image or token bytes:
 
-1. **the job identity** (tokenizer fingerprint, augmentation, seeds, precision, formats, schema
-   version) equals the current run's. When any receipt differs, the run is **refused** before
-   anything is written, naming the fields: the directory holds another dataset (for example the
-   tokenizer file was replaced under the same path), and redoing it silently would destroy a
-   dataset someone may be reading. Use a new ``out_dir``, or delete the old one to rebuild.
-   One difference is not refused: a receipt whose seeds are a prefix of the current seeds is
-   **extended**: only the added seeds are computed for that shard.
-2. **the image shard** (listing and checksum, ``tokenize_corpus.identity``) equals the source
-   now: otherwise the shard is **redone** (its tokens belong to other pixels). When only the
-   number of shards changed (image shards appended), a matching shard is kept and its
-   files are renamed to the new count (``train-<i>-of-<n>``), their bytes unchanged.
-3. **its token files** exist with the recorded size and sha256: otherwise it is **redone**, so a
-   rerun repairs corruption.
-
-Checking costs one read of the image shards and the token files that have receipts (hashing,
-no decode), done in a thread pool: a small fraction of the tokenization itself.
+- on the driver, :func:`check_job_identity` compares each receipt's job identity (JSON it has
+  read anyway) with the current run's and refuses another job's directory (:class:`ResumeRefused`);
+- on the workers, :func:`check_receipt` (one Dask task per shard with a receipt) re-hashes the
+  image shard and the shard's token files and says whether the receipt still holds;
+- on the driver again, :func:`plan_resume` turns those verdicts into a :class:`ResumePlan`.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from engine.errors import UserError
+from shards.dataset import TokenDatasetDir
+from shards.records import ImageShard
 from tokenize_corpus.identity import (
     added_seeds,
     identity_changes,
@@ -35,14 +25,7 @@ from tokenize_corpus.identity import (
     image_shard_identity,
 )
 
-if TYPE_CHECKING:
-    from shards.dataset import TokenDatasetDir
-    from shards.images import ImageShard
-
 log = logging.getLogger(__name__)
-
-# Threads hashing image shards and token files (I/O bound; hashlib releases the GIL).
-HASH_THREADS = 8
 
 
 class ResumeRefused(UserError):
@@ -62,12 +45,24 @@ class ResumePlan:
     todo: list[ImageShard] = field(default_factory=list)  # shards to tokenize, in order
 
 
-def check_job_identity(dataset: TokenDatasetDir, receipts: dict[int, dict], identity: dict) -> None:
-    """Refuse (``ResumeRefused``) when any receipt was made by another job."""
+def check_job_identity(
+    dataset: TokenDatasetDir,
+    receipts: dict[int, dict],
+    identity: dict,
+    skip: Collection[str] = (),
+) -> None:
+    """Refuse (``ResumeRefused``) when any receipt was made by another job.
+
+    ``skip``: identity fields not known yet (the precision, before remote workers resolve it).
+    """
+    def known(job: dict | None) -> dict | None:
+        return {k: v for k, v in job.items() if k not in skip} if isinstance(job, dict) else job
+
+    identity = known(identity)
     foreign = {
-        i: identity_changes(r.get("job"), identity)
+        i: identity_changes(known(r.get("job")), identity)
         for i, r in receipts.items()
-        if added_seeds(r.get("job"), identity) is None
+        if added_seeds(known(r.get("job")), identity) is None
     }
     foreign = {i: changed for i, changed in foreign.items() if changed}
     if not foreign:
@@ -94,8 +89,12 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _verdict(dataset: TokenDatasetDir, shard: ImageShard, receipt: dict) -> str:
-    """ "" when the receipt still holds for ``shard``, else why it does not."""
+def check_receipt(dataset: TokenDatasetDir, shard: ImageShard, receipt: dict) -> str:
+    """A Dask task: "" when ``receipt`` still holds for ``shard``, else why it does not.
+
+    Reads the image shard (its sha256, or its records for a folder slice) and every token file
+    the receipt lists (size, then sha256): the bytes a resume must check, read on a worker.
+    """
     try:
         current = image_shard_identity(shard)
     except Exception as err:  # unreadable now: the task will report it properly
@@ -109,23 +108,26 @@ def _verdict(dataset: TokenDatasetDir, shard: ImageShard, receipt: dict) -> str:
     return ""
 
 
-def plan_resume(dataset: TokenDatasetDir, shards: list[ImageShard], identity: dict) -> ResumePlan:
-    """Split the current shards into kept and to-do (see the module docstring)."""
-    receipts = dataset.receipts()
-    check_job_identity(dataset, receipts, identity)
+def plan_resume(
+    shards: Sequence[ImageShard],
+    receipts: dict[int, dict],
+    identity: dict,
+    verdicts: dict[int, str],
+) -> ResumePlan:
+    """Split the current shards into kept, extended and to-do, from the workers' ``verdicts``
+    (shard index -> :func:`check_receipt`'s answer, for every shard with a receipt)."""
     plan = ResumePlan()
-    with_receipt = [s for s in shards if s.index in receipts]
-    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
-        verdicts = list(pool.map(lambda s: _verdict(dataset, s, receipts[s.index]), with_receipt))
-    for shard, why in zip(with_receipt, verdicts, strict=True):
-        receipt = receipts[shard.index]
+    for shard in shards:
+        if shard.index not in receipts:
+            continue
+        receipt, why = receipts[shard.index], verdicts[shard.index]
         if why:
             plan.redo[shard.index] = why
             log.warning("%s will be redone: %s", shard.name, why)
-        else:
-            if int(receipt["num_shards"]) != len(shards):
-                plan.renumber.add(shard.index)
-            grows = added_seeds(receipt.get("job"), identity) is not None
-            (plan.extend if grows else plan.kept)[shard.index] = receipt
+            continue
+        if int(receipt["num_shards"]) != len(shards):
+            plan.renumber.add(shard.index)
+        grows = added_seeds(receipt.get("job"), identity) is not None
+        (plan.extend if grows else plan.kept)[shard.index] = receipt
     plan.todo = [s for s in shards if s.index not in plan.kept]
     return plan

@@ -8,6 +8,7 @@ job is cancelled, so a hung job never outlives its test.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -43,10 +44,17 @@ def slurm_available() -> str | None:
     return None
 
 
+# Set (by .ci/run, after tests/slurm/up.sh) where SLURM must be there: its tests then fail
+# instead of being skipped.
+REQUIRE = "BEITV2_REQUIRE_SLURM"
+
+
 @pytest.fixture(scope="session")  # the widest scope: it runs before a module's other fixtures
 def skip_without_slurm() -> None:
-    """Skip the test, with the reason, when no SLURM cluster answers."""
+    """Skip the test, with the reason, when no SLURM cluster answers (fail under $REQUIRE)."""
     reason = slurm_available()
+    if reason and os.environ.get(REQUIRE):
+        pytest.fail(f"{REQUIRE} is set but {reason}")
     if reason:
         pytest.skip(reason)
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shards.reader import open_token_dataset
 from tokenize_corpus.tokenizer import save_tokenizer
 from tokenize_corpus.vqkd import VQKD, VQKDModelConfig
 
@@ -91,9 +92,22 @@ def free_port() -> int:
 
 def dataset_files(root: Path) -> dict[str, bytes]:
     """Every data file of a token dataset (relative path -> bytes), manifest and card included
-    (not the run's config.yaml, nor the lock file a killed run leaves behind)."""
+    (not the run's config.yaml and worker logs, nor the lock file a killed run leaves behind)."""
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in ("config.yaml", ".lock")
+        if p.is_file()
+        and p.name not in ("config.yaml", ".lock")
+        and p.relative_to(root).parts[0] != "logs"
     }
+
+
+def rows(root: Path) -> dict[tuple[str, int], list[int]]:
+    """Every row of a finished token dataset: (key, seed) -> tokens, read back by the reader."""
+    dataset = open_token_dataset(str(root))
+    found = {}
+    for i in range(dataset.num_shards):
+        for key, row in dataset.read_shard(i).items():
+            for view, tokens in zip(row.views, row.tokens, strict=True):
+                found[key, int(view.seed)] = tokens.tolist()
+    return found

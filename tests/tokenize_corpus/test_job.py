@@ -21,7 +21,6 @@ from shards.decode import decode_image
 from shards.reader import open_token_dataset
 from shards.validate import main as validate_main
 from shards.views import AugConfig, render_view, to_unit
-from tokenize_corpus import cluster as cluster_module
 from tokenize_corpus.config import ClusterConfig, TokenizeConfig
 from tokenize_corpus.job import tokenize
 from tokenize_corpus.resume import ResumeRefused
@@ -121,20 +120,29 @@ def test_two_workers_and_external_scheduler_write_identical_bytes(
                 proc.kill()
 
 
-def test_rerun_on_finished_dataset_does_no_tokenizer_work(
-    one_worker_run, corpus, tokenizer_path, monkeypatch
+def test_rerun_of_a_finished_dataset_reads_no_bytes_on_the_driver_and_loads_no_tokenizer(
+    one_worker_run, corpus, tokenizer_path, monkeypatch, caplog
 ):
+    """The resume check runs on the workers: the driver reads only receipts (JSON)."""
     out, _ = one_worker_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
 
-    def no_cluster(*args, **kwargs):
-        raise AssertionError("a finished dataset must not start a cluster")
+    def no_bytes(*args, **kwargs):
+        raise AssertionError("the driver must not read image or token bytes")
 
-    monkeypatch.setattr(cluster_module, "open_client", no_cluster)
-    summary = tokenize(config(corpus, tokenizer_path, out, n_workers=1))
+    import shards.storage
+    import tokenize_corpus.identity
+
+    monkeypatch.setattr(tokenize_corpus.identity, "iter_shard", no_bytes)
+    monkeypatch.setattr(tokenize_corpus.identity, "file_sha256", no_bytes)
+    monkeypatch.setattr(shards.storage, "file_sha256", no_bytes)
+    monkeypatch.setattr(shards.dataset.TokenDatasetDir, "sha256", no_bytes)
+    with caplog.at_level("INFO", logger="tokenize_corpus"):
+        summary = tokenize(config(corpus, tokenizer_path, out, n_workers=1))
     assert summary["exit_code"] == 0
     assert summary["shards_tokenized"] == 0 and summary["shards_already_done"] == 3
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+    assert "loading the tokenizer" not in caplog.text
 
 
 def test_view_size_must_match_tokenizer(tmp_path, corpus, tokenizer_path):
@@ -209,9 +217,11 @@ def test_bad_input_is_listed_bad_shard_fails_alone_and_rerun_fixes_it(
     assert json.loads((out / "manifest.json").read_text())["totals"]["skipped"] == 5
 
 
-def test_config_loads_without_torch():
+def test_help_loads_without_torch():
+    """`pipeline run stage=X --help` builds every stage's config: none of them imports torch."""
     code = (
-        "import sys; import tokenize_corpus.job as j; j.TokenizeConfig(); "
+        "import sys; from pipeline.cli import main; from pipeline.stages import STAGES; "
+        "[main(['run', f'stage={s}', '--help']) for s in STAGES]; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})

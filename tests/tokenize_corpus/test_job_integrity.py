@@ -76,7 +76,7 @@ def test_resume_after_kill_with_a_swapped_tokenizer_is_refused(
     simulate_kill(out, keep=2)
     helpers.make_tokenizer(tmp_path / "tok.pth", seed=1)  # other weights, same path
     before = helpers.dataset_files(out)
-    monkeypatch.setattr(cluster_module, "open_client", no_cluster)
+    monkeypatch.setattr(cluster_module.DaskCluster, "client", no_cluster)
     with pytest.raises(ResumeRefused, match=r"tokenizer_fingerprint.*new out_dir, or delete"):
         tokenize(config(corpus, tok, out))
     assert helpers.dataset_files(out) == before  # refused before anything was written
@@ -120,7 +120,7 @@ def test_bad_image_source_is_a_clear_error_and_the_corrected_rerun_is_accepted(
     (tmp_path / "empty").mkdir()
     out = tmp_path / "tokens"
     with monkeypatch.context() as m:
-        m.setattr(cluster_module, "open_client", no_cluster)
+        m.setattr(cluster_module.DaskCluster, "client", no_cluster)
         with pytest.raises(ConfigError, match=r"images=.*pass an existing folder"):
             tokenize(config(bad, tokenizer_path, out))
     assert not out.exists()
@@ -160,7 +160,7 @@ def test_bad_aug_settings_are_refused_before_the_cluster_starts(
     tmp_path, corpus, tokenizer_path, monkeypatch, aug, message
 ):
     """Reproduction 8: found on the driver in a second, not by every worker task."""
-    monkeypatch.setattr(cluster_module, "open_client", no_cluster)
+    monkeypatch.setattr(cluster_module.DaskCluster, "client", no_cluster)
     out = tmp_path / "tokens"
     with pytest.raises(ConfigError, match=message):
         tokenize(config(corpus, tokenizer_path, out, aug=aug))
