@@ -9,6 +9,7 @@ cache. GPU workers are pinned one per device (worker name modulo the device coun
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -47,7 +48,13 @@ _WORKER_LOCK = threading.Lock()
 
 
 def pick_device(preference: str, worker_name: Any) -> str:
-    """cpu, or the GPU this worker is pinned to (worker name modulo the device count)."""
+    """cpu, or the GPU this worker is pinned to: its index modulo the visible device count.
+
+    The index is the worker's name for a LocalCluster (0..n-1) or an srun rank, and the
+    trailing number of a dask-jobqueue name (``<job>-<i>`` for the i-th worker of a job with a
+    GPU per worker). A worker with another name (started by hand, usually one per GPU with
+    ``CUDA_VISIBLE_DEVICES`` set) uses device 0.
+    """
     import torch
 
     if preference == "cpu" or not torch.cuda.is_available():
@@ -55,9 +62,8 @@ def pick_device(preference: str, worker_name: Any) -> str:
             raise RuntimeError("cluster.device=cuda but this worker sees no GPU; use device=auto")
         return "cpu"
     count = torch.cuda.device_count()
-    # LocalCluster names workers 0..n-1; external workers are usually started one per GPU with
-    # CUDA_VISIBLE_DEVICES already set (count == 1), so any other name maps to device 0.
-    index = int(worker_name) % count if str(worker_name).isdigit() else 0
+    match = re.fullmatch(r"(?:.*-)?(\d+)", str(worker_name))
+    index = int(match.group(1)) % count if match else 0
     torch.cuda.set_device(index)
     return f"cuda:{index}"
 

@@ -322,3 +322,42 @@ def test_jobs_that_cannot_start_end_the_run_with_exit_1_and_a_rerun_resumes(
     done = run_cli([*data_args(corpus, out), *JOB, *BATCH, "cluster.jobs=2"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_rows(local_run, out)
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_an_interrupted_run_cancels_its_jobs_and_says_a_rerun_resumes(
+    slow_corpus, tmp_path, signum, code
+):
+    """Ctrl-C, or the SIGTERM of a scancel'd driver job: every worker job is cancelled by the
+    driver itself (at once, not after the workers' death timeout), nothing is left queued."""
+    out = tmp_path / "tokens"
+    proc = subprocess.Popen(
+        [*PIPELINE, "run", "stage=tokenize", *data_args(slow_corpus, out), *JOB, *BATCH,
+         "cluster.jobs=2"],
+        cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: receipts(out) >= 1, 120, "the first finished shard")
+        jobs = set(our_jobs())
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr[-3000:]
+    assert "rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert wait_until(lambda: not set(our_jobs()) & jobs, 15, "the jobs to be cancelled") < 10
+    assert not (out / ".lock").exists()  # the lock is released
+
+
+def test_an_error_after_the_jobs_started_cancels_them(corpus, tmp_path):
+    """fp16 on CPU workers is found by the workers (they resolve the precision): exit 2, and the
+    jobs submitted for the run are cancelled with it."""
+    out = tmp_path / "tokens"
+    with JobSpy() as spy:
+        done = run_cli([*data_args(corpus, out), *with_keys(JOB, "precision=fp16"), *BATCH])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "fp16" in done.stderr and "Traceback" not in done.stderr
+    assert spy.seen  # jobs had been submitted
+    wait_until(lambda: not set(our_jobs()) & set(spy.seen), 15, "the jobs to be cancelled")
