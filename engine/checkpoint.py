@@ -25,15 +25,7 @@ import fsspec
 import safetensors.torch
 import torch
 
-from engine.errors import UserError
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, unreadable or not loadable safely; the message says why."""
-
-
-class CheckpointNotFound(CheckpointError, FileNotFoundError):
-    """No file at the given path (also a ``FileNotFoundError``)."""
+from engine.errors import CheckpointError, CheckpointNotFound
 
 
 def _is_remote(path: str) -> bool:

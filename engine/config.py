@@ -33,11 +33,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
-from engine.errors import UserError
-
-
-class ConfigError(UserError):
-    """A config key or value is invalid; the message says which and what is allowed."""
+from engine.errors import ConfigError
 
 
 class Raw(str):

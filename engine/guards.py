@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import math
 
-from engine.errors import UserError
-
-
-class NonFiniteLoss(UserError):
-    """The loss became NaN or infinite; training cannot recover by itself."""
+from engine.errors import NonFiniteLoss
 
 
 def check_finite(loss: float, step: int, epoch: int | None = None, hint: str = "") -> None:

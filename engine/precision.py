@@ -15,15 +15,11 @@ from collections.abc import Iterator
 
 import torch
 
-from engine.errors import UserError
+from engine.errors import PrecisionError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class PrecisionError(UserError):
-    """An unknown precision, or one the device cannot run."""
 
 
 def cpu_supports_bf16() -> bool:

@@ -24,8 +24,8 @@ import time
 from typing import Any
 
 from engine import config
-from engine.config import ConfigError, load_config_file, parse_overrides
-from engine.errors import UserError
+from engine.config import load_config_file, parse_overrides
+from engine.errors import ConfigError, UserError
 from pipeline import guide
 from pipeline.help import main_help, run_help, stage_help, tool_help
 from pipeline.logs import pop_logging_options, setup_logging

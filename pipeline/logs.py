@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 # Libraries whose INFO logging is noise at the command line.
 QUIET_LOGGERS = ("distributed", "dask", "bokeh", "tornado", "fsspec", "matplotlib", "PIL")

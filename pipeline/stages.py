@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,6 @@ from pretrain.checkpoints import (  # noqa: F401  (re-exported: one import for c
     REBUILT_BUFFERS,
     SHARED_TABLE,
     WRAPPER_PREFIXES,
-    BackboneError,
-    BackboneNotFound,
     _per_block_tables,
     checkpoint_filter_fn,
     config_from_dict,
@@ -34,6 +32,7 @@ from pretrain.checkpoints import (  # noqa: F401  (re-exported: one import for c
     split_checkpoint,
     state_dict_of,
 )
+from pretrain.errors import BackboneError, BackboneNotFound
 from pretrain.model import BEiTConfig, BEiTv2, beit_config
 
 log = logging.getLogger(__name__)

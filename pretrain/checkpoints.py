@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import load_file
-from engine.errors import UserError
+from pretrain.errors import BackboneError
 from pretrain.model import BEIT_SIZES, BEiTConfig, BEiTv2
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,6 @@ SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 PRETRAIN_ONLY = ("mask_token", "lm_head.", "cls_pt_layers.", "rel_pos_bias.")
 # Buffers derived from the grid, which every model rebuilds (the reference saves them).
 REBUILT_BUFFERS = ("relative_position_index",)
-
-
-class BackboneError(UserError):
-    """A checkpoint or backbone file that does not fit the model asked for."""
-
-
-class BackboneNotFound(BackboneError, FileNotFoundError):
-    """No file at the backbone path (also a ``FileNotFoundError``)."""
 
 
 # ---- reading --------------------------------------------------------------------------------

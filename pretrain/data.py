@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pretrain.errors import PretrainDataError
 from pretrain.masking import block_mask
-from pretrain.matching import PretrainDataError, ShardInfo, ShardPlan, plan_shards
+from pretrain.matching import ShardInfo, ShardPlan, plan_shards
 from shards.decode import decode_image
 from shards.errors import TokenDatasetMismatch
 from shards.images import ImageShard, iter_shard, list_shards

@@ -49,8 +49,8 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import CheckpointNotFound, save_atomic, write_bytes_atomic
-from engine.errors import UserError
+from engine.checkpoint import save_atomic, write_bytes_atomic
+from engine.errors import CheckpointNotFound, UserError
 from pretrain.backbones import (  # noqa: F401  (re-exported: the checkpoint readers' old home)
     backbone_state_dict,
     config_from_dict,

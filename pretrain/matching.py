@@ -19,16 +19,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pretrain.errors import PretrainDataError
 from shards.images import BadShard, ImageShard, list_keys
 from shards.key_index import KeyIndex
 from shards.reader import TokenDataset
-from shards.errors import DataIntegrityError
 
 log = logging.getLogger(__name__)
-
-
-class PretrainDataError(DataIntegrityError):
-    """Image shards and token shards do not fit together; the message says what to do."""
 
 
 MATCHES = ("auto", "aligned", "key")

@@ -43,7 +43,7 @@ import dask_jobqueue
 from dask.utils import parse_bytes, parse_timedelta
 from dask_jobqueue.slurm import SLURMRunner
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from tokenize_corpus.config import ClusterConfig
 
 # dask_jobqueue's runner module replaces the SIGINT handler when it is imported (Ctrl-C would then

@@ -41,7 +41,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.launch import is_srun_task
 from shards.dataset import TokenDatasetDir
 from shards.records import ImageShard

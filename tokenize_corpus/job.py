@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from engine.config import ConfigError, to_dict
+from engine.config import to_dict
+from engine.errors import ConfigError
 from shards.dataset import TokenDatasetDir
 from shards.errors import DataIntegrityError
 from shards.manifest import build_manifest

@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import ConfigError, build_stage_config, describe, parse_overrides, to_dict
+from engine.config import build_stage_config, describe, parse_overrides, to_dict
+from engine.errors import ConfigError
 from tokenize_corpus import cost
 from tokenize_corpus.config import TokenizeConfig
 
@@ -172,7 +173,7 @@ def _calibrate(cfg: PlanConfig, device: str, precision: str, processes: int) -> 
         tokenizer=cfg.tokenizer,
         precision=precision,
         device=device,
-        threads=cfg.cluster.threads_per_worker,
+        threads=cfg.cluster.torch_threads,
         batch_size=batch,
         batches=max(1, cfg.calibration.batches),
         images=cfg.images,
@@ -239,12 +240,12 @@ def make_plan(cfg: PlanConfig) -> dict[str, Any]:
     shape, identity = _load_shape(cfg)
     device = _device(cfg)
     precision = _precision(cfg, device)
-    local = cfg.cluster.address is None
+    local = cfg.cluster.effective_kind == "local"
     gpu_workers = bool(cfg.gpu) or device == "cuda"
     cores = _cores() if local and not gpu_workers else None
     # LocalCluster workers share this machine: calibrate as many processes at once (up to
     # twice the cores; more workers than that are scaled). Otherwise one, as one remote worker.
-    processes = min(cfg.cluster.n_workers, 2 * cores) if cores else 1
+    processes = min(cfg.cluster.planned_workers, 2 * cores) if cores else 1
     # The forward is calibrated on this machine; with gpu= only decode is measured here.
     measured = _calibrate(
         cfg, "cpu" if cfg.gpu else device, "fp32" if cfg.gpu else precision, processes
@@ -267,8 +268,8 @@ def make_plan(cfg: PlanConfig) -> dict[str, Any]:
         per_shard,
         k,
         measured,
-        cfg.cluster.n_workers,
-        cfg.cluster.threads_per_worker,
+        cfg.cluster.planned_workers,
+        cfg.cluster.torch_threads,
         cores,
         gpu_workers,
     )
@@ -290,7 +291,8 @@ def make_plan(cfg: PlanConfig) -> dict[str, Any]:
         "flops": flops["total"] * n_images * k,
         "measured": measured,
         "time_source": source,
-        "workers": cfg.cluster.n_workers,
+        "workers": cfg.cluster.planned_workers,
+        "cluster_kind": cfg.cluster.effective_kind,
         "cores": cores,
         "wall_seconds": wall,
         "bytes": bytes_upper,
@@ -379,6 +381,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{_si(online['flops'], 'FLOP')}, {_duration(online['seconds_one_device'])} of forward on "
         f"one such worker: {online['ratio']:.1f}x this job's views",
     ]
+    if plan.get("cluster_kind") in ("slurm", "pbs"):
+        lines.append(
+            "jobs    the worker job script: the same command as `pipeline run stage=tokenize "
+            "... --print-job-script` (nothing is submitted)"
+        )
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
 A user's mistake (a path that does not exist, an empty folder, a glob that matches nothing, a view
 size the tokenizer cannot take, ``aug.scale=[1.0,0.2]``, fp16 on a CPU) is found here, on the
-driver, in a second, and raised as a :class:`engine.config.ConfigError` (the CLI exits 2 with the
+driver, in a second, and raised as a :class:`engine.errors.ConfigError` (the CLI exits 2 with the
 message) instead of failing every shard inside the workers. Nothing is written before these
 checks pass, so a refused run leaves ``out_dir`` as it was.
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.precision import resolve_precision
 from shards.errors import MissingShards, TokenDatasetMismatch
 from shards.images import list_shards

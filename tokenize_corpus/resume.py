@@ -15,9 +15,9 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from engine.errors import UserError
 from shards.dataset import TokenDatasetDir
 from shards.records import ImageShard
+from tokenize_corpus.errors import ResumeRefused
 from tokenize_corpus.identity import (
     added_seeds,
     identity_changes,
@@ -26,10 +26,6 @@ from tokenize_corpus.identity import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ResumeRefused(UserError):
-    """out_dir holds shards made by another job; the message names what differs."""
 
 
 @dataclass
@@ -55,6 +51,7 @@ def check_job_identity(
 
     ``skip``: identity fields not known yet (the precision, before remote workers resolve it).
     """
+
     def known(job: dict | None) -> dict | None:
         return {k: v for k, v in job.items() if k not in skip} if isinstance(job, dict) else job
 

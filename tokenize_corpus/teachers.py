@@ -32,16 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoint import CheckpointError, load_file
+from engine.checkpoint import load_file
+from engine.errors import CheckpointError
+from tokenize_corpus.errors import TeacherError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 _HEAD_PREFIXES = ("head", "fc", "classifier", "last_linear")
-
-
-class TeacherError(ValueError):
-    """A teacher cannot be built; the message says why and what to do."""
 
 
 class Teacher(nn.Module):

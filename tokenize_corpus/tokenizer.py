@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.checkpoint import CheckpointError, CheckpointNotFound, load_file, save_atomic
-from engine.errors import UserError
+from engine.checkpoint import load_file, save_atomic
+from engine.errors import CheckpointError, CheckpointNotFound
 from engine.precision import autocast
+from tokenize_corpus.errors import TokenizerError
 from tokenize_corpus.vqkd import PIXEL_MEAN, PIXEL_STD, VQKD, VQKDModelConfig
 
 # Keys of official training checkpoints that are not part of the tokenizer (teacher, its scaling).
@@ -141,10 +142,6 @@ def infer_config(state: dict[str, torch.Tensor]) -> VQKDModelConfig:
 def _config_from_dict(raw: dict[str, Any]) -> VQKDModelConfig:
     names = {f.name for f in dataclasses.fields(VQKDModelConfig)}
     return VQKDModelConfig(**{k: v for k, v in raw.items() if k in names})
-
-
-class TokenizerError(UserError):
-    """A file that is not a loadable VQ-KD tokenizer; the message says what to pass instead."""
 
 
 _WHAT = "a VQ-KD checkpoint written by stage vqkd or an official BEiT v2 tokenizer .pth"

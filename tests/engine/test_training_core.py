@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from engine.device import resolve_device
 from engine.distributed import Distributed
-from engine.errors import UserError
-from engine.guards import NonFiniteLoss, check_finite
+from engine.errors import NonFiniteLoss, UserError
+from engine.guards import check_finite
 from engine.metrics import LogSpec, MetricsWriter, read_metrics
 from engine.optim import adamw, param_groups, set_lr
 from engine.plots import Panel, plot_metrics

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from engine.config import ConfigError
-from engine.errors import UserError
+from engine.errors import ConfigError, UserError
 from pipeline.cli import build_stage_config, main
 from pipeline.stages import STAGES
 from pipeline.tools import TOOLS

@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 from engine.config import (
-    ConfigError,
     StageConfig,
     build_config,
     build_stage_config,
@@ -19,6 +18,7 @@ from engine.config import (
     save_config,
     to_dict,
 )
+from engine.errors import ConfigError
 
 
 @dataclass(frozen=True)

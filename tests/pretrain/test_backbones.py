@@ -8,12 +8,12 @@ import torch
 
 from pretrain import backbones
 from pretrain.backbones import (
-    BackboneError,
     checkpoint_filter_fn,
     config_from_state_dict,
     load_beitv2,
     split_checkpoint,
 )
+from pretrain.errors import BackboneError
 from pretrain.model import BEiTConfig, BEiTv2
 
 TINY = BEiTConfig(

@@ -19,11 +19,11 @@ from support.pretrain_data import (
 
 from pretrain.data import (
     MIMDataset,
-    PretrainDataError,
     seed_index,
     shard_order,
     shards_for,
 )
+from pretrain.errors import PretrainDataError
 from shards.decode import decode_image
 from shards.errors import TokenDatasetMismatch
 from shards.images import iter_shard, list_shards

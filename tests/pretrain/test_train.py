@@ -17,7 +17,7 @@ import yaml
 from support import pretrain_data as helpers
 
 from engine.config import build_config
-from engine.guards import NonFiniteLoss
+from engine.errors import NonFiniteLoss
 from engine.optim import param_groups
 from engine.precision import resolve_precision
 from engine.schedule import lr_at

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from pipeline.cli import main as cli_main
 from tokenize_corpus.batch import lifetime, walltime_seconds
 from tokenize_corpus.worker import pick_device

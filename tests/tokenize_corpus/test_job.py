@@ -16,14 +16,14 @@ import pytest
 import torch
 from support import stage2 as helpers
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from shards.decode import decode_image
 from shards.reader import open_token_dataset
 from shards.validate import main as validate_main
 from shards.views import AugConfig, render_view, to_unit
 from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from tokenize_corpus.errors import ResumeRefused
 from tokenize_corpus.job import tokenize
-from tokenize_corpus.resume import ResumeRefused
 from tokenize_corpus.tokenizer import load_tokenizer
 
 VENV_BIN = Path(sys.executable).parent

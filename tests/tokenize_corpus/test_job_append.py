@@ -11,8 +11,8 @@ from support import stage2 as helpers
 
 from shards.views import AugConfig
 from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from tokenize_corpus.errors import ResumeRefused
 from tokenize_corpus.job import tokenize
-from tokenize_corpus.resume import ResumeRefused
 
 # Files that record the dataset's history: an appended dataset has one more version.
 HISTORY = ("manifest.json", "versions.json", "README.md")

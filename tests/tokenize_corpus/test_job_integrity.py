@@ -19,7 +19,7 @@ import pytest
 import torch
 from support import stage2 as helpers
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from pipeline.cli import main as cli_main
 from shards.dataset import TokenDatasetDir
 from shards.decode import decode_image
@@ -28,8 +28,8 @@ from shards.reader import open_token_dataset
 from shards.views import AugConfig, render_view, to_unit
 from tokenize_corpus import cluster as cluster_module
 from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from tokenize_corpus.errors import ResumeRefused
 from tokenize_corpus.job import tokenize
-from tokenize_corpus.resume import ResumeRefused
 from tokenize_corpus.tokenizer import load_tokenizer
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenize_corpus.teachers import TeacherError, load_efficientnet_lite0, load_teacher
+from tokenize_corpus.errors import TeacherError
+from tokenize_corpus.teachers import load_efficientnet_lite0, load_teacher
 
 
 @pytest.fixture(scope="module")

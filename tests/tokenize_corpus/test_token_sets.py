@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from support import stage2 as helpers
 
-from engine.config import ConfigError, build_config
-from engine.errors import UserError
+from engine.config import build_config
+from engine.errors import ConfigError, UserError
 from shards.errors import TokenDatasetMismatch, TokenSetNotFound
 from shards.inspect import summary, token_counts
 from shards.reader import open_token_dataset

@@ -5,14 +5,9 @@ import json
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointError
-from tokenize_corpus.tokenizer import (
-    Tokenizer,
-    TokenizerError,
-    load_tokenizer,
-    save_tokenizer,
-    tokenizer_info,
-)
+from engine.errors import CheckpointError
+from tokenize_corpus.errors import TokenizerError
+from tokenize_corpus.tokenizer import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_info
 from tokenize_corpus.vqkd import VQKD, VQKDModelConfig
 
 # heads = width // 64, the only head count an official checkpoint (no config) can imply.

@@ -220,7 +220,7 @@ def test_bf16_run_records_its_precision_and_tensorboard(data, tmp_path: Path) ->
 
 def test_non_finite_loss_stops_with_the_step(data, tmp_path: Path, monkeypatch) -> None:
     import tokenize_corpus.train as train
-    from engine.guards import NonFiniteLoss
+    from engine.errors import NonFiniteLoss
 
     load = train.load_teacher
 
