@@ -193,36 +193,3 @@ def test_renders_in_headless_chromium(tmp_path):
     assert set(SECTIONS) <= parsed.ids
     assert all((page.parent / src).is_file() for src in parsed.imgs)
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
-
-
-TINY_ALL = [
-    "corpus_images=32", "corpus_size=40", "shard_size=16", "seeds=[0,1]", "n_workers=1",
-    "probe_teacher=false",
-    "vqkd=[model.image_size=32,model.patch_size=8,model.width=32,model.depth=1,model.heads=2,"
-    "model.decoder_depth=1,model.codebook_size=16,model.kmeans_iters=2,train.epochs=1,"
-    "train.batch_size=16,train.num_workers=0,eval.max_images=16,teacher.input_size=32]",
-    "pretrain=[model.width=32,model.depth=1,model.heads=2,model.head_from_layer=1,"
-    "model.head_layers=1,mask.num_masked=6,mask.min_patches=2,train.epochs=1,train.batch_size=8,"
-    "train.num_workers=0]",
-]  # fmt: skip
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed")
-def test_stage_all_report_renders_in_headless_chromium(tmp_path):
-    from pipeline.cli import main as cli
-
-    run = tmp_path / "demo"
-    assert cli(["run", "stage=all", f"out_dir={run}", *TINY_ALL]) == 0
-    page = run / "report" / "index.html"
-    text = page.read_text()
-    assert "Not available" not in text and "Missing" not in text
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2600",
-         f"--screenshot={shot}", page.as_uri()],
-        check=True, timeout=120, capture_output=True,
-    )  # fmt: skip
-    assert shot.stat().st_size > 10_000
-    assert set(SECTIONS) <= _parse(text).ids
