@@ -8,6 +8,7 @@ the token usage histogram and, with ``images=``, for a few keys across seeds the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,22 +17,25 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from shards.errors import ImageSourceError
 from shards.reader import TokenDataset, open_token_dataset
 from shards.validate import parse_args
 
 log = logging.getLogger(__name__)
 
 TOP_TOKENS = 10
+USAGE = (
+    "usage: pipeline inspect DIR [out=<dir>] [images=<image source>] [shard_size=<n>] [keys=<n>]"
+)
+COUNTS = ("shard_size", "keys")  # options that take a whole number >= 1
 
 
 def token_counts(ds: TokenDataset) -> np.ndarray:
     """How often each token id occurs over every shard and seed: int64 [codebook_size]."""
     counts = np.zeros(ds.codebook_size, dtype=np.int64)
     for i in sorted(ds.receipts):
-        for row in ds.read_shard(i).values():
-            counts += np.bincount(row.tokens.reshape(-1), minlength=ds.codebook_size)[
-                : ds.codebook_size
-            ]
+        tokens = ds.read_columns(i, fmt=ds.column_format).tokens.reshape(-1)  # [R * K * N]
+        counts += np.bincount(tokens, minlength=ds.codebook_size)[: ds.codebook_size]
     return counts
 
 
@@ -98,19 +102,27 @@ def plot_views(
     import matplotlib.pyplot as plt
     from matplotlib import patheffects
 
-    from shards.decode import decode_image
-    from shards.images import iter_shard, list_shards
+    from shards.decode import BadImage, decode_image
+    from shards.images import BadShard, iter_shard, list_shards
     from shards.views import render_view
 
     first = min(ds.receipts)
     rows = ds.read_shard(first)
     wanted = list(rows)[:num_keys]
-    image_shard = list_shards(images, shard_size=shard_size)[first]
-    pictures = {
-        r.key: decode_image(r.data)
-        for r in iter_shard(image_shard)
-        if r.key in wanted and not r.error
-    }
+    sources = list_shards(images, shard_size=shard_size)
+    if first >= len(sources):
+        raise ImageSourceError(
+            f"images={images} has {len(sources)} shard(s), so no image shard {first} for token "
+            f"shard {first}; pass the image source stage 2 read"
+        )
+    pictures = {}
+    try:
+        for r in iter_shard(sources[first]):
+            if r.key in wanted and not r.error:
+                with contextlib.suppress(BadImage):  # an undecodable image is not drawn
+                    pictures[r.key] = decode_image(r.data)
+    except BadShard as err:  # draw the images read before the damage
+        log.warning("%s: %s", sources[first].url, err)
     keys = [k for k in wanted if k in pictures]
     if not keys:
         return []
@@ -151,7 +163,7 @@ def plot_views(
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: print the summary as JSON, write the PNGs, return 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    path, options = parse_args(argv, ("out", "images", "shard_size", "keys"))
+    path, options = parse_args(argv, ("out", "images", "shard_size", "keys"), COUNTS, USAGE)
     ds = open_token_dataset(path)
     out = options.get("out") or (
         os.path.join(ds.dir.root, "inspect") if ds.dir.local else "inspect"

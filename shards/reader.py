@@ -8,12 +8,14 @@ uses are the manifest's copies, and a shard without one is refused (``MissingSha
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import gzip
 import hashlib
-import io
 import json
 import re
-import tarfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -22,17 +24,29 @@ import pyarrow.parquet as pq
 from shards import schema
 from shards.dataset import TokenDatasetDir
 from shards.errors import CorruptTokenShard, MissingShards, TokenDatasetMismatch, rerun_stage2
+from shards.tarfiles import read_members
+from shards.views import ViewParams
 from shards.writer import TokenRow
+
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def open_token_dataset(path: str) -> TokenDataset:
     """Open the token dataset at ``path`` (local or fsspec URL) from its manifest.json."""
-    manifest = TokenDatasetDir(path).manifest()
+    folder = TokenDatasetDir(path)
+    name = folder.url_of(schema.MANIFEST_NAME)
+    try:
+        manifest = folder.manifest()
+    except ValueError as err:  # json.JSONDecodeError, UnicodeDecodeError
+        raise CorruptTokenShard(rerun_stage2(path, f"{name} is not valid JSON ({err})")) from None
     if manifest is None:
         raise MissingShards(
-            f"no {schema.MANIFEST_NAME} in token dataset {path}; the tokenize stage writes it at the "
-            "end: rerun `pipeline run stage=tokenize` with the same out_dir to finish it"
+            folder.not_a_dataset()
+            or f"no {schema.MANIFEST_NAME} in token dataset {path}; the tokenize stage writes it "
+            "at the end: rerun `pipeline run stage=tokenize` with the same out_dir to finish it"
         )
+    if not isinstance(manifest, dict):
+        raise CorruptTokenShard(rerun_stage2(path, f"{name} is not a JSON object"))
     return TokenDataset(path, manifest)
 
 
@@ -136,6 +150,16 @@ class TokenDataset:
         """The receipt entries of shard ``i`` in format ``fmt``."""
         return [e for e in self.receipt(i)["files"] if e["format"] == fmt]
 
+    @property
+    def column_format(self) -> str | None:
+        """The format whole columns read fastest from: Parquet when the dataset has it (else
+        None: the default, WebDataset)."""
+        return (
+            schema.FORMAT_PARQUET
+            if schema.FORMAT_PARQUET in self.manifest.get("formats", [])
+            else None
+        )
+
     def read_shard(
         self,
         i: int,
@@ -143,13 +167,24 @@ class TokenDataset:
         seeds: Sequence[int] | None = None,
         verify: bool = True,
     ) -> dict[str, TokenRow]:
-        """Shard ``i`` as key -> TokenRow, keys in image-shard order.
+        """Shard ``i`` as key -> TokenRow, keys in image-shard order (:meth:`read_columns`, as
+        rows: each row's ``views`` and ``tokens`` hold the requested seeds)."""
+        return self.read_columns(i, fmt, seeds, verify).rows()
+
+    def read_columns(
+        self,
+        i: int,
+        fmt: str | None = None,
+        seeds: Sequence[int] | None = None,
+        verify: bool = True,
+    ) -> ShardColumns:
+        """Shard ``i`` column-wise (:class:`ShardColumns`), rows in image-shard order.
 
         fmt: "webdataset" or "parquet"; by default the WebDataset tar (one file for all seeds)
             when the dataset has it, else Parquet; Parquet when ``seeds`` is a strict subset (it
             then reads only those seeds' files).
-        seeds: the seeds to return, in the order given (default: all, dataset seed order); each
-            row's ``views`` and ``tokens`` hold those seeds only. A seed not stored is refused.
+        seeds: the seeds to return, in the order given (default: all, dataset seed order). A
+            seed not stored is refused.
         verify: compare each file's sha256 with its receipt (the bytes are read anyway).
 
         Raises:
@@ -177,11 +212,12 @@ class TokenDataset:
         blobs = [self._read_file(i, entry, verify) for entry in entries]
         try:
             if fmt == schema.FORMAT_PARQUET:
-                return self._read_parquet(entries, blobs, wanted)
-            return self._select(self._read_wds(entries[0]["path"], blobs[0]), wanted)
+                return self._parquet_columns(entries, blobs, wanted)
+            columns = self._wds_columns(entries[0]["path"], blobs[0])
+            return columns.select([self.seeds.index(s) for s in wanted])
         except TokenDatasetMismatch:
             raise
-        except Exception as err:  # pyarrow, numpy, json and tarfile each raise their own types
+        except Exception as err:  # pyarrow, numpy, json and tar parsing raise their own types
             names = ", ".join(e["path"] for e in entries)
             raise CorruptTokenShard(
                 rerun_stage2(self.path, f"token file {names} (shard {i}) cannot be read ({err})")
@@ -224,15 +260,6 @@ class TokenDataset:
             )
         return data
 
-    def _select(self, rows: dict[str, TokenRow], wanted: tuple[int, ...]) -> dict[str, TokenRow]:
-        if wanted == self.seeds:
-            return rows
-        positions = [self.seeds.index(s) for s in wanted]
-        for row in rows.values():
-            row.views = [row.views[p] for p in positions]
-            row.tokens = np.ascontiguousarray(row.tokens[positions])
-        return rows
-
     def _check_footer(self, path: str, metadata: dict[bytes, bytes] | None) -> None:
         metadata = metadata or {}
         version = metadata.get(schema.META_SCHEMA_VERSION, b"?").decode()
@@ -252,87 +279,212 @@ class TokenDataset:
                 f"{self.fingerprint}; the directory mixes two runs: tokenize it again into a fresh out_dir"
             )
 
-    def _read_parquet(
+    def _parquet_columns(
         self, entries: Sequence[dict], blobs: Sequence[bytes], seeds: tuple[int, ...]
-    ) -> dict[str, TokenRow]:
+    ) -> ShardColumns:
         """One Parquet file per seed of ``seeds`` (``entries``/``blobs`` in that order)."""
-        rows: dict[str, TokenRow] = {}
-        tokens_by_seed = []
-        for position, (entry, blob) in enumerate(zip(entries, blobs, strict=True)):
-            path = entry["path"]
+        first: tuple | None = None
+        tokens, views = [], {name: [] for name in VIEW_FIELDS}
+        for entry, blob in zip(entries, blobs, strict=True):
             table = pq.read_table(pa.BufferReader(blob))
-            self._check_footer(path, table.schema.metadata)
-            columns = table.to_pydict()
-            keys = columns[schema.KEY]
-            if position == 0:
-                for j, key in enumerate(keys):
-                    rows[key] = TokenRow(
-                        key=key,
-                        label=int(columns[schema.LABEL][j]),
-                        views=[],
-                        tokens=np.empty(0),
-                        image_sha256=columns[schema.IMAGE_SHA256][j].hex(),
-                    )
-            elif keys != list(rows):
+            self._check_footer(entry["path"], table.schema.metadata)
+            keys = table.column(schema.KEY).to_pylist()
+            labels = table.column(schema.LABEL).to_numpy().astype(np.int64)
+            digests = _digest_array(table.column(schema.IMAGE_SHA256).to_pylist())
+            if first is None:
+                first = (keys, labels, digests)
+            elif keys != first[0] or not np.array_equal(labels, first[1]):
                 raise TokenDatasetMismatch(
-                    f"{path} has other keys than seed {seeds[0]}'s file of the same shard"
+                    f"{entry['path']} has other keys or labels than seed {seeds[0]}'s file of the "
+                    "same shard"
                 )
-            elif [d.hex() for d in columns[schema.IMAGE_SHA256]] != [
-                r.image_sha256 for r in rows.values()
-            ]:
+            elif not np.array_equal(digests, first[2]):
                 raise TokenDatasetMismatch(
-                    f"{path} has other image digests than seed {seeds[0]}'s file of the same "
-                    "shard: the directory mixes two runs; tokenize it again into a fresh out_dir"
+                    f"{entry['path']} has other image digests than seed {seeds[0]}'s file of the "
+                    "same shard: the directory mixes two runs; tokenize it again into a fresh "
+                    "out_dir"
                 )
-            names = [n for n in columns if n in (schema.SEED, *schema.VIEW_COLUMNS)]
-            for j, key in enumerate(keys):
-                rows[key].views.append(schema.row_to_view({n: columns[n][j] for n in names}))
+            for name in VIEW_FIELDS:
+                column = table.column(name)
+                values = column.to_pylist() if name in TEXT_FIELDS else column.to_numpy()
+                views[name].append(
+                    np.asarray(values, dtype=object if name in TEXT_FIELDS else None)
+                )
             flat = table.column(schema.TOKENS).combine_chunks().flatten().to_numpy()
-            tokens_by_seed.append(flat.reshape(len(keys), self.num_tokens))  # [R, N]
-        stacked = np.stack(tokens_by_seed, axis=1) if tokens_by_seed else None  # [R, K, N]
-        for j, row in enumerate(rows.values()):
-            row.tokens = np.ascontiguousarray(stacked[j], dtype=np.uint16)
-        return rows
+            tokens.append(flat.reshape(len(keys), self.num_tokens))  # [R, N]
+        keys, labels, digests = first
+        return ShardColumns(
+            keys=keys,
+            labels=labels,
+            digests=digests,
+            tokens=np.ascontiguousarray(np.stack(tokens, axis=1), dtype=np.uint16),  # [R, K, N]
+            views={name: np.stack(v, axis=1) for name, v in views.items()},  # [R, K]
+        )
 
-    def _read_wds(self, path: str, data: bytes) -> dict[str, TokenRow]:
-        # The tar is read here with tarfile (member names are only split, never used as paths).
+    def _wds_columns(self, path: str, data: bytes) -> ShardColumns:
+        """The gzip'd WebDataset tar of a shard (every seed) column-wise."""
         samples: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)
-                stem = base[-1]
-                key_tail, _, ext = stem.partition(".")
-                key = f"{base[0]}/{key_tail}" if len(base) == 2 else key_tail
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        rows: dict[str, TokenRow] = {}
-        for key, members in samples.items():
-            tokens = read_npy_uint16(members[schema.WDS_TOKENS])  # [K, N]
-            views = schema.views_from_json(json.loads(members[schema.WDS_VIEWS]))
-            if tuple(v.seed for v in views) != self.seeds or tokens.shape != (
-                len(self.seeds),
-                self.num_tokens,
-            ):
+        # Member names are only split into (key, extension), never used as paths.
+        for name, body in read_members(gzip.decompress(data) if data[:2] == GZIP_MAGIC else data):
+            folder, _, stem = name.rpartition("/")
+            key_tail, _, ext = stem.partition(".")
+            samples.setdefault(f"{folder}/{key_tail}" if folder else key_tail, {})[ext] = body
+        shape = (len(self.seeds), self.num_tokens)
+        keys = list(samples)
+        parts = {ext: [] for ext in schema.WDS_EXTENSIONS}
+        for key in keys:
+            members = samples[key]
+            for ext in schema.WDS_EXTENSIONS:
+                if ext not in members:
+                    raise TokenDatasetMismatch(
+                        f"{path}: sample {key!r} has no .{ext} member; {schema.REGENERATE}"
+                    )
+                parts[ext].append(members[ext])
+        # Whole columns at once: one JSON parse, one hex decode, one array of every token.
+        tokens = _npy_column(parts[schema.WDS_TOKENS], shape)  # [R, K, N]
+        parsed = json.loads(b"[" + b",".join(parts[schema.WDS_VIEWS]) + b"]")
+        for key, sample in zip(keys, parsed, strict=True):
+            if tuple(sample[schema.SEED]) != self.seeds:
                 raise TokenDatasetMismatch(
-                    f"{path}: sample {key!r} has seeds {[v.seed for v in views]} and tokens {tokens.shape}, "
-                    f"the manifest says seeds {list(self.seeds)} x {self.num_tokens} tokens"
+                    f"{path}: sample {key!r} has seeds {sample[schema.SEED]}, the manifest says "
+                    f"seeds {list(self.seeds)}"
                 )
-            label = int(members[schema.WDS_LABEL].decode())
-            digest = members.get(schema.WDS_IMAGE_SHA256, b"").decode("ascii", "replace")
-            if not schema.is_digest(digest):
-                raise TokenDatasetMismatch(
-                    f"{path}: sample {key!r} has no valid .{schema.WDS_IMAGE_SHA256} member; "
-                    f"{schema.REGENERATE}"
-                )
+        hex_digests = b"".join(parts[schema.WDS_IMAGE_SHA256]).decode("ascii", "replace")
+        if len(hex_digests) != 2 * schema.DIGEST_BYTES * len(keys) or not _HEX.fullmatch(
+            hex_digests
+        ):
+            bad = next(k for k, d in zip(keys, parts[schema.WDS_IMAGE_SHA256], strict=True)
+                       if not schema.is_digest(d.decode("ascii", "replace")))  # fmt: skip
+            raise TokenDatasetMismatch(
+                f"{path}: sample {bad!r} has no valid .{schema.WDS_IMAGE_SHA256} member; "
+                f"{schema.REGENERATE}"
+            )
+        count = len(keys)
+        return ShardColumns(
+            keys=keys,
+            labels=np.asarray([int(label) for label in parts[schema.WDS_LABEL]], dtype=np.int64),
+            digests=np.frombuffer(bytes.fromhex(hex_digests), dtype=np.uint8).reshape(count, -1),
+            tokens=tokens,
+            views={
+                name: np.asarray(
+                    [sample[name] for sample in parsed],
+                    dtype=object if name in TEXT_FIELDS else None,
+                ).reshape(count, len(self.seeds))
+                for name in VIEW_FIELDS
+            },
+        )
+
+
+def _npy_column(members: Sequence[bytes], shape: tuple[int, int]) -> np.ndarray:
+    """uint16 [R, K, N] from R ``tokens.npy`` members of ``shape`` [K, N] (one array, one copy).
+
+    Our writer gives every member the same header: when they all have the first one's, their
+    bodies are joined as they are; otherwise each is read (and refused) by :func:`read_npy_uint16`.
+    """
+    if not members:
+        return np.zeros((0, *shape), dtype=np.uint16)
+    first = read_npy_uint16(members[0])
+    if first.shape != shape:
+        raise TokenDatasetMismatch(f"tokens of shape {first.shape}, the manifest says {shape}")
+    start = len(members[0]) - first.nbytes
+    header = members[0][:start]
+    if all(len(m) == len(members[0]) and m[:start] == header for m in members):
+        body = b"".join(m[start:] for m in members)
+        return np.frombuffer(body, dtype=first.dtype).reshape(len(members), *shape)
+    arrays = [read_npy_uint16(m) for m in members]
+    if any(a.shape != shape for a in arrays):
+        raise TokenDatasetMismatch(f"a tokens.npy member is not of shape {shape}")
+    return np.stack(arrays).astype(np.uint16, copy=False)
+
+
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+def _digest_array(digests: Sequence[bytes]) -> np.ndarray:
+    """uint8 [R, 32] of R raw sha256 digests."""
+    joined = b"".join(digests)
+    if len(joined) != schema.DIGEST_BYTES * len(digests):
+        raise ValueError("an image digest is not 32 bytes")
+    return np.frombuffer(joined, dtype=np.uint8).reshape(len(digests), schema.DIGEST_BYTES)
+
+
+# The view columns of a shard, as ShardColumns holds them: the seed, then ViewParams order.
+VIEW_FIELDS: tuple[str, ...] = (schema.SEED, *schema.VIEW_COLUMNS)
+TEXT_FIELDS = frozenset({schema.JITTER_ORDER, schema.INTERPOLATION})
+
+
+@dataclass
+class ShardColumns:
+    """One token shard, column-wise: R rows (images, in image-shard order) x K seeds.
+
+    What :meth:`TokenDataset.read_columns` returns: validation and token counts compare and count
+    whole columns; :meth:`rows` turns them into TokenRows for the stage-3 data path.
+    """
+
+    keys: list[str]  # [R]
+    labels: np.ndarray  # int64 [R]
+    digests: np.ndarray  # uint8 [R, 32]: the raw sha256 of each image's stored bytes
+    tokens: np.ndarray  # uint16 [R, K, N]
+    views: dict[str, np.ndarray]  # VIEW_FIELDS -> [R, K] (jitter_order and interpolation: str)
+
+    def select(self, positions: Sequence[int]) -> ShardColumns:
+        """The same rows with the seeds at ``positions`` (of the K axis), in that order."""
+        if list(positions) == list(range(self.tokens.shape[1])):
+            return self
+        pick = list(positions)
+        return dataclasses.replace(
+            self,
+            tokens=np.ascontiguousarray(self.tokens[:, pick]),
+            views={name: values[:, pick] for name, values in self.views.items()},
+        )
+
+    def differences(self, other: ShardColumns, tokens: bool = True) -> tuple[str | None, str]:
+        """Where ``other`` first holds other rows: ``(None, "")`` when it holds the same ones
+        (and, with ``tokens``, the same tokens); ``(None, "keys ...")`` when its keys differ;
+        else ``(key, what)``, e.g. ``("n01/x", "views (top)")``."""
+        if self.keys != other.keys:
+            return None, "keys (or their order)"
+        pairs = [
+            ("labels", self.labels, other.labels),
+            ("image digests", self.digests, other.digests),
+        ]
+        pairs += [(f"views ({n})", self.views[n], other.views[n]) for n in VIEW_FIELDS]
+        if tokens:
+            pairs.append(("tokens", self.tokens, other.tokens))
+        for what, ours, theirs in pairs:
+            if ours.shape != theirs.shape:
+                return None, f"{what} (of another shape)"
+            differs = (ours != theirs).reshape(len(self.keys), -1).any(axis=1)  # [R]
+            if differs.any():
+                return self.keys[int(np.argmax(differs))], what
+        return None, ""
+
+    def rows(self) -> dict[str, TokenRow]:
+        """key -> TokenRow, in row order."""
+        columns = [self.views[name].tolist() for name in VIEW_FIELDS]  # each [R][K]
+        order = columns[VIEW_FIELDS.index(schema.JITTER_ORDER)]
+        columns[VIEW_FIELDS.index(schema.JITTER_ORDER)] = [
+            [_jitter_order(text) for text in seeds] for seeds in order
+        ]
+        digests = self.digests.tobytes().hex()
+        width = 2 * schema.DIGEST_BYTES
+        rows = {}
+        for r, key in enumerate(self.keys):
             rows[key] = TokenRow(
                 key=key,
-                label=label,
-                views=views,
-                tokens=tokens.astype(np.uint16),
-                image_sha256=digest,
+                label=int(self.labels[r]),
+                views=[
+                    ViewParams(*values) for values in zip(*(c[r] for c in columns), strict=True)
+                ],
+                tokens=self.tokens[r],
+                image_sha256=digests[r * width : (r + 1) * width],
             )
         return rows
+
+
+@functools.lru_cache(maxsize=64)
+def _jitter_order(text: str) -> tuple[int, ...]:
+    return schema.jitter_order_from_str(text)
 
 
 _NPY_HEADER = re.compile(

@@ -178,11 +178,10 @@ def schema_metadata(
 
 def is_digest(text: object) -> bool:
     """Whether ``text`` is a sha256 digest as this schema spells it: 64 lower-case hex characters."""
-    return (
-        isinstance(text, str)
-        and len(text) == 2 * DIGEST_BYTES
-        and all(c in "0123456789abcdef" for c in text)
-    )
+    return isinstance(text, str) and _DIGEST.fullmatch(text) is not None
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def jitter_order_to_str(order: Sequence[int]) -> str:

@@ -27,7 +27,7 @@ from engine.errors import UserError
 from shards import schema
 from shards.dataset import TokenDatasetDir
 from shards.errors import TokenDatasetMismatch, TokenSetNotFound
-from shards.reader import TokenDataset, open_token_dataset
+from shards.reader import ShardColumns, TokenDataset, open_token_dataset
 
 DEFAULT = "default"
 NAME = schema.TOKEN_SET_NAME
@@ -151,11 +151,10 @@ def manifest_problems(default: dict, named: dict) -> list[str]:
     return problems
 
 
-def _views(ds: TokenDataset, i: int, seeds: Sequence[int]) -> dict:
+def _views(ds: TokenDataset, i: int, seeds: Sequence[int]) -> ShardColumns:
     """Shard ``i`` at ``seeds``, from the Parquet files when there are (the WebDataset copy is
     compared with them by ``pipeline validate``)."""
-    fmt = schema.FORMAT_PARQUET if schema.FORMAT_PARQUET in ds.manifest.get("formats", []) else None
-    return ds.read_shard(i, fmt=fmt, seeds=seeds)
+    return ds.read_columns(i, fmt=ds.column_format, seeds=seeds)
 
 
 def _plain(value: object) -> object:
@@ -182,17 +181,8 @@ def compare_views(default: TokenDataset, named: TokenDataset) -> list[str]:
             problems.append(f"shard {i}: made from other image bytes than the dataset's")
         if receipt.get("skipped") != base.get("skipped"):
             problems.append(f"shard {i}: other images were skipped")
-        ours, theirs = _views(named, i, seeds), _views(default, i, seeds)
-        if list(ours) != list(theirs):
-            problems.append(f"shard {i}: other image keys or order")
-            continue
-        for key, row in ours.items():
-            other = theirs[key]
-            if (row.label, row.image_sha256, row.views) != (
-                other.label,
-                other.image_sha256,
-                other.views,
-            ):
-                problems.append(f"shard {i}: image {key!r} has other views, label or digest")
-                break
+        key, what = _views(named, i, seeds).differences(_views(default, i, seeds), tokens=False)
+        if what:
+            at = f"key {key!r}: " if key is not None else ""
+            problems.append(f"shard {i}: {at}other {what} than the dataset's")
     return problems

@@ -17,25 +17,36 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from engine.errors import UserError
 from shards import schema
 from shards.dataset import TokenDatasetDir
-from shards.errors import TokenDatasetMismatch
+from shards.errors import MissingShards, TokenDatasetMismatch
 from shards.reader import TokenDataset
 from shards.token_sets import compare_views, token_sets
 
 log = logging.getLogger(__name__)
 
 USAGE = "usage: pipeline validate DIR [images=<image source>] [shard_size=<n>] [checksum=false]"
+TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
-def parse_args(argv: Sequence[str], allowed: Sequence[str]) -> tuple[str, dict[str, str]]:
-    """``DIR key=value ...`` -> (DIR, options); unknown keys raise SystemExit with the usage."""
+def parse_args(
+    argv: Sequence[str],
+    allowed: Sequence[str],
+    counts: Sequence[str] = ("shard_size",),
+    usage: str = USAGE,
+) -> tuple[str, dict[str, str]]:
+    """``DIR key=value ...`` -> (DIR, options). A :class:`UserError` with the usage for an
+    unknown key, not exactly one DIR, or a key of ``counts`` that is not a positive integer."""
     positional = [a for a in argv if "=" not in a]
     options = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = sorted(set(options) - set(allowed))
     if len(positional) != 1 or unknown:
-        what = f"unknown option(s) {unknown}; " if unknown else ""
-        raise SystemExit(f"{what}choose from {list(allowed)}\n{USAGE}")
+        what = f"unknown option(s) {unknown}; " if unknown else f"one DIR, got {positional}; "
+        raise UserError(f"{what}choose from {list(allowed)}\n{usage}")
+    for key in counts:
+        if key in options and not (options[key].isdigit() and int(options[key]) > 0):
+            raise UserError(f"{key}={options[key]!r}: pass a whole number >= 1\n{usage}")
     return positional[0], options
 
 
@@ -76,41 +87,26 @@ def check_shard(ds: TokenDataset, receipt: dict, checksum: bool) -> list[str]:
     read = {}
     for fmt in formats:
         try:
-            read[fmt] = ds.read_shard(i, fmt)
+            read[fmt] = ds.read_columns(i, fmt)
         except (TokenDatasetMismatch, KeyError, ValueError, OSError) as err:
             problems.append(f"shard {i}: cannot read {fmt}: {err}")
-    for fmt, rows in read.items():
-        if len(rows) != receipt["rows"]:
+    for fmt, columns in read.items():
+        if len(columns.keys) != receipt["rows"]:
             problems.append(
-                f"shard {i}: {fmt} has {len(rows)} rows, its receipt says {receipt['rows']}"
+                f"shard {i}: {fmt} has {len(columns.keys)} rows, its receipt says {receipt['rows']}"
             )
-        for row in rows.values():
-            top = int(row.tokens.max()) if row.tokens.size else 0
-            if top >= ds.codebook_size:
-                problems.append(
-                    f"shard {i}: {fmt} key {row.key!r} has token {top} >= codebook size {ds.codebook_size}"
-                )
-                break
+        if columns.tokens.size and int(columns.tokens.max()) >= ds.codebook_size:
+            top = columns.tokens.reshape(len(columns.keys), -1).max(axis=1)  # [R]
+            r = int(np.argmax(top >= ds.codebook_size))
+            problems.append(
+                f"shard {i}: {fmt} key {columns.keys[r]!r} has token {int(top[r])} >= codebook "
+                f"size {ds.codebook_size}"
+            )
     if len(read) == 2:
-        parquet, wds = read[schema.FORMAT_PARQUET], read[schema.FORMAT_WEBDATASET]
-        if list(parquet) != list(wds):
-            problems.append(f"shard {i}: Parquet and WebDataset keys differ (or differ in order)")
-        else:
-            for key, row in parquet.items():
-                other = wds[key]
-                if (
-                    row.label != other.label
-                    or row.views != other.views
-                    or row.image_sha256 != other.image_sha256
-                ):
-                    problems.append(
-                        f"shard {i}: key {key!r}: Parquet and WebDataset labels/views/image "
-                        "digests differ"
-                    )
-                    break
-                if not np.array_equal(row.tokens, other.tokens):
-                    problems.append(f"shard {i}: key {key!r}: Parquet and WebDataset tokens differ")
-                    break
+        key, what = read[schema.FORMAT_PARQUET].differences(read[schema.FORMAT_WEBDATASET])
+        if what:
+            at = f" at key {key!r}" if key is not None else ""
+            problems.append(f"shard {i}: Parquet and WebDataset differ{at}: {what}")
     return problems
 
 
@@ -209,6 +205,9 @@ def validate(
 ) -> list[str]:
     """Every problem of the token dataset at ``path``; an empty list means it is valid."""
     dataset = TokenDatasetDir(path)
+    wrong = dataset.not_a_dataset()
+    if wrong:  # a usage mistake (exit 2), not a problem of a dataset
+        raise MissingShards(f"{wrong} (see: pipeline validate --help)")
     try:
         manifest = dataset.manifest()
         if manifest is None:
@@ -258,11 +257,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: print the problems (or a one-line OK) and return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path, options = parse_args(argv, ("images", "shard_size", "checksum"))
+    checksum = options.get("checksum", "true").lower()
+    if checksum not in (*TRUE, *FALSE):
+        raise UserError(f"checksum={checksum!r}: pass checksum=true or checksum=false\n{USAGE}")
     problems = validate(
         path,
         images=options.get("images"),
         shard_size=int(options["shard_size"]) if "shard_size" in options else None,
-        checksum=options.get("checksum", "true").lower() not in ("0", "false", "no"),
+        checksum=checksum in TRUE,
     )
     for problem in problems:
         print(f"PROBLEM {problem}")

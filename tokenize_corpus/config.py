@@ -207,6 +207,12 @@ class ClusterConfig:
         return max(1, self.gpus_per_job)
 
     @property
+    def planned_workers(self) -> int:
+        """Dask workers the run expects: ``n_workers`` for a LocalCluster (and as the guess for
+        an existing scheduler or srun), ``jobs`` x workers per job for batch jobs."""
+        return self.jobs * self.workers_per_job if self.batch else self.n_workers
+
+    @property
     def torch_threads(self) -> int:
         """torch intra-op threads per worker (``threads_per_worker``, or its default)."""
         if self.threads_per_worker:

@@ -6,7 +6,7 @@ belongs to the current command:
 - the **job identity** (:func:`job_identity`): tokenizer fingerprint, augmentation, seeds,
   resolved precision, formats and schema version: everything that shapes a token. A receipt
   whose job identity differs from the current run's comes from another dataset; the driver
-  refuses to mix the two (README, "Resume, and what it refuses").
+  refuses to mix the two (docs/design.md §4, "Resume").
 - the **image shard's identity** (:func:`image_shard_identity`): its kind, its listing (for
   folder sources the keys, files and labels of the slice; for tar/Parquet files the file's size)
   and a checksum of its contents (sha256 of the file, or of the records read from a folder).

@@ -5,6 +5,7 @@ import json
 import pytest
 from support import token_datasets as helpers
 
+from engine.errors import UserError
 from shards import schema
 from shards.validate import image_alignment, main
 
@@ -86,7 +87,10 @@ def test_parquet_and_webdataset_disagree(dataset, capsys):
     rows[2].tokens[0] = (rows[2].tokens[0] + 1) % helpers.CODEBOOK
     _replace_parquet(dataset, rows)
     assert main([str(dataset)]) == 1
-    assert "key 'c0/img_0002': Parquet and WebDataset tokens differ" in capsys.readouterr().out
+    assert (
+        "shard 0: Parquet and WebDataset differ at key 'c0/img_0002': tokens"
+        in capsys.readouterr().out
+    )
 
 
 def test_row_count_differs(dataset, capsys):
@@ -94,7 +98,7 @@ def test_row_count_differs(dataset, capsys):
     assert main([str(dataset)]) == 1
     out = capsys.readouterr().out
     assert "shard 0: webdataset has 5 rows, its receipt says 4" in out
-    assert "keys differ" in out
+    assert "Parquet and WebDataset differ: keys (or their order)" in out
 
 
 def test_image_alignment_rules():
@@ -106,5 +110,9 @@ def test_image_alignment_rules():
 
 
 def test_unknown_option_is_refused(dataset):
-    with pytest.raises(SystemExit, match="unknown option"):
+    with pytest.raises(UserError, match="unknown option"):
         main([str(dataset), "imagez=x"])
+    with pytest.raises(UserError, match="shard_size='ten'"):
+        main([str(dataset), "shard_size=ten"])
+    with pytest.raises(UserError, match="checksum='maybe'"):
+        main([str(dataset), "checksum=maybe"])
