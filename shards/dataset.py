@@ -289,11 +289,27 @@ class TokenDatasetDir:
     # ---- manifest, card, config ----------------------------------------------------------------
 
     def manifest(self) -> dict | None:
-        """manifest.json, or None when the dataset is not complete."""
+        """manifest.json, or None when the dataset is not complete (or not a folder at all:
+        :meth:`not_a_dataset` says which)."""
         try:
             return self.read_json(schema.MANIFEST_NAME)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def not_a_dataset(self) -> str | None:
+        """Why this URL is no token dataset, finished or not (no such folder, a file, a folder
+        with neither a manifest, receipts nor a run's config); None when it is one."""
+        if not self.fs.exists(self.root):
+            return f"{self.url}: no such folder; pass the out_dir of a stage=tokenize run"
+        if not self.fs.isdir(self.root):
+            return f"{self.url} is a file; pass the folder stage=tokenize wrote (its out_dir)"
+        marks = (schema.MANIFEST_NAME, schema.RECEIPTS_DIR, CONFIG_NAME)
+        if not any(self.exists(name) for name in marks):
+            return (
+                f"{self.url} is not a token dataset (no {schema.MANIFEST_NAME}, no shard "
+                "receipts); pass the out_dir of a stage=tokenize run"
+            )
+        return None
 
     def withdraw_manifest(self) -> None:
         """Remove manifest.json: the dataset is incomplete until a run finishes it again."""

@@ -52,6 +52,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from shards.archives import _iter_parquet, _iter_tar, _parquet_keys, _tar_keys, split_member_name
+from shards.errors import ImageSourceError
 from shards.folders import _iter_folder, _scan_folder, image_key
 from shards.records import (
     IMAGE_EXTENSIONS,
@@ -87,15 +88,16 @@ def list_shards(
             each, whatever their size).
 
     Raises:
-        FileNotFoundError: nothing matches.
-        ValueError: a bad ``shard_size``, a mix of tar and parquet files, or a folder holding
-            several series of shards (``train-*`` and ``validation-*``: pass one as a pattern).
+        ImageSourceError: nothing matches, a path is missing, a file is neither a tar nor a
+            parquet file, a bad ``shard_size``, a mix of tar and parquet files, or a folder
+            holding several series of shards (``train-*`` and ``validation-*``: pass one as a
+            pattern). A user's mistake: the message names the path.
     """
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise ImageSourceError(f"shard_size must be >= 1, got {shard_size}")
     entries = _split_list(images)
     if not entries:
-        raise FileNotFoundError("images= is empty; pass a folder, tar shards or parquet files")
+        raise ImageSourceError("images= is empty; pass a folder, tar shards or parquet files")
     if len(entries) == 1:
         fs, root = fsspec.core.url_to_fs(entries[0])
         if not _has_magic(root) and fs.isdir(root):
@@ -106,12 +108,12 @@ def list_shards(
     kinds = {_file_kind(f) for f in files}
     if None in kinds:
         bad = next(f for f in files if _file_kind(f) is None)
-        raise ValueError(
+        raise ImageSourceError(
             f"{bad} is neither a tar ({', '.join(TAR_SUFFIXES)}) nor a parquet file; "
             "images= takes a folder, tar shards or parquet files"
         )
     if len(kinds) > 1:
-        raise ValueError(f"images= mixes tar and parquet files ({entries}); pass one kind")
+        raise ImageSourceError(f"images= mixes tar and parquet files ({entries}); pass one kind")
     kind = kinds.pop()
     return [ImageShard(index=i, url=f, kind=kind) for i, f in enumerate(files)]
 
@@ -201,14 +203,17 @@ def _expand(entry: str) -> list[str]:
         if _has_magic(path):
             matches = sorted(fs.glob(path))
             if not matches:
-                raise FileNotFoundError(f"no files match {url}")
+                raise ImageSourceError(f"no files match {url}")
             out.extend(_url(fs, m) for m in matches)
         elif fs.isdir(path):
-            out.extend(_url(fs, m) for m in _shard_files_in(fs, path))
+            found = _shard_files_in(fs, path)
+            if not found:
+                raise ImageSourceError(f"no tar or parquet files in {path}")
+            out.extend(_url(fs, m) for m in found)
         elif fs.exists(path):
             out.append(url)
         else:
-            raise FileNotFoundError(f"image source not found: {url}")
+            raise ImageSourceError(f"image source not found: {url} (no such file or folder)")
     return out
 
 
@@ -219,7 +224,7 @@ def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def _shard_files_in(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """The tars of a folder (from index.json when pack wrote one), else its parquet files at any
-    depth (the HF layout keeps them in ``data/``); one series of shards only."""
+    depth (the HF layout keeps them in ``data/``); one series of shards only; [] when none."""
     index = posixpath.join(path, "index.json")
     if fs.exists(index):
         with fs.open(index, "rb") as f:
@@ -230,12 +235,12 @@ def _shard_files_in(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     tars = [n for n in names if _file_kind(n) == "webdataset" and posixpath.dirname(n) == path]
     files = tars or [n for n in names if _file_kind(n) == "parquet"]
     if not files:
-        raise FileNotFoundError(f"no tar or parquet files in {path}")
+        return []
     series = sorted({_series(n) for n in files})
     if len(series) > 1:
         # e.g. train-*.parquet next to validation-*.parquet: mixing splits is never wanted
         example = posixpath.join(path, series[0] + "*")
-        raise ValueError(
+        raise ImageSourceError(
             f"{path} holds several series of shards ({', '.join(s + '*' for s in series)}); "
             f"pass one as a pattern, e.g. images={example}"
         )
@@ -259,12 +264,12 @@ def _list_folder(
     else:
         _, rows = _scan_folder(fs, root)
     if not rows:
-        try:  # tars at the top, or parquet at any depth (the HF layout root/data/*.parquet)
-            files = [_url(fs, f) for f in _shard_files_in(fs, root)]
-        except FileNotFoundError:
-            raise FileNotFoundError(
+        # tars at the top, or parquet at any depth (the HF layout root/data/*.parquet)
+        files = [_url(fs, f) for f in _shard_files_in(fs, root)]
+        if not files:
+            raise ImageSourceError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}), tars or parquet files under {url}"
-            ) from None
+            )
         return [ImageShard(index=i, url=f, kind=_file_kind(f)) for i, f in enumerate(files)]
     shards = []
     for i, start in enumerate(range(0, len(rows), shard_size)):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.config import StageConfig
+from engine.errors import ConfigError
 from engine.layout import DEMO, RUNS
 from shards.images import PACK_INDEX_FORMAT, image_key
 from shards.tarfiles import add_member
@@ -65,16 +66,21 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
     from shards.images import BadShard, iter_shard, list_classes, list_shards
 
     if not cfg.images:
-        raise ValueError(
+        raise ConfigError(
             "images= is required: pass a folder of images, tar shards or parquet files"
         )
     if cfg.shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {cfg.shard_size}")
+        raise ConfigError(f"shard_size={cfg.shard_size}: pass a number of images >= 1")
+    if not cfg.out_dir:
+        raise ConfigError("out_dir is empty; pass out_dir=<folder for the image shards>")
+    # every check before anything is written: a refused run leaves out_dir as it was
+    sources = list_shards(cfg.images, shard_size=cfg.shard_size)
     fs, out = fsspec.core.url_to_fs(cfg.out_dir)
+    if fs.exists(out) and not fs.isdir(out):
+        raise ConfigError(f"out_dir={cfg.out_dir} is a file; pass a folder for the image shards")
     fs.makedirs(out, exist_ok=True)
     _save_config(fs, out, cfg, save_config)
 
-    sources = list_shards(cfg.images, shard_size=cfg.shard_size)
     total = sum(len(s.keys) for s in sources) if sources[0].kind == "folder" else None
     writer = _ShardWriter(fs, out, cfg.shard_size)
     skipped: list[dict[str, str]] = []

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from shards.errors import ImageSourceError
 from shards.images import (
     BadShard,
     ImageRecord,
@@ -122,15 +123,20 @@ def test_symlinked_files_are_followed(tmp_path):
 
 
 def test_missing_source_and_bad_arguments(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ImageSourceError, match="nope"):
         list_shards(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ImageSourceError, match="no images"):
         list_shards(str(tmp_path))  # empty folder
-    with pytest.raises(ValueError, match="shard_size"):
+    with pytest.raises(ImageSourceError, match="no files match"):
+        list_shards(str(tmp_path / "shard-*.tar"))
+    with pytest.raises(ImageSourceError, match="shard_size"):
         list_shards(str(tmp_path), shard_size=0)
+    (tmp_path / "notes.txt").write_text("not images")
+    with pytest.raises(ImageSourceError, match="notes.txt is neither a tar"):
+        list_shards(str(tmp_path / "notes.txt"))
     (tmp_path / "a.tar").write_bytes(b"")
     (tmp_path / "b.parquet").write_bytes(b"")
-    with pytest.raises(ValueError, match="mixes"):
+    with pytest.raises(ImageSourceError, match="mixes"):
         list_shards([str(tmp_path / "a.tar"), str(tmp_path / "b.parquet")])
 
 
@@ -353,7 +359,7 @@ def test_a_folder_with_several_splits_must_be_narrowed(tmp_path):
     (tmp_path / "data").mkdir()
     for split in ["train", "validation"]:
         write_parquet(tmp_path / f"data/{split}-00000-of-00001.parquet", [(b"a", None, 0)])
-    with pytest.raises(ValueError, match=r"several series .*images=.*train-\*"):
+    with pytest.raises(ImageSourceError, match=r"several series .*images=.*train-\*"):
         list_shards(str(tmp_path))
     assert len(list_shards(str(tmp_path / "data/train-*.parquet"))) == 1
 
@@ -362,7 +368,7 @@ def test_a_folder_with_several_splits_must_be_narrowed(tmp_path):
     write_tar(wds / "imagenet1k-train-0000.tar", [("a.jpg", b"1")])
     write_tar(wds / "imagenet1k-train-0001.tar", [("b.jpg", b"2")])
     write_tar(wds / "imagenet1k-validation-00.tar", [("c.jpg", b"3")])
-    with pytest.raises(ValueError, match="several series"):
+    with pytest.raises(ImageSourceError, match="several series"):
         list_shards(wds)
     shards = list_shards(wds / "imagenet1k-train-{0000..0001}.tar")  # a Path is fine too
     assert [r.key for r in records(shards)] == ["a", "b"]

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from engine.errors import ConfigError
 from shards.decode import decode_image
+from shards.errors import ImageSourceError
 from shards.images import iter_shard, list_shards
 from shards.pack import PackConfig, image_extension, pack, wds_key
 
@@ -159,8 +161,11 @@ def test_stale_shards_from_a_bigger_pack_are_removed(folder, tmp_path):
 
 
 def test_missing_images_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="images= is required"):
+    with pytest.raises(ConfigError, match="images= is required"):
         pack(PackConfig(out_dir=str(tmp_path)))
+    with pytest.raises(ImageSourceError, match="missing"):
+        pack(PackConfig(images=str(tmp_path / "missing"), out_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_image_extension_sniffing():

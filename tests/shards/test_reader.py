@@ -6,7 +6,7 @@ from support import token_datasets as helpers
 
 from shards import schema
 from shards.dataset import TokenDatasetDir
-from shards.errors import MissingShards, TokenDatasetMismatch
+from shards.errors import CorruptTokenShard, MissingShards, TokenDatasetMismatch
 from shards.reader import open_token_dataset
 
 
@@ -70,5 +70,14 @@ def test_refuses_other_schema_version(tmp_path):
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(TokenDatasetMismatch, match=r"version 1, .*rerun stage 2"):
         open_token_dataset(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(FileNotFoundError, match="nothing: no such folder"):
         open_token_dataset(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingShards, match="empty is not a token dataset .no manifest.json"):
+        open_token_dataset(str(tmp_path / "empty"))
+    manifest_file.unlink()  # a run that did not finish: receipts, no manifest
+    with pytest.raises(MissingShards, match="no manifest.json in token dataset .*rerun"):
+        open_token_dataset(str(tmp_path))
+    manifest_file.write_text("{not json")
+    with pytest.raises(CorruptTokenShard, match="manifest.json is not valid JSON"):
+        open_token_dataset(str(tmp_path))
