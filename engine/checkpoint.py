@@ -86,6 +86,8 @@ def _read_bytes(path: str) -> bytes:
         raise CheckpointError(f"cannot open {path}: {err}") from None
     if not fs.exists(local):
         raise CheckpointNotFound(f"checkpoint not found at {path}; check the path (or URL)")
+    if fs.isdir(local):
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint file in it")
     with fs.open(local, "rb") as f:
         return f.read()
 

@@ -30,7 +30,7 @@ import torch
 from engine.config import StageConfig, save_config, to_dict
 from engine.device import resolve_device
 from engine.distributed import Distributed
-from engine.errors import UserError
+from engine.errors import ConfigError, UserError
 from engine.launch import launch_from_env
 from engine.metrics import MetricsWriter
 from engine.precision import resolve_precision
@@ -71,10 +71,27 @@ class Run(Generic[C]):
         self.ddp.close()
 
 
+def check_run_settings(cfg: StageConfig) -> None:
+    """The settings every training stage shares, checked before anything is written: an
+    ``out_dir`` that can be a folder, and a positive ``train.batch_size`` (and ``train.epochs``
+    or ``train.steps``, where the stage has them)."""
+    out_dir = str(cfg.out_dir)  # type: ignore[attr-defined]
+    if not out_dir:
+        raise ConfigError("out_dir is empty; pass out_dir=<folder for this run's outputs>")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"out_dir={out_dir} is a file; pass a folder for this run's outputs")
+    train = cfg.train  # type: ignore[attr-defined]
+    for key in ("batch_size", "epochs", "steps"):
+        value = getattr(train, key, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"train.{key}={value}: it must be at least 1")
+
+
 def start_run(cfg: C, *, data_parallel: bool = True) -> Run[C]:
     """Start a run of ``cfg`` (see the module docstring). ``data_parallel=False``: the stage runs
     in one process, and a launch of several ranks is refused before any work."""
     train = cfg.train  # type: ignore[attr-defined]
+    check_run_settings(cfg)
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(train, precision=precision))

@@ -86,3 +86,5 @@ def test_missing_and_junk_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth is not a readable torch checkpoint"):
         load_file(tmp_path / "junk.pth")
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder"):
+        load_file(tmp_path)
