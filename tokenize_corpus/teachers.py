@@ -163,9 +163,12 @@ def load_teacher(
     Fails within seconds, with a message saying what to do, for an unknown name, a missing
     weight file, or pretrained weights that are neither cached nor downloadable.
     """
+    if input_size < 0:
+        raise TeacherError(f"teacher.input_size={input_size}: pass a size in pixels, or 0")
     if weights is not None and weights != "" and not Path(weights).is_file():
+        what = "is a folder, not a file" if Path(weights).is_dir() else "not found"
         raise TeacherError(
-            f"teacher weights not found at {weights!r}; pass teacher.weights=<local file> "
+            f"teacher weights {what}: {weights!r}; pass teacher.weights=<local file> "
             "(a state dict saved with torch.save) or leave it empty to use the library's weights"
         )
     weights = weights or None

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from engine.checkpoint import load_file
 from engine.config import to_dict
 from engine.distributed import Distributed
-from engine.errors import UserError
+from engine.errors import ConfigError, UserError
 from engine.guards import check_finite
 from engine.metrics import METRICS, MetricsWriter
 from engine.optim import adamw, param_groups, set_lr
@@ -112,6 +112,13 @@ def fit(cfg: VQKDConfig) -> tuple[dict[str, Any], VQKD]:
     """Run the training loop; returns the summary and the trained (unwrapped) model."""
     if not cfg.images:
         raise UserError("images is empty; pass images=<folder, tar shards or parquet files>")
+    scale = cfg.train.crop_scale
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+        raise ConfigError(f"train.crop_scale={list(scale)}: pass [min, max] with 0 < min <= max")
+    # the image sources are listed before the run starts (no out_dir yet, no teacher built)
+    list_shards(cfg.images)
+    if cfg.eval.images:
+        list_shards(cfg.eval.images)
     start_time = time.perf_counter()
     with start_run(cfg) as run:
         loop, start_epoch = _start(run)
@@ -133,7 +140,10 @@ def _start(run: Run[VQKDConfig]) -> tuple[Loop, int]:
         cfg.teacher.name, cfg.teacher.weights or None, (side, side), cfg.teacher.input_size
     ).to(device)
     mcfg = model_config(cfg, teacher.dim)
-    model = VQKD(mcfg, all_reduce=ddp.all_reduce, rank=ddp.rank).to(device)
+    try:
+        model = VQKD(mcfg, all_reduce=ddp.all_reduce, rank=ddp.rank).to(device)
+    except ValueError as err:  # a shape the model cannot have: the config's mistake
+        raise ConfigError(f"model.*: {err}") from None
     num_images = count_images(list_shards(cfg.images))
     if num_images == 0:
         raise UserError(f"no images found in {cfg.images!r}")
