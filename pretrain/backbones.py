@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from engine.errors import ConfigError
 from pretrain.checkpoints import (  # noqa: F401  (re-exported: one import for callers)
     PRETRAIN_ONLY,
     REBUILT_BUFFERS,
@@ -118,13 +119,16 @@ def random_beitv2(spec: RandomSpec) -> tuple[BEiTv2, BEiTConfig]:
     overrides = {
         k: v for k, v in (("width", spec.width), ("depth", spec.depth), ("heads", spec.heads)) if v
     }
-    cfg = beit_config(
-        spec.size,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        use_cls_head=False,
-        **overrides,
-    )
+    try:
+        cfg = beit_config(
+            spec.size,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            use_cls_head=False,
+            **overrides,
+        )
+    except ValueError as err:  # a shape the model cannot have: the config's mistake
+        raise ConfigError(f"random_init.*: {err}") from None
     torch.manual_seed(spec.seed)
     return BEiTv2(cfg), cfg
 
@@ -143,12 +147,20 @@ def timm_state_dict(backbone: str, random_init: RandomSpec) -> dict[str, torch.T
 
 
 def _existing(path: str) -> str:
-    if "://" not in path and not Path(path).is_file():
+    if "://" not in path and not (path and Path(path).is_file()):
+        what = "is a folder, not a file" if path and Path(path).is_dir() else "not found"
         raise BackboneNotFound(
-            f"backbone {path!r} not found; pass backbone=<pretrain checkpoint or exported "
+            f"backbone {path!r} {what}; pass backbone=<pretrain checkpoint or exported "
             "file>, backbone=random or backbone=teacher:<name>"
         )
     return path
+
+
+def check_backbone(spec: str) -> None:
+    """Refuse a ``backbone=`` that names no file (before a run starts; the file is read later).
+    ``random`` and ``teacher:<name>`` pass."""
+    if spec != "random" and not spec.startswith("teacher:"):
+        _existing(spec)
 
 
 # ---- frozen feature extractors (linear probe) -----------------------------------------------

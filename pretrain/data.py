@@ -43,7 +43,7 @@ from pretrain.masking import block_mask
 from pretrain.matching import ShardInfo, ShardPlan, plan_shards
 from shards.decode import decode_image
 from shards.errors import TokenDatasetMismatch
-from shards.images import ImageShard, iter_shard, list_shards
+from shards.images import BadShard, ImageRecord, ImageShard, iter_shard, list_shards
 from shards.reader import TokenDataset
 from shards.verify import check_image_digest, preflight
 from shards.views import (
@@ -57,7 +57,7 @@ from shards.views import (
 )
 from shards.writer import TokenRow
 
-__all__ = ["MIMDataset", "PretrainDataError", "ShardInfo", "check_token_dataset", "stable_hash"]
+__all__ = ["MIMDataset", "ShardInfo", "check_token_dataset", "stable_hash"]
 
 # Token shards a loader worker keeps decoded (matching by key reads a token shard for every image
 # shard whose rows live in it; neighbouring image shards usually share one).
@@ -155,6 +155,18 @@ def check_token_dataset(
     if verify:
         preflight(tokens)
     return plan_shards(tokens, image_shards, match)
+
+
+def _read_to_the_end(shard: ImageShard) -> Iterator[ImageRecord]:
+    """The records of an image shard; one that breaks off is refused (its images are not the
+    ones stage 2 read whole)."""
+    try:
+        yield from iter_shard(shard)
+    except BadShard as err:
+        raise PretrainDataError(
+            f"{shard.url} cannot be read to the end ({err}): restore the image shard stage 2 "
+            "tokenized, or repack the images and tokenize them again"
+        ) from None
 
 
 class MIMDataset(IterableDataset):
@@ -311,7 +323,7 @@ class MIMDataset(IterableDataset):
                 rows.update(found)
                 where.update(dict.fromkeys(found, t))
             seen = 0
-            for record in iter_shard(shard):
+            for record in _read_to_the_end(shard):
                 row = rows.get(record.key)
                 if row is None or record.error is not None:
                     unknown = record.error is None and record.key not in info.skipped

@@ -16,9 +16,24 @@ import torch
 from PIL import Image
 
 from engine.checkpoint import write_bytes_atomic
+from engine.errors import UserError
+from pretrain.backbones import check_backbone
+from pretrain.eval_config import FinetuneConfig, LinprobeConfig
+from shards.images import list_shards
 from shards.views import AugConfig, render_view, sample_view
 
 RESULTS = "results.json"
+
+
+def check_inputs(cfg: LinprobeConfig | FinetuneConfig) -> None:
+    """The backbone and image sources of a probe or fine-tuning run, checked before it starts
+    (nothing written, no feature extracted: a mistyped images_val= is found at once)."""
+    if not cfg.images:
+        raise UserError("no labelled images given; pass images=<folder, shards or parquet>")
+    check_backbone(cfg.backbone)
+    for images in (cfg.images, cfg.images_val):
+        if images:
+            list_shards(images, shard_size=cfg.shard_size)
 
 
 def eval_views(image: Image.Image, key: str, size: int) -> torch.Tensor:

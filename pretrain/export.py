@@ -211,7 +211,7 @@ def main(argv: list[str]) -> int:
     try:
         summary = export_backbone(checkpoint, out)
     except UserError as err:  # a wrong path or a file that is not a checkpoint: exit 2
-        print(f"export failed: {err}", file=sys.stderr)
+        print(f"export of {checkpoint} failed: {err}", file=sys.stderr)
         return 2
     print(f"wrote {summary['path']}\nload it with:\n{summary['command']}")
     return 0

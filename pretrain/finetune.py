@@ -35,7 +35,7 @@ from torchvision.transforms import RandAugment
 from tqdm import tqdm
 
 from engine.checkpoint import save_atomic
-from engine.errors import UserError
+from engine.errors import ConfigError, UserError
 from engine.guards import check_finite
 from engine.optim import set_lr
 from engine.precision import autocast
@@ -43,10 +43,18 @@ from engine.schedule import Schedule
 from engine.start import Run, start_run
 from pretrain.backbones import build_timm_beit, timm_state_dict
 from pretrain.checkpoints import infer_beit_shape
+from pretrain.errors import BackboneError
 from pretrain.eval_config import FinetuneConfig, FinetuneTrain
-from pretrain.evaluation import eval_views, key_in_val, topk_hits, topk_scores, write_results
-from shards.decode import decode_image
-from shards.images import iter_shard, list_shards
+from pretrain.evaluation import (
+    check_inputs,
+    eval_views,
+    key_in_val,
+    topk_hits,
+    topk_scores,
+    write_results,
+)
+from shards.decode import BadImage, decode_image
+from shards.images import BadShard, iter_shard, list_shards
 from shards.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -85,7 +93,7 @@ def build_model(state: dict, num_classes: int, drop_path: float) -> torch.nn.Mod
     fresh = ("head.", "fc_norm.")
     missing = [k for k in missing if not k.startswith(fresh) and "relative_position_index" not in k]
     if missing or unexpected:
-        raise ValueError(
+        raise BackboneError(
             f"backbone does not fit {shape}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model
@@ -138,15 +146,26 @@ class Loop:
 
 
 def _records(images: str, shard_size: int) -> list[Record]:
-    out = []
+    """The labelled images of ``images`` that decode (each is decoded once here, so a bad one
+    is skipped and counted rather than failing a DataLoader worker mid-epoch)."""
+    out, bad = [], 0
     for shard in list_shards(images, shard_size=shard_size):
-        out.extend(
-            (r.key, r.data, r.label) for r in iter_shard(shard) if not r.error and r.label >= 0
-        )
+        try:
+            for r in iter_shard(shard):
+                if r.error or r.label < 0:
+                    continue
+                try:
+                    decode_image(r.data)
+                except BadImage:
+                    bad += 1
+                    continue
+                out.append((r.key, r.data, r.label))
+        except BadShard as err:  # the records read before the damage are kept
+            log.warning("%s: %s; the rest of this shard is skipped", shard.url, err)
+    if bad:
+        log.warning("%s: %d image(s) that do not decode are skipped", images, bad)
     if not out:
-        raise ValueError(
-            f"no labelled images in {images!r}; give an ImageFolder or labelled shards"
-        )
+        raise UserError(f"no labelled images in {images!r}; give an ImageFolder or labelled shards")
     return out
 
 
@@ -234,8 +253,10 @@ def _train_epoch(loop: Loop, epoch: int) -> float:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune ``cfg.backbone`` on ``cfg.images``; returns the final accuracies."""
-    if not cfg.images:
-        raise UserError("no labelled images given; pass images=<folder, shards or parquet>")
+    scale = cfg.crop_scale
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+        raise ConfigError(f"crop_scale={list(scale)}: pass [min, max] with 0 < min <= max")
+    check_inputs(cfg)
     start = time.perf_counter()
     with start_run(cfg, data_parallel=False) as run:
         return _fit(run, start)

@@ -50,9 +50,16 @@ from engine.schedule import Schedule, scaled_lr
 from engine.start import Run, start_run
 from pretrain.backbones import Backbone, load_backbone
 from pretrain.eval_config import LinprobeConfig, ProbeTrain, RandomInit
-from pretrain.evaluation import eval_views, key_in_val, topk_hits, topk_scores, write_results
+from pretrain.evaluation import (
+    check_inputs,
+    eval_views,
+    key_in_val,
+    topk_hits,
+    topk_scores,
+    write_results,
+)
 from shards.decode import BadImage, decode_image
-from shards.images import iter_shard, list_shards
+from shards.images import BadShard, iter_shard, list_shards
 from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 
 __all__ = ["LinprobeConfig", "ProbeTrain", "RandomInit", "linprobe", "train_probe"]
@@ -115,26 +122,30 @@ def extract_features(
     total = sum(len(shard.keys) for shard in shards) or None  # folders know their keys
     bar = tqdm(desc="features", unit="img", total=total, disable=None)
     for shard in shards:
-        for rec in iter_shard(shard):
-            if rec.error or rec.label < 0:
-                skipped.append((rec.key, rec.error or "no label"))
-                continue
-            try:
-                image = decode_image(rec.data)
-            except BadImage as err:
-                skipped.append((rec.key, str(err)))
-                continue
-            batch.append(eval_views(image, rec.key, backbone.image_size))
-            keys.append(rec.key)
-            labels.append(rec.label)
-            bar.update(1)
-            if len(batch) == batch_size:
-                flush()
+        try:
+            for rec in iter_shard(shard):
+                if rec.error or rec.label < 0:
+                    skipped.append((rec.key, rec.error or "no label"))
+                    continue
+                try:
+                    image = decode_image(rec.data)
+                except BadImage as err:
+                    skipped.append((rec.key, str(err)))
+                    continue
+                batch.append(eval_views(image, rec.key, backbone.image_size))
+                keys.append(rec.key)
+                labels.append(rec.label)
+                bar.update(1)
+                if len(batch) == batch_size:
+                    flush()
+        except BadShard as err:  # the records read before the damage are kept
+            log.warning("%s: %s; the rest of this shard is skipped", shard.url, err)
+            skipped.append((shard.url, f"unreadable shard: {err}"))
     if batch:
         flush()
     bar.close()
     if not keys:
-        raise ValueError(
+        raise UserError(
             f"no labelled images in {images!r} ({len(skipped)} skipped); give an ImageFolder "
             "(class/xxx.jpg), WebDataset shards with .cls or Parquet with a label column"
         )
@@ -230,8 +241,7 @@ def train_probe(
 
 def linprobe(cfg: LinprobeConfig) -> dict:
     """Run the linear probe described by ``cfg``; writes results.json and returns it."""
-    if not cfg.images:
-        raise UserError("no labelled images given; pass images=<folder, shards or parquet>")
+    check_inputs(cfg)
     start = time.perf_counter()
     with start_run(cfg, data_parallel=False) as run:
         return _probe(run, start)

@@ -25,7 +25,7 @@ import torch
 from engine.checkpoint import load_file, save_atomic
 from engine.config import to_dict
 from engine.distributed import Distributed
-from engine.errors import UserError
+from engine.errors import ConfigError, UserError
 from engine.metrics import METRICS
 from engine.optim import adamw, param_groups
 from engine.plots import Panel, plot_metrics
@@ -69,7 +69,10 @@ def model_config(cfg: PretrainConfig, tokens: TokenDataset | None = None) -> BEi
             overrides.setdefault("image_size", int(described["image_size"]))
         if described.get("patch_size"):
             overrides.setdefault("patch_size", int(described["patch_size"]))
-    return beit_config(cfg.model.size, **overrides)
+    try:
+        return beit_config(cfg.model.size, **overrides)
+    except ValueError as err:  # a shape the model cannot have: the config's mistake
+        raise ConfigError(f"model.*: {err}") from None
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
@@ -87,8 +90,9 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Stage 3: pretrain BEiT v2 (see module docstring); returns paths and final accuracies."""
+    tokens = _open_tokens(cfg)  # before the run starts: a wrong tokens= writes nothing
     with start_run(cfg) as run:
-        loop = _start(run)
+        loop = _start(run, tokens)
         t, ddp = loop.cfg.train, loop.ddp
         last: dict[str, float] = {"mim_acc": float("nan"), "head_acc": float("nan")}
         for epoch in range(loop.start_epoch, t.epochs):
@@ -100,14 +104,19 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         return _finish(loop, last)
 
 
-def _start(run: Run[PretrainConfig]) -> Loop:
-    """Everything the loop needs: data, model, optimiser, targets, metrics; resumed if asked."""
-    cfg, device, ddp, out = run.cfg, run.device, run.ddp, run.out
+def _open_tokens(cfg: PretrainConfig) -> TokenDataset:
+    """The token dataset (or its token set) of ``tokens=``/``token_set=``."""
     if not cfg.tokens:
         raise UserError("tokens= is not set: pass the token dataset written by stage=tokenize")
     tokens = resolve(cfg.tokens, cfg.token_set).open()
     if cfg.token_set:
         log.info("token set %s: %s", cfg.token_set, tokens.path)
+    return tokens
+
+
+def _start(run: Run[PretrainConfig], tokens: TokenDataset) -> Loop:
+    """Everything the loop needs: data, model, optimiser, targets, metrics; resumed if asked."""
+    cfg, device, ddp, out = run.cfg, run.device, run.ddp, run.out
     mcfg = model_config(cfg, tokens)
     per_rank_batch, rest = divmod(cfg.train.batch_size, ddp.world_size)
     if rest or per_rank_batch < 1:
@@ -183,13 +192,19 @@ def _dataset(
             "images= is not set and the token manifest names no image source: pass the image "
             "shards that stage 2 tokenized"
         )
+    num_masked = cfg.mask.num_masked or num_masked_for(mcfg.grid)
+    if not 0 < num_masked <= mcfg.num_patches:
+        raise ConfigError(
+            f"mask.num_masked={num_masked}: mask 1 to {mcfg.num_patches} patches of the "
+            f"{mcfg.grid[0]}x{mcfg.grid[1]} grid (null: about 40%)"
+        )
     return MIMDataset(
         images,
         tokens,
         vocab_size=mcfg.vocab_size,
         grid=mcfg.grid,
         image_size=mcfg.image_size,
-        num_masked=cfg.mask.num_masked or num_masked_for(mcfg.grid),
+        num_masked=num_masked,
         min_patches=cfg.mask.min_patches,
         run_seed=cfg.train.seed,
         shard_size=cfg.shard_size or int(images_info.get("shard_size") or 256),

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from engine.errors import UserError
 from pretrain.data import MIMDataset
+from pretrain.errors import PretrainDataError
 from shards import schema
 from shards.errors import CorruptTokenShard, ImageDigestMismatch, TokenDatasetMismatch
 from shards.pack import PackConfig, pack
@@ -79,6 +80,18 @@ def test_mirrored_images_are_refused_by_validate_and_stage3(corpus: dict, tmp_pa
         text = str(err.value)
         assert "Traceback" not in text and "DataLoader worker" not in text  # the plain message
         assert "img_0" in text and "shard-00000" in text and "tokenize" in text
+
+
+def test_a_truncated_image_shard_is_refused_by_name(corpus: dict, tmp_path: Path) -> None:
+    """A tar that breaks off is not the shard stage 2 read: a plain message, no worker trace."""
+    packed = tmp_path / "packed"
+    pack(PackConfig(images=corpus["images"], out_dir=str(packed), shard_size=SHARD_SIZE))
+    tar = packed / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    ds = dataset(str(packed / "shard-*.tar"), corpus["tokens"], match="aligned")
+    with pytest.raises(PretrainDataError, match="shard-000001.tar cannot be read") as err:
+        epoch_samples(ds, workers=1)
+    assert "Traceback" not in str(err.value) and isinstance(err.value, UserError)
 
 
 def test_edited_manifest_fingerprint_is_refused(corpus: dict, tmp_path: Path) -> None:

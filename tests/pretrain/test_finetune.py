@@ -1,6 +1,7 @@
 """Fine-tuning: layer-wise lr decay, the shared table copied into every block, accuracy per epoch."""
 
 import json
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -75,3 +76,14 @@ def test_layer_decay_groups(tmp_path):
     scales = sorted({round(g["lr_scale"], 6) for g in opt.param_groups})
     # depth 2: embeddings 0.65^3, block 0 0.65^2, block 1 0.65, head 1
     assert scales == [round(0.65**k, 6) for k in (3, 2, 1, 0)]
+
+
+def test_images_that_do_not_decode_are_skipped_not_fatal(tmp_path, corpus):
+    images = tmp_path / "images"
+    shutil.copytree(corpus, images)
+    first = sorted(p for p in images.rglob("*") if p.is_file())[0]
+    first.write_bytes(b"not an image")
+    records = ft._records(str(images), shard_size=8)
+    assert len(records) == 31 and first.stem not in {
+        key.rsplit("/", 1)[-1] for key, _, _ in records
+    }
