@@ -115,13 +115,7 @@ def run_tool(tool: Tool, argv: list[str]) -> int:
     # absolute paths, so whatever the tool prints can be pasted from any directory
     args = [_absolute_arg(a) for a in argv]
     log.info("%s: %s", tool.name, " ".join(args))
-    try:
-        code = int(tool.function()(args) or 0)
-    except SystemExit as stop:  # a tool's own usage error
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-            return 2
-        return int(stop.code or 0)
+    code = int(tool.function()(args) or 0)  # a usage mistake is a UserError, as everywhere
     follow = guide.after_tool(tool.name, args, code)
     if follow:
         print(follow)
@@ -142,6 +136,8 @@ def dispatch(argv: list[str]) -> int:
         if any(a in HELP for a in rest):
             print("usage: pipeline stages\n\nlists the stages of `pipeline run stage=<name>`")
             return 0
+        if rest:
+            raise UserError(f"pipeline stages takes no arguments, got {' '.join(rest)!r}")
         for stage in STAGES.values():
             print(f"{stage.name:<10} {stage.help}")
         return 0

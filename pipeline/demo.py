@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.config import StageConfig
+from engine.errors import ConfigError, UserError
 from engine.layout import DEMO, RunLayout, imagenet_sample_dir
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class _Runner:
         self.out = out
         self.stages: dict[str, dict[str, Any]] = {}
         self.failed = False
+        self.refused = False  # a stage refused its input (a UserError): the run exits 2
 
     def overrides(self, stage: str, wiring: dict[str, Any], extra: tuple[str, ...]) -> dict:
         from engine.config import merge, parse_overrides
@@ -122,7 +124,9 @@ class _Runner:
             cfg = build_stage_config(stage, dict(overrides))
             summary = get_stage(stage).run_fn()(cfg) or {}
         except Exception as err:  # noqa: BLE001 - record, then write the report anyway
-            log.error("stage %s failed: %s\n%s", name, err, traceback.format_exc())
+            user = isinstance(err, UserError)  # a message says what to fix: no traceback
+            log.error("stage %s failed: %s%s", name, err, "" if user else traceback.format_exc())
+            self.refused = self.refused or user
             self.stages[name] = {
                 "status": f"failed: {type(err).__name__}: {err}",
                 "seconds": round(time.perf_counter() - start, 1),
@@ -158,12 +162,10 @@ def run_all(cfg: AllConfig) -> dict:
     # absolute, so every command in the summary can be pasted from any directory
     out = Path(cfg.out_dir).resolve()
     layout = RunLayout(str(out))
+    runner = _Runner(cfg, out)
+    _preflight(cfg, runner)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
-    if unknown:
-        raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGE_ORDER)}")
-    runner = _Runner(cfg, out)
     want = set(cfg.stages)
 
     images = os.path.abspath(cfg.images) if cfg.images and "://" not in cfg.images else cfg.images
@@ -263,8 +265,45 @@ def run_all(cfg: AllConfig) -> dict:
         "commands": {k: v.get("command") for k, v in runner.stages.items() if v.get("command")},
         "stages": {k: v["status"] for k, v in runner.stages.items()},
         "seconds": summary["seconds"],
-        "exit_code": 1 if runner.failed else 0,
+        "exit_code": 2 if runner.refused else 1 if runner.failed else 0,
     }
+
+
+def _preflight(cfg: AllConfig, runner: _Runner) -> None:
+    """The mistakes found before any stage runs (a ConfigError, nothing written): unknown
+    stages, an image source that cannot be listed, per-stage overrides a stage refuses."""
+    from pipeline.cli import build_stage_config
+    from shards.images import list_shards
+
+    unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
+    if unknown:
+        choices = ", ".join(STAGE_ORDER)
+        raise ConfigError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {choices}")
+    if cfg.out_dir == "" or (Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir()):
+        raise ConfigError(f"out_dir={cfg.out_dir!r}: pass a folder for the run's stages")
+    if cfg.images is not None:
+        if not cfg.images:
+            raise ConfigError(
+                "images= is empty: leave it out for the demo corpus, or pass labelled images"
+            )
+        list_shards(cfg.images, cfg.shard_size)
+    elif cfg.corpus_images < 1 or cfg.corpus_size < 1:
+        raise ConfigError(
+            f"corpus_images={cfg.corpus_images}, corpus_size={cfg.corpus_size}: the demo corpus "
+            "needs at least one image of at least one pixel"
+        )
+    extras = {
+        "vqkd": cfg.vqkd,
+        "tokenize": cfg.tokenize,
+        "pretrain": cfg.pretrain,
+        "linprobe": cfg.linprobe,
+    }
+    for stage, extra in extras.items():
+        if extra:
+            try:
+                build_stage_config(stage, runner.overrides(stage, {}, extra))
+            except ConfigError as err:
+                raise ConfigError(f"{stage}=[{','.join(extra)}]: {err}") from None
 
 
 def _validate(runner: _Runner, tokens: str, shard_glob: str) -> None:
