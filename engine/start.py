@@ -73,8 +73,9 @@ class Run(Generic[C]):
 
 def check_run_settings(cfg: StageConfig) -> None:
     """The settings every training stage shares, checked before anything is written: an
-    ``out_dir`` that can be a folder, and a positive ``train.batch_size`` (and ``train.epochs``
-    or ``train.steps``, where the stage has them)."""
+    ``out_dir`` that can be a folder, a positive ``train.batch_size`` (and ``train.epochs`` or
+    ``train.steps``, where the stage has them) and a ``train.warmup_epochs`` that is not
+    negative."""
     out_dir = str(cfg.out_dir)  # type: ignore[attr-defined]
     if not out_dir:
         raise ConfigError("out_dir is empty; pass out_dir=<folder for this run's outputs>")
@@ -85,6 +86,9 @@ def check_run_settings(cfg: StageConfig) -> None:
         value = getattr(train, key, None)
         if value is not None and value < 1:
             raise ConfigError(f"train.{key}={value}: it must be at least 1")
+    warmup = getattr(train, "warmup_epochs", None)
+    if warmup is not None and warmup < 0:
+        raise ConfigError(f"train.warmup_epochs={warmup}: it must be 0 or more")
 
 
 def start_run(cfg: C, *, data_parallel: bool = True) -> Run[C]:

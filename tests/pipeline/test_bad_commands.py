@@ -102,6 +102,8 @@ ROWS = [
      "out_dir=<out>/v6", ["<missing>"]),
     ("vqkd-crop-scale-reversed", "run stage=vqkd preset=demo images=<shards> "
      "train.crop_scale=[1.0,0.2] out_dir=<out>/v8", ["train.crop_scale"]),
+    ("vqkd-warmup-negative", "run stage=vqkd preset=demo images=<shards> "
+     "train.warmup_epochs=-0.5 out_dir=<out>/v10", ["train.warmup_epochs"]),
     ("vqkd-teacher-input-size-negative", "run stage=vqkd preset=demo images=<shards> "
      "teacher.input_size=-5 out_dir=<out>/v9", ["teacher.input_size"]),
     ("vqkd-patch-not-tiling", "run stage=vqkd preset=demo images=<shards> model.patch_size=7 "
@@ -167,6 +169,8 @@ ROWS = [
      "tokens=<stage3_tokens> targets=online tokenizer=<tokenizer> train.batch_size=4 "
      "out_dir=<out>/r12", ["tokenizer"]),
     ("pretrain-epochs-a-word", "run stage=pretrain preset=demo train.epochs=ten", ["train.epochs"]),
+    ("pretrain-warmup-negative", "run stage=pretrain preset=demo tokens=<stage3_tokens> "
+     "train.warmup_epochs=-1 train.batch_size=4 out_dir=<out>/r13", ["train.warmup_epochs"]),
     ("pretrain-online-tokenizer-a-folder", "run stage=pretrain preset=demo tokens=<tokens> "
      "targets=online tokenizer=<folder> out_dir=<out>/r7", ["<folder>"]),
     # --- stage=linprobe / finetune
@@ -198,6 +202,8 @@ ROWS = [
      "out_dir=<out>/f4", ["no labelled images", "<unlabelled>"]),
     ("finetune-crop-scale-reversed", "run stage=finetune preset=demo images=<shards> "
      "crop_scale=[1.0,0.2] out_dir=<out>/f5", ["crop_scale"]),
+    ("finetune-warmup-negative", "run stage=finetune preset=demo images=<shards> "
+     "train.warmup_epochs=-1 out_dir=<out>/f6", ["train.warmup_epochs"]),
     ("finetune-epochs-a-word", "run stage=finetune train.epochs=ten", ["train.epochs"]),
     # --- stage=all
     ("all-unknown-stage", "run stage=all stages=[pack,nope] out_dir=<out>/a1", ["nope"]),
