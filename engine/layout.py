@@ -102,15 +102,6 @@ class RunLayout:
     def summary(self) -> str:
         return self._join("summary.json")
 
-    def stage_dir(self, stage: str) -> str:
-        """The folder of ``stage`` (one of :data:`STAGE_FOLDERS`)."""
-        if stage not in STAGE_FOLDERS:
-            raise KeyError(f"no folder for stage {stage!r}; stages: {', '.join(STAGE_FOLDERS)}")
-        return self._join(stage)
-
-
-# Stage folders in pipeline order (each is also the stage's name).
-STAGE_FOLDERS = ("corpus", "pack", "vqkd", "tokenize", "pretrain", "linprobe", "finetune")
 
 # Defaults of single-stage runs (``runs/<stage>``) and of the demo (``runs/demo/<stage>``).
 RUNS = RunLayout("runs")

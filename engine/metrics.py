@@ -87,10 +87,6 @@ class MetricsWriter:
         if spec.wandb:
             self._wandb = _start_wandb(spec.wandb, Path(out_dir), config or {})
 
-    @property
-    def tensorboard_dir(self) -> Path | None:
-        return Path(self._tb.log_dir) if self._tb is not None else None
-
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (needs ``kind`` and ``step``) and mirror its numbers."""
         if not self.enabled:
@@ -127,7 +123,7 @@ class MetricsWriter:
     def __enter__(self) -> MetricsWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.close()
 
 

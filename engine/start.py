@@ -67,7 +67,7 @@ class Run(Generic[C]):
     def __enter__(self) -> Run[C]:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.ddp.close()
 
 

@@ -157,7 +157,7 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def _interrupt(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 

@@ -236,7 +236,7 @@ def run_all(cfg: AllConfig) -> dict:
     if "report" in want:
         t0 = time.perf_counter()
         _write_summary(out, runner, start)
-        from pipeline.report import write_report
+        from pipeline.report.command import write_report
 
         try:
             report = str(write_report(out))
@@ -254,7 +254,7 @@ def run_all(cfg: AllConfig) -> dict:
     summary = _write_summary(out, runner, start)
     if report:
         # rewrite once more so the page's timing table includes the report itself
-        from pipeline.report import write_report
+        from pipeline.report.command import write_report
 
         write_report(out)
     return {

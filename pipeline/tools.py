@@ -101,7 +101,7 @@ TOOLS: dict[str, Tool] = {
         ),
         Tool(
             "report",
-            "pipeline.report:main",
+            "pipeline.report.command:main",
             "write an HTML report of one or several run directories of any stage",
             "<run dir> [<run dir> ...] [out=<dir>]",
             (

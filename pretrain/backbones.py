@@ -18,17 +18,13 @@ import torch
 from torch import nn
 
 from engine.errors import ConfigError
-from pretrain.checkpoints import (  # noqa: F401  (re-exported: one import for callers)
-    PRETRAIN_ONLY,
+from pretrain.checkpoints import (
     REBUILT_BUFFERS,
     SHARED_TABLE,
-    WRAPPER_PREFIXES,
-    _per_block_tables,
     checkpoint_filter_fn,
-    config_from_dict,
-    config_from_state_dict,
     infer_beit_shape,
     load_beitv2,
+    per_block_tables,
     read_checkpoint,
     split_checkpoint,
     state_dict_of,
@@ -62,7 +58,7 @@ def backbone_state_dict(
             f"({cfg}): {', '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}"
         )
     cpu = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    return _per_block_tables(cpu, cfg.depth)
+    return per_block_tables(cpu, cfg.depth)
 
 
 # ---- building models ------------------------------------------------------------------------
@@ -103,7 +99,7 @@ def build_timm_beit(
 
 
 class RandomSpec(Protocol):
-    """The ``backbone=random`` settings (``pretrain.linprobe.RandomInit``)."""
+    """The ``backbone=random`` settings (``pretrain.eval_config.RandomInit``)."""
 
     size: str
     image_size: int

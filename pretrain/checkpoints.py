@@ -234,7 +234,9 @@ def split_checkpoint(
 # ---- the filter -----------------------------------------------------------------------------
 
 
-def _per_block_tables(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+def per_block_tables(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """timm's layout of ``state``: the shared table copied into each of ``depth`` blocks, the
+    pretraining-only parts dropped."""
     table = state[SHARED_TABLE]
     out = {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY)}
     for i in range(depth):
@@ -265,7 +267,7 @@ def checkpoint_filter_fn(
         return state
     per_block = getattr(model, "rel_pos_bias", None) is None
     if SHARED_TABLE in state and per_block:
-        return _per_block_tables(state, len(model.blocks))
+        return per_block_tables(state, len(model.blocks))
     keep_shared = (SHARED_TABLE,) if not per_block else ()
     return {
         k: v

@@ -40,11 +40,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pretrain.errors import PretrainDataError
 from pretrain.masking import block_mask
-from pretrain.matching import ShardInfo, ShardPlan, plan_shards
+from pretrain.matching import ShardPlan, plan_shards
 from shards.decode import decode_image
 from shards.errors import TokenDatasetMismatch
-from shards.images import BadShard, ImageRecord, ImageShard, iter_shard, list_shards
+from shards.images import iter_shard, list_shards
 from shards.reader import TokenDataset
+from shards.records import BadShard, ImageRecord, ImageShard
 from shards.verify import check_image_digest, preflight
 from shards.views import (
     IMAGENET_MEAN,
@@ -56,8 +57,6 @@ from shards.views import (
     to_unit,
 )
 from shards.writer import TokenRow
-
-__all__ = ["MIMDataset", "ShardInfo", "check_token_dataset", "stable_hash"]
 
 # Token shards a loader worker keeps decoded (matching by key reads a token shard for every image
 # shard whose rows live in it; neighbouring image shards usually share one).

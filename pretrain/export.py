@@ -29,12 +29,12 @@ Loading it (``timm_kwargs(cfg, file)`` returns these arguments)::
 ``BEiTv2.forward_features(x)`` with max abs difference <= 1e-5 (fp32, eval mode).
 
 A sidecar ``<file>.json`` records the backbone's own name (real size and resolution, e.g.
-``beitv2_tiny_patch8_96``), the timm architecture and kwargs, so ``timm_backbone(file)`` rebuilds
-the timm model from the file alone.
+``beitv2_tiny_patch8_96``), the timm architecture and kwargs, and ``command``: the Python that
+loads the file with timm (:func:`timm_command`).
 
-Checkpoints are read by ``pretrain.backbones`` (the one checkpoint filter): ours (``"model"`` plus
-``config["model"]`` or ``"model_config"``), a bare state dict (shapes read off the tensors), or a
-reference (unilm) pretraining checkpoint.
+Checkpoints are read by ``pretrain.checkpoints`` (the one checkpoint filter): ours (``"model"``
+plus ``config["model"]`` or ``"model_config"``), a bare state dict (shapes read off the
+tensors), or a reference (unilm) pretraining checkpoint.
 """
 
 from __future__ import annotations
@@ -51,10 +51,8 @@ import torch
 
 from engine.checkpoint import save_atomic, write_bytes_atomic
 from engine.errors import CheckpointNotFound, UserError
-from pretrain.backbones import (  # noqa: F401  (re-exported: the checkpoint readers' old home)
-    backbone_state_dict,
-    config_from_dict,
-    config_from_state_dict,
+from pretrain.backbones import backbone_state_dict
+from pretrain.checkpoints import (
     read_checkpoint,
     split_checkpoint,
 )
@@ -176,20 +174,6 @@ def export_backbone(
     write_bytes_atomic(sidecar, (json.dumps(summary, indent=2) + "\n").encode())
     logger.info("exported %s to %s (timm %s)", summary["name"], out, summary["model_name"])
     return summary
-
-
-def timm_backbone(file: str | Path) -> torch.nn.Module:
-    """Build the timm model of an exported backbone from the file and its ``.json`` sidecar."""
-    import timm
-
-    file = Path(file)
-    sidecar = file.with_name(file.name + ".json")
-    if not sidecar.is_file():
-        raise FileNotFoundError(
-            f"no {sidecar} beside the backbone; re-export it with `pipeline export <checkpoint>`"
-        )
-    cfg = BEiTConfig(**json.loads(sidecar.read_text())["config"])
-    return timm.create_model(timm_model_name(cfg), **timm_kwargs(cfg, file))
 
 
 def main(argv: list[str]) -> int:

@@ -44,7 +44,7 @@ from engine.start import Run, start_run
 from pretrain.backbones import build_timm_beit, timm_state_dict
 from pretrain.checkpoints import infer_beit_shape
 from pretrain.errors import BackboneError
-from pretrain.eval_config import FinetuneConfig, FinetuneTrain
+from pretrain.eval_config import FinetuneConfig
 from pretrain.evaluation import (
     check_inputs,
     eval_views,
@@ -54,7 +54,8 @@ from pretrain.evaluation import (
     write_results,
 )
 from shards.decode import BadImage, decode_image
-from shards.images import BadShard, iter_shard, list_shards
+from shards.images import iter_shard, list_shards
+from shards.records import BadShard
 from shards.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -64,8 +65,6 @@ from shards.views import (
     sample_view,
     to_unit,
 )
-
-__all__ = ["FinetuneConfig", "FinetuneTrain", "build_model", "finetune", "finetune_state"]
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from engine.precision import autocast
 from engine.schedule import Schedule, scaled_lr
 from engine.start import Run, start_run
 from pretrain.backbones import Backbone, load_backbone
-from pretrain.eval_config import LinprobeConfig, ProbeTrain, RandomInit
+from pretrain.eval_config import LinprobeConfig, ProbeTrain
 from pretrain.evaluation import (
     check_inputs,
     eval_views,
@@ -59,10 +59,9 @@ from pretrain.evaluation import (
     write_results,
 )
 from shards.decode import BadImage, decode_image
-from shards.images import BadShard, iter_shard, list_shards
+from shards.images import iter_shard, list_shards
+from shards.records import BadShard
 from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
-
-__all__ = ["LinprobeConfig", "ProbeTrain", "RandomInit", "linprobe", "train_probe"]
 
 log = logging.getLogger(__name__)
 

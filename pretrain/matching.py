@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pretrain.errors import PretrainDataError
-from shards.images import BadShard, ImageShard, list_keys
+from shards.images import list_keys
 from shards.key_index import KeyIndex
 from shards.reader import TokenDataset
+from shards.records import BadShard, ImageShard
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from shards.records import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, BadShard, ImageRe
 log = logging.getLogger(__name__)
 
 
-def _tar_keys(url: str) -> list[str]:
+def tar_keys(url: str) -> list[str]:
     groups: dict[str, set[str]] = {}
     order: list[str] = []
     try:
@@ -37,7 +37,7 @@ def _tar_keys(url: str) -> list[str]:
     return [k for k in order if groups[k] & set(IMAGE_EXTENSIONS)]
 
 
-def _parquet_keys(url: str) -> list[str]:
+def parquet_keys(url: str) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -75,7 +75,7 @@ def split_member_name(name: str) -> tuple[str | None, str]:
     return match.group(1), match.group(2)
 
 
-def _iter_tar(url: str) -> Iterator[ImageRecord]:
+def iter_tar(url: str) -> Iterator[ImageRecord]:
     members = 0
     seen: set[str] = set()
     group_key: str | None = None
@@ -160,7 +160,7 @@ def _tar_record(
     return ImageRecord(key, group[ext], label)
 
 
-def _iter_parquet(url: str) -> Iterator[ImageRecord]:
+def iter_parquet(url: str) -> Iterator[ImageRecord]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -115,7 +115,7 @@ def _is_image_file(rel: str) -> bool:
     return "." in parts[-1] and parts[-1].rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _scan_folder(
+def scan_folder(
     fs: fsspec.AbstractFileSystem, root: str
 ) -> tuple[tuple[str, ...], list[tuple[str, str, int, str]]]:
     """(classes, [(key, relative file, label, error)] sorted by key then file) of an image folder.
@@ -147,7 +147,7 @@ def _scan_folder(
     return classes, rows
 
 
-def _iter_folder(shard: ImageShard) -> Iterator[ImageRecord]:
+def iter_folder(shard: ImageShard) -> Iterator[ImageRecord]:
     fs, root = fsspec.core.url_to_fs(shard.url)
     labels = shard.labels or (-1,) * len(shard.keys)
     errors = shard.errors or ("",) * len(shard.keys)

@@ -15,7 +15,7 @@ Sources (``images=``), local paths or fsspec URLs (``s3://...``):
   Split into shards of ``shard_size`` in key order. Symlinks are resolved so each real file is
   listed once: a link to a file or folder inside ``root`` is not followed (the target is listed
   at its own path), a link to outside is followed once, and a directory cycle
-  (``c1/loop -> ..``) is skipped with a warning (see :func:`_walk_local`).
+  (``c1/loop -> ..``) is skipped with a warning (see ``shards.folders``).
 - WebDataset tars: a brace pattern (``dir/shard-{000000..000009}.tar``), a glob, a comma list, a
   list, or a folder holding ``*.tar`` (``index.json`` from ``pipeline run stage=pack`` is honoured
   when present). One shard per tar. The ImageNet convention: ``<key>.jpg|jpeg|png|webp`` and an
@@ -29,9 +29,9 @@ The key rule, the same for every source and therefore for ``stage=pack`` and a f
 - the name: a folder file's relative path (``/`` separators) without its last extension; a tar
   member's name up to the first dot of its basename (WebDataset's split); a Parquet row's
   ``image.path`` without its last extension, or ``<file stem>/<row>`` when there is no path;
-- dots: every remaining ``.`` becomes ``_`` (:func:`image_key`), so no key holds a dot
+- dots: every remaining ``.`` becomes ``_`` (``shards.folders.image_key``), so no key holds a dot
   (``n01/img.001.JPEG`` -> ``n01/img_001``);
-- extensions: matched case-insensitively against :data:`IMAGE_EXTENSIONS`; other files are not
+- extensions: matched case-insensitively against ``shards.records.IMAGE_EXTENSIONS``; other files are not
   images (a folder) or other members of the sample (a tar: ``.cls``);
 - duplicates: when two files or samples give one key (``a.jpg`` and ``a.png``, ``a.b.jpg`` and
   ``a_b.jpg``, a key twice in a tar), the first in sorted order (folders) or stream order (tars,
@@ -51,27 +51,18 @@ from collections.abc import Iterator, Sequence
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from shards.archives import _iter_parquet, _iter_tar, _parquet_keys, _tar_keys, split_member_name
+from shards.archives import iter_parquet, iter_tar, parquet_keys, tar_keys
 from shards.errors import ImageSourceError
-from shards.folders import _iter_folder, _scan_folder, image_key
+from shards.folders import iter_folder, scan_folder
 from shards.records import (
     IMAGE_EXTENSIONS,
-    MAX_MEMBER_BYTES,
     PACK_INDEX_FORMAT,
     PARQUET_SUFFIXES,
     TAR_SUFFIXES,
-    BadShard,
     ImageRecord,
     ImageShard,
     Kind,
 )
-
-# Re-exported: callers import the records and the key rule from here.
-__all__ = [
-    "IMAGE_EXTENSIONS", "MAX_MEMBER_BYTES", "PACK_INDEX_FORMAT", "BadShard", "ImageRecord",
-    "ImageShard", "image_key", "iter_shard", "list_classes", "list_keys", "list_shards",
-    "split_member_name",
-]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +114,7 @@ def list_classes(images: str) -> tuple[str, ...]:
     fs, root = fsspec.core.url_to_fs(images)
     if _has_magic(root) or not fs.isdir(root):
         return ()
-    classes, _ = _scan_folder(fs, root)
+    classes, _ = scan_folder(fs, root)
     return classes
 
 
@@ -131,14 +122,14 @@ def iter_shard(shard: ImageShard) -> Iterator[ImageRecord]:
     """Yield the shard's records in a stable order (never decodes, never extracts to disk).
 
     A truncated or unreadable tar/parquet yields every complete record read before the damage
-    and then raises :class:`BadShard` with the reason.
+    and then raises ``shards.records.BadShard`` with the reason.
     """
     if shard.kind == "folder":
-        yield from _iter_folder(shard)
+        yield from iter_folder(shard)
     elif shard.kind == "webdataset":
-        yield from _iter_tar(shard.url)
+        yield from iter_tar(shard.url)
     elif shard.kind == "parquet":
-        yield from _iter_parquet(shard.url)
+        yield from iter_parquet(shard.url)
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r}")
 
@@ -155,8 +146,8 @@ def list_keys(shard: ImageShard) -> list[str]:
         errors = shard.errors or ("",) * len(shard.keys)
         return [k for k, e in zip(shard.keys, errors, strict=True) if not e]
     if shard.kind == "webdataset":
-        return _tar_keys(shard.url)
-    return _parquet_keys(shard.url)
+        return tar_keys(shard.url)
+    return parquet_keys(shard.url)
 
 
 def _split_list(images: str | os.PathLike | Sequence[str]) -> list[str]:
@@ -262,7 +253,7 @@ def _list_folder(
     if any(_file_kind(n) for n in fs.ls(root, detail=False)):
         rows = []  # a folder of shards rather than of images
     else:
-        _, rows = _scan_folder(fs, root)
+        _, rows = scan_folder(fs, root)
     if not rows:
         # tars at the top, or parquet at any depth (the HF layout root/data/*.parquet)
         files = [_url(fs, f) for f in _shard_files_in(fs, root)]

@@ -103,7 +103,8 @@ def plot_views(
     from matplotlib import patheffects
 
     from shards.decode import BadImage, decode_image
-    from shards.images import BadShard, iter_shard, list_shards
+    from shards.images import iter_shard, list_shards
+    from shards.records import BadShard
     from shards.views import render_view
 
     first = min(ds.receipts)

@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 from engine.config import StageConfig
 from engine.errors import ConfigError
 from engine.layout import DEMO, RUNS
-from shards.images import PACK_INDEX_FORMAT, image_key
+from shards.folders import image_key
+from shards.records import PACK_INDEX_FORMAT
 from shards.tarfiles import add_member
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from engine.config import save_config
-    from shards.images import BadShard, iter_shard, list_classes, list_shards
+    from shards.images import iter_shard, list_classes, list_shards
+    from shards.records import BadShard
 
     if not cfg.images:
         raise ConfigError(
@@ -151,7 +153,7 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
 
 
 def wds_key(key: str) -> str:
-    """The key as WebDataset will read it back: ``shards.images.image_key`` (no dot anywhere).
+    """The key as WebDataset will read it back: ``shards.folders.image_key`` (no dot anywhere).
 
     Every source's keys already follow that rule; this is a guard for the member names."""
     return image_key(key)

@@ -13,7 +13,7 @@ characters) and ``<key>.cls`` (the label).
 
 The image digest binds a row to the pixels it was rendered from: sha256 over the stored bytes of
 the image exactly as read from the source, before decode (the tar member's payload, the file's
-contents, the Parquet ``image.bytes`` cell; ``shards.images.ImageRecord.sha256``). Parquet stores
+contents, the Parquet ``image.bytes`` cell; ``shards.records.ImageRecord.sha256``). Parquet stores
 the 32 raw digest bytes (``fixed_size_binary(32)``: half the size of hex, and random bytes do not
 compress); readers hand it out as lower-case hex.
 
@@ -214,41 +214,10 @@ def view_to_row(view: ViewParams) -> dict[str, Any]:
     }
 
 
-def row_to_view(row: dict[str, Any]) -> ViewParams:
-    """The column values of one row (extra columns ignored) -> ViewParams."""
-    from shards.views import ViewParams
-
-    order = row[JITTER_ORDER]
-    return ViewParams(
-        seed=int(row[SEED]),
-        width=int(row[WIDTH]),
-        height=int(row[HEIGHT]),
-        top=int(row[TOP]),
-        left=int(row[LEFT]),
-        crop_height=int(row[CROP_HEIGHT]),
-        crop_width=int(row[CROP_WIDTH]),
-        flip=bool(row[FLIP]),
-        brightness=float(row[BRIGHTNESS]),
-        contrast=float(row[CONTRAST]),
-        saturation=float(row[SATURATION]),
-        jitter_order=jitter_order_from_str(order) if isinstance(order, str) else tuple(order),
-        size=int(row[SIZE]),
-        interpolation=str(row[INTERPOLATION]),
-    )
-
-
 def views_to_json(views: Sequence[ViewParams]) -> dict[str, list]:
     """All seeds' views of one image -> the ``views.json`` member: one list per column, seed order."""
     rows = [view_to_row(v) for v in views]
     return {name: [r[name] for r in rows] for name in (SEED, *VIEW_COLUMNS)}
-
-
-def views_from_json(columns: dict[str, list]) -> list[ViewParams]:
-    """The ``views.json`` member -> ViewParams, one per seed, in stored order."""
-    count = len(columns[SEED])
-    return [
-        row_to_view({name: values[i] for name, values in columns.items()}) for i in range(count)
-    ]
 
 
 def parquet_path(seed: int, shard_index: int, num_shards: int) -> str:

@@ -64,7 +64,7 @@ class TokenRow:
     views: list[ViewParams]  # one per seed, in the dataset's seed order
     tokens: np.ndarray  # uint16 [K, N], row-major over the patch grid
     # sha256 hex of the image's stored bytes as read from the source, before decode
-    # (shards.images.ImageRecord.sha256): binds the row to the pixels it was rendered from
+    # (shards.records.ImageRecord.sha256): binds the row to the pixels it was rendered from
     image_sha256: str
 
 
@@ -89,7 +89,7 @@ def _check_rows(
         if not schema.is_digest(row.image_sha256):
             raise ValueError(
                 f"token row {row.key!r} has image_sha256={row.image_sha256!r}; every row needs the "
-                "sha256 hex of its image bytes (shards.images.ImageRecord.sha256)"
+                "sha256 hex of its image bytes (shards.records.ImageRecord.sha256)"
             )
         tokens = np.asarray(row.tokens)
         if tokens.shape != (len(seeds), num_tokens):

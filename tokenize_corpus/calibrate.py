@@ -74,7 +74,8 @@ def _records(req: Request, count: int) -> list[tuple[str, bytes]]:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         return [(f"synthetic_{i}", buffer.getvalue()) for i in range(count)]
-    from shards.images import BadShard, iter_shard, list_shards
+    from shards.images import iter_shard, list_shards
+    from shards.records import BadShard
 
     shards = list_shards(req.images, req.shard_size)
     out: list[tuple[str, bytes]] = []

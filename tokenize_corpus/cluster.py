@@ -140,7 +140,7 @@ class DaskCluster:
             self._enter_runner()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *_exc: object) -> None:
         if self._watch is not None:
             self._watch.stop()
         self._stack.close()

@@ -52,8 +52,6 @@ from tokenize_corpus.preflight import Preflight, absolute_path, check_values, pr
 from tokenize_corpus.resume import ResumePlan, check_job_identity, plan_resume
 from tokenize_corpus.worker import ShardJob
 
-__all__ = ["tokenize"]
-
 log = logging.getLogger(__name__)
 
 

@@ -60,7 +60,7 @@ def _count_tar(url: str) -> int:
 
     import fsspec
 
-    from shards.images import split_member_name
+    from shards.archives import split_member_name
 
     keys = set()
     with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:

@@ -100,11 +100,6 @@ class NormEMAQuantizer(nn.Module):
         self.all_reduce = all_reduce
         self.rank = rank
 
-    def set_distributed(self, all_reduce: AllReduce | None, rank: int = 0) -> None:
-        """Sum statistics with ``all_reduce`` (in place, over ranks); ``rank`` 0 picks seeds."""
-        self.all_reduce = all_reduce
-        self.rank = rank
-
     @property
     def codebook(self) -> torch.Tensor:
         """The codebook ``[K, D]`` (unit rows)."""

@@ -26,7 +26,7 @@ from tokenize_corpus.worker import ShardJob, worker_tokenizer
 if TYPE_CHECKING:
     import torch
 
-    from shards.images import ImageShard
+    from shards.records import ImageShard
     from tokenize_corpus.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def tokenize_shard(shard: ImageShard, job: ShardJob, previous: dict | None = Non
     import torch
 
     from shards.dataset import TokenDatasetDir
-    from shards.images import BadShard
+    from shards.records import BadShard
     from shards.writer import TokenRow
 
     start = time.perf_counter()

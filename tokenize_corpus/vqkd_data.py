@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from shards.decode import BadImage, decode_image
-from shards.images import BadShard, ImageShard, iter_shard, list_shards
+from shards.images import iter_shard, list_shards
+from shards.records import BadShard, ImageShard
 from shards.views import AugConfig, render_view, sample_view, to_unit
 from tokenize_corpus.teachers import Teacher
 

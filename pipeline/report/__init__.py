@@ -10,7 +10,3 @@ predictions (``mim.py``), probe results, ``stage=all`` timings and where the fil
 (``Report``, ``per_part``), ``page.py`` assembles them into the page and ``command.py`` is the
 command line.
 """
-
-from pipeline.report.command import main, write_report
-
-__all__ = ["main", "write_report"]

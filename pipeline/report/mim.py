@@ -23,7 +23,7 @@ def predictions(rep: Report, part: Part) -> str:
     import torch
 
     from engine.checkpoint import load_file
-    from pretrain.export import split_checkpoint
+    from pretrain.checkpoints import split_checkpoint
     from pretrain.masking import block_mask
     from pretrain.model import BEiTv2
     from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, render_view, to_unit

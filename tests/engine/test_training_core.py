@@ -15,7 +15,7 @@ from engine.device import resolve_device
 from engine.distributed import Distributed
 from engine.errors import NonFiniteLoss, UserError
 from engine.guards import check_finite
-from engine.metrics import LogSpec, MetricsWriter, read_metrics
+from engine.metrics import TENSORBOARD, LogSpec, MetricsWriter, read_metrics
 from engine.optim import adamw, param_groups, set_lr
 from engine.plots import Panel, plot_metrics
 from engine.schedule import Schedule, lr_at, scaled_lr
@@ -76,9 +76,8 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path) -> None:
         for step in (1, 2, 3):
             writer.write({"kind": "step", "step": step, "epoch": 0, "loss": 1.0 / step, "tag": "x"})
         writer.write({"kind": "epoch", "step": 3, "epoch": 0, "loss": 0.5, "nan": math.nan})
-        tb_dir = writer.tensorboard_dir
     assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1.0, 0.5, 1 / 3, 0.5]
-    events = EventAccumulator(str(tb_dir))
+    events = EventAccumulator(str(tmp_path / TENSORBOARD))
     events.Reload()
     assert set(events.Tags()["scalars"]) == {"step/loss", "step/epoch", "epoch/loss", "epoch/epoch"}
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("step/loss")] == [

@@ -20,7 +20,6 @@ from PIL import Image
 
 from pipeline.cli import main as cli
 from pipeline.demo_corpus import build_demo_corpus
-from pretrain.export import timm_backbone
 from pretrain.model import BEiTConfig, BEiTv2
 from shards import schema
 from tokenize_corpus.tokenizer import load_tokenizer
@@ -192,10 +191,13 @@ def test_stage_all_outputs_are_valid(stage_all, tmp_path, capsys):
     assert model.cfg.vocab_size == 16
     backbone = tmp_path / "backbone.safetensors"
     assert cli(["export", str(run / "pretrain" / "checkpoint.pth"), f"out={backbone}"]) == 0
+    sidecar = json.loads(backbone.with_name(backbone.name + ".json").read_text())
+    loaded: dict = {}
+    exec(sidecar["command"], loaded)  # the Python the export prints: builds `model` with timm
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model.forward_features(x)  # [B, 1+N, D]
-        theirs = timm_backbone(backbone).eval().forward_features(x)
+        theirs = loaded["model"].eval().forward_features(x)
     assert ours.shape == theirs.shape == (2, 17, 32)
     assert (ours - theirs).abs().max().item() <= 1e-5
 

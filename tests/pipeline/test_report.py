@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.demo_corpus import build_demo_corpus
-from pipeline.report import write_report
+from pipeline.report.command import write_report
 from pretrain.model import BEiTConfig, BEiTv2
 from shards.dataset import TokenDatasetDir
 from shards.decode import decode_image

@@ -6,8 +6,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from pretrain import backbones
-from pretrain.backbones import (
+from pretrain import backbones, checkpoints
+from pretrain.checkpoints import (
     checkpoint_filter_fn,
     config_from_state_dict,
     load_beitv2,
@@ -89,7 +89,7 @@ def test_reference_checkpoint_loads_strictly(tmp_path):
     # As the reference's save_model writes it: model, optimizer, epoch, args (a namespace).
     ckpt = {"model": state, "optimizer": {}, "epoch": 3, "args": args}
     torch.save(ckpt, tmp_path / "checkpoint-3.pth")
-    raw = backbones.read_checkpoint(tmp_path / "checkpoint-3.pth")
+    raw = checkpoints.read_checkpoint(tmp_path / "checkpoint-3.pth")
     model, cfg = load_beitv2(raw)
     assert cfg.early_layers == 1 and cfg.use_cls_head and cfg.head_layers == 2
     loaded = model.state_dict()
@@ -143,7 +143,7 @@ def test_filter_targets():
     state = {f"module.{k}": v for k, v in reference_state_dict(TINY).items()}  # DDP-wrapped
     ours = checkpoint_filter_fn(state, BEiTv2(TINY))
     assert set(ours) == set(BEiTv2(TINY).state_dict())
-    shape = backbones.infer_beit_shape(ours) | {"shared_table": False}  # timm's per-block form
+    shape = checkpoints.infer_beit_shape(ours) | {"shared_table": False}  # timm's per-block form
     timm_model = backbones.build_timm_beit(shape)
     mapped = checkpoint_filter_fn(state, timm_model)
     table = state["module.rel_pos_bias.relative_position_bias_table"]
@@ -154,7 +154,7 @@ def test_filter_targets():
 
 
 def test_random_and_missing_backbones(tmp_path):
-    from pretrain.linprobe import RandomInit
+    from pretrain.eval_config import RandomInit
 
     spec = RandomInit(size="tiny", image_size=32, patch_size=8, depth=1, seed=3)
     a, b = backbones.random_beitv2(spec), backbones.random_beitv2(spec)

@@ -11,6 +11,7 @@ from timm.optim import create_optimizer_v2
 from engine.config import build_config
 from pipeline.demo_corpus import build_demo_corpus
 from pretrain import finetune as ft
+from pretrain.eval_config import FinetuneConfig
 from pretrain.model import BEiTConfig, BEiTv2
 
 TINY = dict(image_size=32, patch_size=8, width=32, depth=2, heads=2, vocab_size=16)
@@ -31,7 +32,7 @@ def _cfg(tmp_path, **overrides):
         "drop_path": 0.1,
         "train": {"epochs": 2, "batch_size": 8, "blr": 0.128, "warmup_epochs": 1},
     }
-    return build_config(ft.FinetuneConfig, base, overrides)
+    return build_config(FinetuneConfig, base, overrides)
 
 
 def test_finetune_from_pretrain_checkpoint(tmp_path, corpus):

@@ -13,15 +13,9 @@ import pytest
 from PIL import Image
 
 from shards.errors import ImageSourceError
-from shards.images import (
-    BadShard,
-    ImageRecord,
-    ImageShard,
-    image_key,
-    iter_shard,
-    list_classes,
-    list_shards,
-)
+from shards.folders import image_key
+from shards.images import iter_shard, list_classes, list_shards
+from shards.records import BadShard, ImageRecord, ImageShard
 
 
 def png(color=(255, 0, 0), size=(4, 3)) -> bytes:

@@ -1,5 +1,6 @@
-"""The token dataset schema: pinned columns/dtypes, ViewParams round trips, layout names."""
+"""The token dataset schema: pinned columns/dtypes, a view as a row, layout names."""
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from support import token_datasets as helpers
@@ -19,12 +20,11 @@ def test_schema_is_pinned():
 
 
 @pytest.mark.parametrize("seed", [0, 3])
-def test_view_row_round_trip(seed):
-    import numpy as np
-
+def test_view_row_holds_every_view_column(seed):
+    # The round trip (write, read back, equal views) is tests/shards/test_reader.py's.
     view = helpers.fake_view(np.random.default_rng(seed), seed)
-    assert schema.row_to_view(schema.view_to_row(view)) == view
-    assert schema.views_from_json(schema.views_to_json([view, view])) == [view, view]
+    row = schema.view_to_row(view)
+    assert set(row) == {schema.SEED, *schema.VIEW_COLUMNS} and row[schema.SEED] == seed
 
 
 def test_jitter_order_strings():

@@ -82,9 +82,10 @@ def _run_two_ranks(sync: bool, dead_code_steps: int) -> list[NormEMAQuantizer]:
     group = _TwoRanks()
     quantizers = []
     for rank in range(2):
-        q = NormEMAQuantizer(16, 8, kmeans_iters=5, dead_code_steps=dead_code_steps).train()
-        if sync:
-            q.set_distributed(group.all_reduce_for(rank), rank)
+        all_reduce = group.all_reduce_for(rank) if sync else None
+        q = NormEMAQuantizer(
+            16, 8, kmeans_iters=5, dead_code_steps=dead_code_steps, all_reduce=all_reduce, rank=rank
+        ).train()
         quantizers.append(q)
     errors: list[BaseException] = []
 

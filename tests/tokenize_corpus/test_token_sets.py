@@ -280,7 +280,7 @@ def test_the_cli_names_the_sets_when_the_pick_is_wrong(setup, tmp_path) -> None:
 
 
 def test_the_report_shows_the_tokenizers_side_by_side(setup, tmp_path) -> None:
-    from pipeline.report import write_report
+    from pipeline.report.command import write_report
     from pipeline.report.tokens import perplexity
 
     page = write_report(setup["dataset"], out=tmp_path / "report")
