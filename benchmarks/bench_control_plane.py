@@ -35,7 +35,6 @@ import io
 import json
 import multiprocessing
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -231,16 +230,23 @@ def operation(name: str, paths: dict[str, str]) -> dict:
     raise ValueError(name)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM). Not ``ru_maxrss``: Linux carries that over
+    from the parent through fork and exec, so a child started by a big parent reports its size."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024  # kB
+
+
 def child(name: str, work: Path, images: int) -> None:
     """``--child``: one operation, then its seconds and this process's peak RSS as JSON."""
     paths = paths_of(work, images)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = peak_rss_mib()
     tick = time.perf_counter()
     found = operation(name, paths)
     seconds = time.perf_counter() - tick
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "import_rss_mib": baseline,
-                      **found}))  # fmt: skip
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_rss_mib(),
+                      "import_rss_mib": baseline, **found}))  # fmt: skip
 
 
 def measure(name: str, work: Path, images: int, repeats: int) -> dict:

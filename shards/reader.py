@@ -14,7 +14,7 @@ import gzip
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -323,23 +323,10 @@ class TokenDataset:
 
     def _wds_columns(self, path: str, data: bytes) -> ShardColumns:
         """The gzip'd WebDataset tar of a shard (every seed) column-wise."""
-        samples: dict[str, dict[str, bytes]] = {}
-        # Member names are only split into (key, extension), never used as paths.
-        for name, body in read_members(gzip.decompress(data) if data[:2] == GZIP_MAGIC else data):
-            folder, _, stem = name.rpartition("/")
-            key_tail, _, ext = stem.partition(".")
-            samples.setdefault(f"{folder}/{key_tail}" if folder else key_tail, {})[ext] = body
         shape = (len(self.seeds), self.num_tokens)
-        keys = list(samples)
-        parts = {ext: [] for ext in schema.WDS_EXTENSIONS}
-        for key in keys:
-            members = samples[key]
-            for ext in schema.WDS_EXTENSIONS:
-                if ext not in members:
-                    raise TokenDatasetMismatch(
-                        f"{path}: sample {key!r} has no .{ext} member; {schema.REGENERATE}"
-                    )
-                parts[ext].append(members[ext])
+        keys, parts = _samples(
+            path, read_members(gzip.decompress(data) if data[:2] == GZIP_MAGIC else data)
+        )
         # Whole columns at once: one JSON parse, one hex decode, one array of every token.
         tokens = _npy_column(parts[schema.WDS_TOKENS], shape)  # [R, K, N]
         parsed = json.loads(b"[" + b",".join(parts[schema.WDS_VIEWS]) + b"]")
@@ -373,6 +360,32 @@ class TokenDataset:
                 for name in VIEW_FIELDS
             },
         )
+
+
+def _samples(path: str, members: Iterable[tuple[str, bytes]]) -> tuple[list[str], dict]:
+    """The keys of a WebDataset tar's samples, in order, and each extension's members in that
+    order. Member names are only split into (key, extension), never used as paths; every
+    sample must have exactly the token dataset's members (``schema.WDS_EXTENSIONS``)."""
+    keys: list[str] = []
+    parts: dict[str, list[bytes]] = {ext: [] for ext in schema.WDS_EXTENSIONS}
+    seen: dict[str, dict[str, bytes]] = {}
+    for name, body in members:
+        folder, _, stem = name.rpartition("/")
+        tail, _, ext = stem.partition(".")
+        key = f"{folder}/{tail}" if folder else tail
+        if key not in seen:
+            seen[key] = {}
+            keys.append(key)
+        seen[key][ext] = body
+    for key in keys:
+        sample = seen[key]
+        for ext in schema.WDS_EXTENSIONS:
+            if ext not in sample:
+                raise TokenDatasetMismatch(
+                    f"{path}: sample {key!r} has no .{ext} member; {schema.REGENERATE}"
+                )
+            parts[ext].append(sample[ext])
+    return keys, parts
 
 
 def _npy_column(members: Sequence[bytes], shape: tuple[int, int]) -> np.ndarray:

@@ -14,9 +14,12 @@ import tarfile
 from collections.abc import Iterator
 
 BLOCK = 512
-# ustar typeflags of a regular file; "x" is a pax header for the next member (its "path" wins).
-_REGULAR = (b"0", b"\0")
-_PAX = b"x"
+# ustar typeflags (as byte values): regular files, a directory, and "x", a pax header for the
+# next member (its "path" wins).
+_REGULAR = (ord("0"), 0)
+_DIRECTORY = ord("5")
+_PAX = ord("x")
+_KINDS = (*_REGULAR, _DIRECTORY, _PAX)
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -38,31 +41,32 @@ def read_members(data: bytes) -> Iterator[tuple[str, bytes]]:
     with ``tarfile`` instead, so no tar is misread, only read more slowly. Header checksums are
     not recomputed: the reader has compared the whole file's sha256 with its receipt.
     """
-    members, pos, path, end = [], 0, None, len(data)
-    while pos + BLOCK <= end:
-        header = data[pos : pos + BLOCK]
-        if header[257:262] != b"ustar":  # the end-of-archive zeros, or not a ustar/pax tar
-            if header.count(0) == BLOCK:
+    members, head, path, end = [], 0, None, len(data)
+    while head + BLOCK <= end:  # head: where the member's header block starts
+        if data[head + 257 : head + 262] != b"ustar":  # the end-of-archive zeros, or not ustar
+            if data.count(0, head, head + BLOCK) == BLOCK:
                 yield from members
                 return
             yield from _read_with_tarfile(data)
             return
-        kind = header[156:157]
-        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-        if kind not in (*_REGULAR, _PAX, b"5") or pos + BLOCK + size > end:
+        kind = data[head + 156]
+        size = int(data[head + 124 : head + 136].rstrip(b"\0 ") or b"0", 8)
+        start = head + BLOCK
+        if kind not in _KINDS or start + size > end:
             yield from _read_with_tarfile(data)  # another member type, or truncated
             return
-        body = data[pos + BLOCK : pos + BLOCK + size]
-        pos += BLOCK + -(-size // BLOCK) * BLOCK
         if kind == _PAX:
-            path = _pax_path(body)
-            continue
-        if kind in _REGULAR:
-            name = header[:100].split(b"\0", 1)[0]
-            prefix = header[345:500].split(b"\0", 1)[0]
-            full = path or (prefix + b"/" + name if prefix else name).decode("utf-8")
-            members.append((full, body))
-        path = None
+            path = _pax_path(data[start : start + size])
+        elif kind != _DIRECTORY:
+            if path is None:
+                stop = data.find(b"\0", head, head + 100)
+                path = data[head : stop if stop >= 0 else head + 100].decode("utf-8")
+                if data[head + 345]:  # a ustar prefix (a long name split at a slash)
+                    prefix = data[head + 345 : head + 500].split(b"\0", 1)[0].decode("utf-8")
+                    path = f"{prefix}/{path}"
+            members.append((path, data[start : start + size]))
+            path = None
+        head = start + -(-size // BLOCK) * BLOCK
     yield from _read_with_tarfile(data)  # no end-of-archive blocks: truncated, tarfile says so
 
 

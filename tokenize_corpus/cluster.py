@@ -129,7 +129,6 @@ class DaskCluster:
         self.log_level = log_level
         self.lost: str | None = None  # why no worker can be had, once a watch gave up
         self.pending: set[Future] = set()  # futures a lost cluster cancels
-        self.job_script: Path | None = None  # kind=slurm|pbs: the script of the worker jobs
         self._watch: Any = None  # batch.JobWatch or IdleWatch
         self._runner: Any = None
         self._client: Client | None = None
@@ -210,8 +209,8 @@ class DaskCluster:
         os.makedirs(self.log_dir, exist_ok=True)
         jq = batch.make_cluster(self.cfg, self.log_dir, self.cfg.dashboard)
         self._stack.callback(jq.close)  # cancels every job, whatever ends the run
-        self.job_script = Path(self.log_dir) / "job-script.sh"
-        self.job_script.write_text(jq.job_script())
+        script = Path(self.log_dir) / "job-script.sh"
+        script.write_text(jq.job_script())
         batch.test_submission(self.cfg, jq.job_script())
         log.info(
             "submitting %d %s worker jobs (%d cores, %s%s, walltime %s); job script %s, logs in %s",
@@ -221,7 +220,7 @@ class DaskCluster:
             self.cfg.job_memory,
             f", {self.cfg.gpus_per_job} GPUs" if self.cfg.gpus_per_job else "",
             self.cfg.walltime,
-            self.job_script,
+            script,
             self.log_dir,
         )
         client = self._stack.enter_context(Client(jq))
