@@ -1,4 +1,4 @@
-"""Stage 2's worker jobs on SLURM or PBS, through dask-jobqueue (docs/design.md §4, "Batch jobs").
+"""Stage 2's worker jobs on SLURM or PBS, through dask-jobqueue (docs/design.md §4, "Where it runs").
 
 ``cluster.kind=slurm|pbs`` runs the Dask scheduler inside the driver (on the login node) and
 submits worker jobs that connect back to it. This module holds everything that is particular to
