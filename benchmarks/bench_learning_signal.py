@@ -47,8 +47,14 @@ from typing import Any
 
 import numpy as np
 import smoke
+import torch
+from PIL import Image
 
+from engine.config import merge, parse_overrides
 from engine.layout import imagenet_sample_dir
+from pipeline.cli import build_stage_config
+from pipeline.stages import get_stage
+from tokenize_corpus.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -97,8 +103,6 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def fashion_folders(work: Path, n_train: int, n_test: int) -> tuple[str, str] | None:
     """Fashion-MNIST subsets as PNG ImageFolders (train, test); None when not installed."""
-    from PIL import Image
-
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
         print(
             f"Fashion-MNIST not found in {FASHION_DIR}: `apt-get install dataset-fashion-mnist` "
@@ -171,10 +175,6 @@ DONE_MARKERS = {
 
 def run_stage(name: str, overrides: dict[str, Any]) -> dict:
     """One stage through the registry, exactly as ``pipeline run`` would run it."""
-    from engine.config import merge, parse_overrides
-    from pipeline.cli import build_stage_config
-    from pipeline.stages import get_stage
-
     marker = DONE_MARKERS.get(name)
     if REUSE and marker and (Path(overrides["out_dir"]) / marker).exists():
         log.info("%s: reusing %s", name, overrides["out_dir"])
@@ -190,10 +190,6 @@ def run_stage(name: str, overrides: dict[str, Any]) -> dict:
 
 def bench_dataset(name: str, train: str, test: str | None, work: Path, args: Any) -> dict:
     """Tokenizer + tokens once, then per seed: pretrain offline/online and four probes."""
-    import torch
-
-    from tokenize_corpus.tokenizer import load_tokenizer
-
     d = work / name
     shards = f"{d}/pack/shard-*.tar"
     run_stage("pack", {"images": train, "out_dir": str(d / "pack"), "shard_size": 512})

@@ -33,7 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import smoke
+import torch
 from synthetic import TINY_VQKD, fake_rows
+
+from engine.config import build_stage_config, parse_overrides
+from engine.layout import imagenet_sample_dir
+from shards.writer import parquet_bytes, wds_bytes
+from tokenize_corpus.plan import PlanConfig, format_plan, make_plan
+from tokenize_corpus.tokenizer import save_tokenizer
+from tokenize_corpus.vqkd import VQKD, VQKDModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -55,8 +63,6 @@ CASES = {
 
 def fit_bytes(image_counts: list[int]) -> dict:
     """Least-squares constants of tokenize_corpus.cost's byte model, from the real writer."""
-    from shards.writer import parquet_bytes, wds_bytes
-
     out: dict = {}
     for dist in ("uniform", "zipf"):
         pq_rows, pq_y, wds_rows, wds_y = [], [], [], []
@@ -112,9 +118,6 @@ def _dataset_bytes(out_dir: Path) -> dict[str, int]:
 
 
 def _plan(keys: list[str]) -> dict:
-    from engine.config import build_stage_config, parse_overrides
-    from tokenize_corpus.plan import PlanConfig, format_plan, make_plan
-
     start = time.perf_counter()
     plan = make_plan(build_stage_config(PlanConfig, parse_overrides(keys)))
     plan["plan_seconds"] = time.perf_counter() - start
@@ -144,12 +147,6 @@ def _error(planned: float, actual: float) -> float:
 
 def check(args: argparse.Namespace) -> dict:
     """Interleaved plan / real run per case; errors of time, bytes and memory."""
-    import torch
-
-    from engine.layout import imagenet_sample_dir
-    from tokenize_corpus.tokenizer import save_tokenizer
-    from tokenize_corpus.vqkd import VQKD, VQKDModelConfig
-
     sample = Path(args.sample or imagenet_sample_dir())
     files = sorted(sample.glob("*.JPEG"))
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))

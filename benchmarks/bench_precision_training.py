@@ -25,6 +25,7 @@ from bench_learning_signal import add_set_argument, run_stage, use_set  # noqa: 
 from bench_seeds import HELD_OUT_SEED, METRICS, print_table, score_student, subset_folder  # noqa: E402
 
 from engine.layout import imagenet_sample_dir  # noqa: E402
+from tokenize_corpus.tokenizer import tokenizer_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = [
@@ -57,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     shards = f"{work}/pack/shard-*.tar"
     run_stage("pack", {"images": str(folder), "out_dir": str(work / "pack"), "shard_size": 64})
     tokenizer = str(args.tokenizer.resolve())
-    from tokenize_corpus.tokenizer import tokenizer_info
 
     size = int(tokenizer_info(tokenizer)["image_size"])
     results: dict[str, dict[str, list[float]]] = {}

@@ -30,13 +30,22 @@ from pathlib import Path
 import numpy as np
 import smoke
 import torch
+from torchvision import transforms
 
 from engine.layout import imagenet_sample_dir
 from engine.optim import adamw, param_groups
 from engine.precision import autocast, resolve_precision
+from pretrain.data import MIMDataset
 from pretrain.masking import block_mask, num_masked_for
 from pretrain.model import BEiTv2, beit_config, mim_loss
-from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
+from shards.dataset import TokenDatasetDir
+from shards.decode import BadImage, decode_image
+from shards.images import iter_shard, list_shards
+from shards.reader import open_token_dataset
+from shards.views import IMAGENET_MEAN, IMAGENET_STD, AugConfig, normalize, sample_view, to_unit
+from shards.writer import TokenRow
+from tokenize_corpus.tokenizer import Tokenizer
+from tokenize_corpus.vqkd import VQKD, VQKD_SIZES, VQKDModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = imagenet_sample_dir()  # $IMAGENET_SAMPLE, see engine/layout.py
@@ -66,9 +75,6 @@ def _timed(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
 
 def bench_step(student: str, tokenizer_size: str, args: argparse.Namespace) -> dict:
     """Offline vs online MIM step for one (student, tokenizer) size pair."""
-    from tokenize_corpus.tokenizer import Tokenizer
-    from tokenize_corpus.vqkd import VQKD, VQKD_SIZES, VQKDModelConfig
-
     device = torch.device(args.device)
     torch.manual_seed(0)
     tok_cfg = VQKDModelConfig(
@@ -146,17 +152,10 @@ class ImageOnlyDataset(torch.utils.data.IterableDataset):
     """The baseline: decode + RandomResizedCrop + flip (+ normalise), same shards and workers."""
 
     def __init__(self, images: str, shard_size: int, size: int) -> None:
-        from shards.images import list_shards
-
         self.shards = list_shards(images, shard_size=shard_size)
         self.size = size
 
     def __iter__(self):
-        from torchvision import transforms
-
-        from shards.decode import BadImage, decode_image
-        from shards.images import iter_shard
-
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         transform = transforms.Compose(
@@ -181,12 +180,6 @@ class ImageOnlyDataset(torch.utils.data.IterableDataset):
 def build_random_tokens(images: str, out: Path, size: int, shard_size: int, jitter: bool) -> str:
     """A token dataset over ``images`` with sampled views and random tokens (loader speed does
     not depend on token values)."""
-    from shards.dataset import TokenDatasetDir
-    from shards.decode import BadImage, decode_image
-    from shards.images import iter_shard, list_shards
-    from shards.views import AugConfig, sample_view
-    from shards.writer import TokenRow
-
     aug = AugConfig(size=size, jitter=(0.4, 0.4, 0.4) if jitter else ())
     seeds = (0, 1, 2, 3)
     grid = size // 16
@@ -239,9 +232,6 @@ def _loader_rate(dataset, batch: int, workers: int) -> tuple[float, int]:
 
 
 def bench_loader(args: argparse.Namespace, tmp: Path) -> list[dict]:
-    from pretrain.data import MIMDataset
-    from shards.reader import open_token_dataset
-
     size = args.image_size
     results = []
     images = args.images

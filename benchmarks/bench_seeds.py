@@ -36,8 +36,13 @@ import smoke  # noqa: E402
 from bench_learning_signal import add_set_argument, coarse_label, run_stage, use_set  # noqa: E402
 
 from engine.layout import imagenet_sample_dir  # noqa: E402
-from pipeline.report.views_study import mean_spread as _mean_spread  # noqa: E402
-from pipeline.report.views_study import plot  # noqa: E402
+from pipeline.report.views_study import mean_spread, plot  # noqa: E402
+from pretrain.checkpoints import split_checkpoint
+from pretrain.data import MIMDataset
+from pretrain.masking import num_masked_for
+from pretrain.model import BEiTv2
+from shards.reader import open_token_dataset
+from tokenize_corpus.tokenizer import tokenizer_info
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_SEED = 100
@@ -67,12 +72,6 @@ def subset_folder(work: Path, sample: Path, count: int) -> Path:
 @torch.no_grad()
 def held_out_mim_accuracy(checkpoint: Path, images: str, heldout: str) -> float:
     """Final-layer MIM top-1 (%) on the held-out views, masks fixed by a run seed of 999."""
-    from pretrain.checkpoints import split_checkpoint
-    from pretrain.data import MIMDataset
-    from pretrain.masking import num_masked_for
-    from pretrain.model import BEiTv2
-    from shards.reader import open_token_dataset
-
     state, mcfg = split_checkpoint(torch.load(checkpoint, map_location="cpu", weights_only=True))
     model = BEiTv2(mcfg)
     model.load_state_dict(state)
@@ -127,7 +126,7 @@ def print_table(label: str, results: dict[str, dict[str, list[float]]]) -> None:
     """Mean ± stdev over run seeds of each configuration's three figures."""
     print(f"{label:<10}{'held-out MIM top-1 %':>24}{'probe top-1 %':>20}{'pretrain s':>14}")
     for name, res in results.items():
-        row = [_mean_spread(res[m]) for m in METRICS]
+        row = [mean_spread(res[m]) for m in METRICS]
         print(f"{name:<10}" + "".join(f"{m:>14.2f} ± {sp:5.2f}" for m, sp in row))
 
 
@@ -161,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     shards = f"{work}/pack/shard-*.tar"
     run_stage("pack", {"images": str(folder), "out_dir": str(work / "pack"), "shard_size": 64})
     tokenizer = str(args.tokenizer.resolve())
-    from tokenize_corpus.tokenizer import tokenizer_info
 
     size = int(tokenizer_info(tokenizer)["image_size"])
     common = {"preset": "demo", "images": shards, "tokenizer": tokenizer, "aug": {"size": size}}

@@ -45,6 +45,11 @@ from bench_seeds import (  # noqa: E402
 )
 
 from engine.layout import imagenet_sample_dir  # noqa: E402
+from shards.inspect import summary, token_counts
+from shards.reader import open_token_dataset
+from shards.token_sets import compare_views, resolve
+from shards.validate import validate
+from tokenize_corpus.tokenizer import tokenizer_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = [
@@ -64,12 +69,6 @@ def timed(fn, *args) -> float:
 
 def stage2(work: Path, shards: str, args: argparse.Namespace) -> dict:
     """A's dataset, B's token set, B alone, the held-out views; their timings and sizes."""
-    from shards.inspect import summary, token_counts
-    from shards.reader import open_token_dataset
-    from shards.token_sets import compare_views, resolve
-    from shards.validate import validate
-    from tokenize_corpus.tokenizer import tokenizer_info
-
     a, b = str(args.tokenizer_a.resolve()), str(args.tokenizer_b.resolve())
     size = int(tokenizer_info(a)["image_size"])
     common = {

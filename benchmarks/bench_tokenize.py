@@ -31,8 +31,16 @@ import time
 from pathlib import Path
 
 import smoke
+import torch
 
 from engine.layout import imagenet_sample_dir
+from engine.precision import resolve_precision
+from shards.pack import PackConfig, pack
+from shards.views import AugConfig
+from tokenize_corpus.config import ClusterConfig, TokenizeConfig
+from tokenize_corpus.job import tokenize
+from tokenize_corpus.tokenizer import load_tokenizer, save_tokenizer
+from tokenize_corpus.vqkd import VQKD, VQKD_SIZES, VQKDModelConfig
 
 DEFAULT_SAMPLE = imagenet_sample_dir()  # $IMAGENET_SAMPLE, see engine/layout.py
 RESULTS = Path(__file__).resolve().parent / "results" / "tokenize.json"
@@ -47,10 +55,6 @@ def forward_only(
     tokenizer_path: str, batch_size: int, threads: int, batches: int, precision: str = "fp32"
 ) -> float:
     """Views/s of ``Tokenizer.encode`` alone on random pixels (1 warm-up batch not timed)."""
-    import torch
-
-    from tokenize_corpus.tokenizer import load_tokenizer
-
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(tokenizer_path)
     size = tokenizer.image_size
@@ -65,8 +69,6 @@ def forward_only(
 
 def pack_sample(sample: Path, count: int, shard_size: int, out: Path) -> str:
     """Pack the first ``count`` sample images into tars of ``shard_size``; return the tar glob."""
-    from shards.pack import PackConfig, pack
-
     files = sorted(sample.glob("*.JPEG"))[:count]
     if len(files) < count:
         raise SystemExit(f"--images {count}: only {len(files)} images in {sample}")
@@ -92,11 +94,6 @@ def repeat_shards(pattern: str, times: int, out: Path) -> str:
 
 
 def make_tokenizer(model: str, image_size: int, path: Path) -> str:
-    import torch
-
-    from tokenize_corpus.tokenizer import save_tokenizer
-    from tokenize_corpus.vqkd import VQKD, VQKD_SIZES, VQKDModelConfig
-
     torch.manual_seed(0)
     # patch 16, 8192 codes
     config = VQKDModelConfig(**VQKD_SIZES[model], image_size=image_size, kmeans_iters=0)
@@ -115,10 +112,6 @@ def run(
     workers: int,
     precision: str = "fp32",
 ) -> dict:
-    from shards.views import AugConfig
-    from tokenize_corpus.config import ClusterConfig, TokenizeConfig
-    from tokenize_corpus.job import tokenize
-
     cfg = TokenizeConfig(
         images=images,
         tokenizer=tokenizer,
@@ -138,8 +131,6 @@ def run(
 
 
 def resolved(precision: str) -> str:
-    from engine.precision import resolve_precision
-
     return resolve_precision(precision, "cpu")
 
 

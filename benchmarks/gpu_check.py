@@ -31,10 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import smoke
 import torch
+import torch.distributed as dist
+from PIL import Image
 from synthetic import TINY_VQKD
 
 from pretrain.model import BEiTConfig, BEiTv2, mim_loss
@@ -102,8 +105,6 @@ def _step_fn(model: torch.nn.Module, opt, views, mask, targets, dtype, device, r
 
 
 def _reference_model(ref: str, cfg: BEiTConfig) -> torch.nn.Module:
-    from functools import partial
-
     sys.path.insert(0, ref)
     import modeling_pretrain  # the reference's own model (outside this repo)
 
@@ -151,8 +152,6 @@ def check_step(device: torch.device, tiny: bool, reps: int, ref: str | None) -> 
 
 
 def _decode_seconds(files: list[Path]) -> float:
-    from PIL import Image
-
     start = time.perf_counter()
     for path in files:
         with Image.open(path) as im:
@@ -192,8 +191,6 @@ def check_stage2(images: str | None, seeds: int, tiny: bool) -> dict:
 
 def check_nccl() -> dict:
     """A 1-process NCCL group: all_reduce of a CUDA tensor returns it unchanged (world 1)."""
-    import torch.distributed as dist
-
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("nccl", rank=0, world_size=1)

@@ -99,8 +99,7 @@ def imagenet_sample(folder: str | Path, count: int = 32) -> Path:
 
 def tokenizer(path: str | Path, seed: int = 0) -> str:
     """A tiny tokenizer checkpoint (``TINY_VQKD``) with random weights; returns the path."""
-    # torch is imported here: the byte-count benchmarks use this module without it
-    import torch
+    import torch  # here: the byte-count and control-plane benchmarks use this module without it
 
     from tokenize_corpus.tokenizer import save_tokenizer
     from tokenize_corpus.vqkd import VQKD, VQKDModelConfig

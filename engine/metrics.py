@@ -77,8 +77,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if spec.tensorboard:
-            # here, not at the top: the configs import this module (LogSpec) for --help, no torch
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # torch: --help imports LogSpec
 
             # purge_step: events a killed run wrote past its checkpoint are dropped on read.
             self._tb = SummaryWriter(

@@ -1,9 +1,10 @@
-"""A PNG of a run's curves from its ``metrics.jsonl`` (matplotlib, headless)."""
+"""A run's curves as a PNG (from ``metrics.jsonl``), and the headless pyplot every figure uses."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.metrics import read_metrics
 
@@ -20,15 +21,23 @@ class Panel:
     with_epoch_means: bool = False
 
 
-def plot_metrics(metrics: str | Path, out: str | Path, panels: list[Panel], cols: int = 3) -> Path:
-    """Draw ``panels`` from ``metrics`` into ``out``; returns ``out``."""
-    # here, not at the top: pyplot costs ~0.5 s to import, and the headless backend is chosen
-    # (process-wide) only when a plot is drawn, before pyplot loads
-    import matplotlib
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the headless backend: every figure of the project is drawn with it.
+
+    Imported when a figure is drawn, not at the top: pyplot costs ~0.5 s, and the backend choice
+    is process-wide (a module that imports this one must not switch a user's session to Agg).
+    """
+    import matplotlib  # see the docstring: only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
+    return plt
+
+
+def plot_metrics(metrics: str | Path, out: str | Path, panels: list[Panel], cols: int = 3) -> Path:
+    """Draw ``panels`` from ``metrics`` into ``out``; returns ``out``."""
+    plt = pyplot()
     records = read_metrics(metrics)
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.6 * rows), squeeze=False)

@@ -12,6 +12,9 @@ Without ``images=``, the corpus is ``pipeline.demo_corpus`` (scikit-image photos
 patterns, 16 classes; built offline in seconds). With ``images=<labelled folder or shards>``
 (e.g. the ImageNet sample) that source is packed instead.
 
+``pipeline run stage=all --help`` imports this module for :class:`AllConfig`, so what imports
+torch or pyarrow is imported inside the function that needs it, not at the top.
+
 Measured (``preset=demo``, 512 images, on a 2-core machine shared with other jobs, load ~4):
 4 min 16 s wall in all; vqkd 147 s, pretrain 55 s, teacher probe 23 s, tokenize 13 s, the rest
 a few seconds each. Linear probe top-1 on the 16 demo classes: pretrained 42.7%, random init of
@@ -20,6 +23,8 @@ the same ViT 24.0%, the EfficientNet-Lite0 teacher 100% (an ImageNet-trained CNN
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -30,9 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.config import StageConfig
+from engine.config import StageConfig, merge, parse_overrides, save_config
 from engine.errors import ConfigError, UserError
 from engine.layout import DEMO, RunLayout, imagenet_sample_dir
+from pipeline.cli import build_stage_config
+from pipeline.demo_corpus import build_demo_corpus
+from pipeline.stages import get_stage
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +105,16 @@ class _Runner:
         self.refused = False  # a stage refused its input (a UserError): the run exits 2
 
     def overrides(self, stage: str, wiring: dict[str, Any], extra: tuple[str, ...]) -> dict:
-        from engine.config import merge, parse_overrides
-
         layer = {"preset": self.cfg.stage_preset} if self._has_preset(stage) else {}
         return merge(merge(layer, wiring), parse_overrides(list(extra)))
 
     def _has_preset(self, stage: str) -> bool:
-        from pipeline.stages import get_stage
-
         return self.cfg.stage_preset in (
             getattr(get_stage(stage).config_class(), "presets", {}) or {}
         )
 
     def run(self, name: str, stage: str, overrides: dict[str, Any]) -> dict | None:
         """Run ``stage`` (recorded as ``name``); None when it (or an earlier one) failed."""
-        from pipeline.cli import build_stage_config
-        from pipeline.stages import get_stage
-
         if self.failed:
             self.stages[name] = {"status": "skipped (an earlier stage failed)"}
             return None
@@ -147,7 +148,7 @@ class _Runner:
 
 
 def _model_shape(tokenizer_path: str) -> dict[str, int]:
-    from tokenize_corpus.tokenizer import load_tokenizer
+    from tokenize_corpus.tokenizer import load_tokenizer  # see the module docstring (torch)
 
     tok = load_tokenizer(tokenizer_path)
     return {"image_size": int(tok.image_size), "patch_size": int(tok.patch_size)}
@@ -155,8 +156,7 @@ def _model_shape(tokenizer_path: str) -> dict[str, int]:
 
 def run_all(cfg: AllConfig) -> dict:
     """Run the stages of ``cfg.stages`` in order; returns a summary pointing to the report."""
-    from engine.config import save_config
-    from pipeline.demo_corpus import build_demo_corpus
+    from pipeline.report.command import write_report  # see the module docstring (torch)
 
     start = time.perf_counter()
     # absolute, so every command in the summary can be pasted from any directory
@@ -236,8 +236,6 @@ def run_all(cfg: AllConfig) -> dict:
     if "report" in want:
         t0 = time.perf_counter()
         _write_summary(out, runner, start)
-        from pipeline.report.command import write_report
-
         try:
             report = str(write_report(out))
             runner.stages["report"] = {
@@ -254,8 +252,6 @@ def run_all(cfg: AllConfig) -> dict:
     summary = _write_summary(out, runner, start)
     if report:
         # rewrite once more so the page's timing table includes the report itself
-        from pipeline.report.command import write_report
-
         write_report(out)
     return {
         "report": report,
@@ -272,8 +268,7 @@ def run_all(cfg: AllConfig) -> dict:
 def _preflight(cfg: AllConfig, runner: _Runner) -> None:
     """The mistakes found before any stage runs (a ConfigError, nothing written): unknown
     stages, an image source that cannot be listed, per-stage overrides a stage refuses."""
-    from pipeline.cli import build_stage_config
-    from shards.images import list_shards
+    from shards.images import list_shards  # see the module docstring (pyarrow)
 
     unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
     if unknown:
@@ -307,10 +302,7 @@ def _preflight(cfg: AllConfig, runner: _Runner) -> None:
 
 
 def _validate(runner: _Runner, tokens: str, shard_glob: str) -> None:
-    import contextlib
-    import io
-
-    from shards.validate import main as validate_main
+    from shards.validate import main as validate_main  # see the module docstring (pyarrow)
 
     t0 = time.perf_counter()
     argv = [tokens, f"images={shard_glob}"]
@@ -330,7 +322,7 @@ def _linprobes(
     runner: _Runner, cfg: AllConfig, shard_glob: str, pretrain_dir: Path, tokenizer: str
 ) -> dict[str, Any]:
     """Probe the pretrained backbone, a random init of the same shape, and the teacher."""
-    import torch
+    import torch  # see the module docstring
 
     backbone = pretrain_dir / "backbone_timm.pth"
     if not backbone.is_file():
@@ -368,7 +360,7 @@ def _linprobes(
 
 def _teacher_name(tokenizer: str) -> str | None:
     try:
-        from tokenize_corpus.tokenizer import load_tokenizer
+        from tokenize_corpus.tokenizer import load_tokenizer  # see the module docstring (torch)
 
         name = load_tokenizer(tokenizer).describe().get("teacher")
     except Exception:  # noqa: BLE001 - the teacher baseline is optional

@@ -53,7 +53,7 @@ CLASSES: tuple[str, ...] = tuple(PHOTO_CLASSES) + PROCEDURAL_CLASSES
 
 
 def _load_photo(loader: str) -> np.ndarray:
-    import skimage.data
+    import skimage.data  # optional: the demo extra (scikit-image)
 
     photo = np.asarray(getattr(skimage.data, loader)())
     if photo.dtype == bool:

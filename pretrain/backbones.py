@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from timm.models.beit import Beit
 from torch import nn
 
 from engine.errors import ConfigError
@@ -31,6 +32,7 @@ from pretrain.checkpoints import (
 )
 from pretrain.errors import BackboneError, BackboneNotFound
 from pretrain.model import BEiTConfig, BEiTv2, beit_config
+from tokenize_corpus.teachers import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,6 @@ def build_timm_beit(
     The defaults keep the pretrained final ``norm`` over all tokens (as ``pretrain.export``);
     fine-tuning passes ``global_pool="avg", use_fc_norm=True`` (mean pool -> fresh LayerNorm).
     """
-    from timm.models.beit import Beit
-
     return Beit(
         img_size=shape["image_size"],
         patch_size=shape["patch_size"],
@@ -209,8 +209,6 @@ def load_backbone(cfg: BackboneSpec) -> Backbone:
         fp = hashlib.sha256(json.dumps([desc, ri], sort_keys=True).encode()).hexdigest()
         return Backbone(model.eval(), mcfg.image_size, True, False, "random-" + fp[:16], desc)
     if spec.startswith("teacher:"):
-        from tokenize_corpus.teachers import load_teacher
-
         name = spec.split(":", 1)[1]
         size = cfg.image_size or 224
         teacher = load_teacher(name, cfg.teacher_weights, (size // 16, size // 16)).eval()

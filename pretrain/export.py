@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
 
 from engine.checkpoint import save_atomic, write_bytes_atomic
 from engine.errors import CheckpointNotFound, UserError
@@ -130,8 +131,6 @@ def timm_command(cfg: BEiTConfig, file: str | Path) -> str:
 def _save(state_dict: dict[str, torch.Tensor], out: Path) -> None:
     # Atomic and shareable (mode per umask): a reader never sees half a file.
     if out.suffix == ".safetensors":
-        from safetensors.torch import save
-
         write_bytes_atomic(out, save(state_dict, metadata={"format": "pt"}))
     else:
         save_atomic(state_dict, out)

@@ -19,11 +19,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import fsspec
+
 from pretrain.errors import PretrainDataError
 from shards.images import list_keys
-from shards.key_index import KeyIndex
+from shards.key_index import KeyIndex, shard_keys
 from shards.reader import TokenDataset
 from shards.records import BadShard, ImageShard
+from tokenize_corpus.identity import listing_sha256
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,6 @@ def aligned_with(tokens: TokenDataset, image_shards: Sequence[ImageShard]) -> bo
     """Whether image shard i is (as far as the receipts tell without reading it) token shard i's."""
     if tokens.num_shards != len(image_shards):
         return False
-    from tokenize_corpus.identity import listing_sha256
 
     for shard in image_shards:
         facts = (tokens.receipts.get(shard.index) or {}).get("image_shard") or {}
@@ -80,8 +82,6 @@ def aligned_with(tokens: TokenDataset, image_shards: Sequence[ImageShard]) -> bo
             if recorded is not None and recorded != listing_sha256(shard):
                 return False
         elif facts.get("size") is not None:
-            import fsspec
-
             fs, path = fsspec.core.url_to_fs(shard.url)
             if fs.size(path) != facts["size"]:
                 return False
@@ -133,8 +133,6 @@ def _plan_by_key(tokens: TokenDataset, image_shards: Sequence[ImageShard]) -> Sh
         )
     missing = index.rows - len(found)
     if missing:
-        from shards.key_index import shard_keys
-
         for i in sorted(tokens.receipts):
             for j, key in enumerate(shard_keys(tokens, i)):
                 if (i, j) not in found:

@@ -9,6 +9,8 @@ import tarfile
 from collections.abc import Iterator
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from shards.folders import image_key
 from shards.records import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, BadShard, ImageRecord
@@ -38,9 +40,6 @@ def tar_keys(url: str) -> list[str]:
 
 
 def parquet_keys(url: str) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     stem = posixpath.basename(url).split(".", 1)[0]
     try:
         with fsspec.open(url, "rb") as raw:
@@ -161,9 +160,6 @@ def _tar_record(
 
 
 def iter_parquet(url: str) -> Iterator[ImageRecord]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     stem = posixpath.basename(url).split(".", 1)[0]
     seen: set[str] = set()
     row = 0

@@ -29,6 +29,7 @@ Layout (names from ``shards.schema``)::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -374,8 +375,6 @@ class TokenDatasetDir:
 
     @contextlib.contextmanager
     def _flock(self) -> Iterator[None]:
-        import fcntl
-
         path = self.path(LOCK_NAME)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -48,6 +48,7 @@ import posixpath
 import re
 from collections.abc import Iterator, Sequence
 
+import braceexpand
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
@@ -186,8 +187,6 @@ def _file_kind(path: str) -> Kind | None:
 
 def _expand(entry: str) -> list[str]:
     """Brace expansion (kept in order), globs (sorted), folders of tars/parquet (sorted)."""
-    import braceexpand
-
     out: list[str] = []
     for url in braceexpand.braceexpand(entry):
         fs, path = fsspec.core.url_to_fs(url)

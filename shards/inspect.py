@@ -17,9 +17,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from engine.plots import pyplot
+from shards.decode import BadImage, decode_image
 from shards.errors import ImageSourceError
+from shards.images import iter_shard, list_shards
 from shards.reader import TokenDataset, open_token_dataset
+from shards.records import BadShard
 from shards.validate import parse_args
+from shards.views import render_view
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +75,7 @@ def summary(ds: TokenDataset, counts: np.ndarray) -> dict:
 
 def plot_usage(counts: np.ndarray, path: str) -> None:
     """Token usage histogram: count per token id, and the sorted (rank) curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_id, ax_rank) = plt.subplots(1, 2, figsize=(11, 3.5))
     ax_id.bar(np.arange(len(counts)), counts, width=1.0)
@@ -96,16 +98,8 @@ def plot_views(
     ds: TokenDataset, images: str, shard_size: int, num_keys: int, path: str
 ) -> list[str]:
     """Rendered views of the first ``num_keys`` keys of shard 0, one column per seed, token ids on the grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import patheffects
-
-    from shards.decode import BadImage, decode_image
-    from shards.images import iter_shard, list_shards
-    from shards.records import BadShard
-    from shards.views import render_view
+    plt = pyplot()
+    from matplotlib import patheffects  # after pyplot(): matplotlib loads when a figure is drawn
 
     first = min(ds.receipts)
     rows = ds.read_shard(first)

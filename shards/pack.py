@@ -28,11 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.config import StageConfig
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from tqdm import tqdm
+
+from engine.config import StageConfig, save_config
 from engine.errors import ConfigError
 from engine.layout import DEMO, RUNS
 from shards.folders import image_key
-from shards.records import PACK_INDEX_FORMAT
+from shards.records import PACK_INDEX_FORMAT, BadShard
 from shards.tarfiles import add_member
 
 log = logging.getLogger(__name__)
@@ -60,12 +64,7 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
         "exit_code"}``; ``exit_code`` is 1 when a source shard could not be read to the end (its
         readable records are still packed).
     """
-    import fsspec
-    from tqdm import tqdm
-
-    from engine.config import save_config
-    from shards.images import iter_shard, list_classes, list_shards
-    from shards.records import BadShard
+    from shards.images import iter_shard, list_classes, list_shards  # pyarrow: not for --help
 
     if not cfg.images:
         raise ConfigError(
@@ -81,7 +80,7 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
     if fs.exists(out) and not fs.isdir(out):
         raise ConfigError(f"out_dir={cfg.out_dir} is a file; pass a folder for the image shards")
     fs.makedirs(out, exist_ok=True)
-    _save_config(fs, out, cfg, save_config)
+    _save_config(fs, out, cfg)
 
     total = sum(len(s.keys) for s in sources) if sources[0].kind == "folder" else None
     writer = _ShardWriter(fs, out, cfg.shard_size)
@@ -263,9 +262,7 @@ def _publish(fs: Any, path: str, payload: bytes) -> None:
     fs.mv(tmp, path)
 
 
-def _save_config(fs: Any, out: str, cfg: PackConfig, save_config: Any) -> None:
-    from fsspec.implementations.local import LocalFileSystem
-
+def _save_config(fs: Any, out: str, cfg: PackConfig) -> None:
     if isinstance(fs, LocalFileSystem):
         save_config(cfg, Path(out) / "config.yaml")
         return

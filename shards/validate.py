@@ -21,7 +21,10 @@ from engine.errors import UserError
 from shards import schema
 from shards.dataset import TokenDatasetDir
 from shards.errors import MissingShards, TokenDatasetMismatch
+from shards.images import iter_shard, list_shards
+from shards.key_index import KeyIndex
 from shards.reader import TokenDataset
+from shards.records import BadShard
 from shards.token_sets import compare_views, token_sets
 
 log = logging.getLogger(__name__)
@@ -113,9 +116,6 @@ def check_shard(ds: TokenDataset, receipt: dict, checksum: bool) -> list[str]:
 def check_images(ds: TokenDataset, images: str, shard_size: int) -> list[str]:
     """Token shard i against image shard i: same keys in the same order (minus skips), and the
     same image bytes (sha256 of each image == its rows' ``image_sha256``)."""
-    from shards.images import iter_shard, list_shards
-    from shards.records import BadShard
-
     image_shards = list_shards(images, shard_size=shard_size)
     problems = []
     if len(image_shards) != ds.num_shards:
@@ -156,10 +156,6 @@ def check_images(ds: TokenDataset, images: str, shard_size: int) -> list[str]:
 def check_images_by_key(ds: TokenDataset, image_shards: Sequence) -> list[str]:
     """A copy of the images packed otherwise: every image that has a row must have its bytes
     (digest); images missing from the copy, or without a row, are reported, not problems."""
-    from shards.images import iter_shard
-    from shards.key_index import KeyIndex
-    from shards.records import BadShard
-
     index = KeyIndex.from_dataset(ds)
     rows: dict[int, dict] = {}
     problems, changed, matched, extra = [], [], 0, 0

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from PIL import Image, ImageEnhance, ImageStat
 
-if TYPE_CHECKING:  # torch and PIL stay out of the import path of config modules (CLI --help)
+if TYPE_CHECKING:  # torch stays out of the import path of config modules (CLI --help)
     import torch
-    from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -243,8 +243,7 @@ def render_view(image: Image.Image, params: ViewParams) -> torch.Tensor:
         ValueError: the image is not the size the parameters were sampled for (a different decode
             or a mismatched image set), or the parameters are inconsistent.
     """
-    import torch
-    from PIL import Image, ImageEnhance
+    import torch  # torch (1.5 s): the stage configs import AugConfig from here for --help
 
     if image.size != (params.width, params.height):
         raise ValueError(
@@ -305,8 +304,6 @@ def _contrast_mean(
 ) -> int:
     """The mean grey that ImageEnhance.Contrast uses, on the whole image after the ops that
     precede contrast in ``order`` (flip does not change a mean)."""
-    from PIL import ImageEnhance, ImageStat
-
     enhancers = {0: ImageEnhance.Brightness, 2: ImageEnhance.Color}
     for op in order[: order.index(1)]:
         image = enhancers[op](image).enhance(factors[op])
@@ -324,7 +321,7 @@ def normalize(
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> torch.Tensor:
     """``(x - mean) / std`` per channel on ``[..., 3, H, W]`` (the student's input)."""
-    import torch
+    import torch  # see render_view
 
     m = torch.as_tensor(mean, dtype=views_unit.dtype, device=views_unit.device).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=views_unit.dtype, device=views_unit.device).view(-1, 1, 1)

@@ -20,6 +20,7 @@ import io
 import tarfile
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from shards import schema
 from shards.dataset import TokenDatasetDir
@@ -36,8 +37,6 @@ def _verified_bytes(dataset: TokenDatasetDir, entry: dict) -> bytes:
 
 def stored_tokens(out_dir: str, receipt: dict) -> dict[str, np.ndarray]:
     """key -> uint16 tokens [K_old, N] of the receipt's seeds, from its Parquet or WebDataset files."""
-    import pyarrow.parquet as pq
-
     dataset = TokenDatasetDir(out_dir)
     seeds = [int(s) for s in receipt["seeds"]]
     files = receipt["files"]

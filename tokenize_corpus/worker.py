@@ -14,11 +14,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
+from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
+
+from engine.precision import resolve_precision
+from tokenize_corpus.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from shards.views import AugConfig
-    from tokenize_corpus.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,6 @@ def pick_device(preference: str, worker_name: Any) -> str:
     GPU per worker). A worker with another name (started by hand, usually one per GPU with
     ``CUDA_VISIBLE_DEVICES`` set) uses device 0.
     """
-    import torch
-
     if preference == "cpu" or not torch.cuda.is_available():
         if preference == "cuda":
             raise RuntimeError("cluster.device=cuda but this worker sees no GPU; use device=auto")
@@ -70,10 +72,6 @@ def pick_device(preference: str, worker_name: Any) -> str:
 
 def worker_device_precision(requested: str, preference: str) -> str:
     """``requested`` precision resolved on this worker's device (run on each worker)."""
-    import torch
-
-    from engine.precision import resolve_precision
-
     gpu = preference != "cpu" and torch.cuda.is_available()
     return resolve_precision(requested, "cuda" if gpu else "cpu")
 
@@ -84,10 +82,6 @@ def worker_tokenizer(job: ShardJob, worker_name: Any = None) -> Tokenizer:
     with _WORKER_LOCK:
         if _WORKER.get("key") == key:
             return _WORKER["tokenizer"]
-        import torch
-
-        from engine.precision import resolve_precision
-        from tokenize_corpus.tokenizer import load_tokenizer
 
         torch.set_num_threads(max(1, job.threads))
         if worker_name is None:
@@ -108,8 +102,6 @@ def worker_tokenizer(job: ShardJob, worker_name: Any = None) -> Tokenizer:
 
 def _worker_name() -> Any:
     try:
-        from distributed import get_worker
-
         return get_worker().name
     except ValueError:  # not inside a worker (in-process use)
         return 0

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.plots import pyplot
 from pipeline.report.discover import Part
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,9 @@ class Report:
 
     def figure(self, fig: Any, stem: str, alt: str) -> str:
         """Save a matplotlib figure as ``<stem>.png`` and return its <img> tag."""
-        import matplotlib.pyplot as plt
-
         name = self.name(stem)
         fig.savefig(self.dir / name, dpi=90, bbox_inches="tight")
-        plt.close(fig)
+        pyplot().close(fig)
         return self.image(name, alt)
 
     @staticmethod

@@ -35,6 +35,8 @@ from typing import Any
 import yaml
 
 from engine.errors import UserError
+from pipeline.stages import STAGES
+from shards.images import list_shards
 
 # Folders never searched for parts (outputs of tools, logs, the report itself).
 SKIP = {"report", "inspect", "tensorboard", "wandb", "parquet", "wds", "__pycache__"}
@@ -131,8 +133,6 @@ def is_views_study(data: Any) -> bool:
 
 @functools.cache
 def _stage_keys() -> dict[str, frozenset[str]]:
-    from pipeline.stages import STAGES
-
     return {
         name: frozenset(f.name for f in dataclasses.fields(stage.config_class()))
         for name, stage in STAGES.items()
@@ -239,8 +239,6 @@ def discover(dirs: list[str | Path]) -> list[Part]:
 def _exists(candidate: str) -> bool:
     """Whether a path, or an image source pattern (glob, brace pattern, comma list), is here."""
     if any(c in candidate for c in "*?[{,"):
-        from shards.images import list_shards
-
         try:
             return bool(list_shards(candidate, 256))
         except (OSError, ValueError):

@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import html
 
+import numpy as np
+import torch
+
+from engine.checkpoint import load_file
+from engine.plots import pyplot
 from pipeline.report.base import Report, per_part
 from pipeline.report.discover import Part, token_dataset_of
 from pipeline.report.tokens import MAX_EXAMPLES, example_rows
+from pretrain.checkpoints import split_checkpoint
+from pretrain.masking import block_mask
+from pretrain.model import BEiTv2
+from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, render_view, to_unit
 
 
 def predictions(rep: Report, part: Part) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import torch
-
-    from engine.checkpoint import load_file
-    from pretrain.checkpoints import split_checkpoint
-    from pretrain.masking import block_mask
-    from pretrain.model import BEiTv2
-    from shards.views import IMAGENET_MEAN, IMAGENET_STD, normalize, render_view, to_unit
+    plt = pyplot()
 
     ckpt_path = part.path / "checkpoint.pth"
     tokens_dir = token_dataset_of(part, rep.parts)

@@ -12,8 +12,11 @@ import logging
 import sys
 from collections.abc import Callable
 
+from tqdm import tqdm
+
 from pipeline.report import curves, mim, tables, tokens, views_study
 from pipeline.report.base import Report
+from shards.dataset import TokenDatasetDir
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +30,7 @@ td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-al
 """
 
 
-# (id, title, the kinds of part it needs, the builder); each builder imports its heavy
-# dependencies (matplotlib, torch) itself, when it runs.
+# (id, title, the kinds of part it needs, the builder)
 def _plan() -> list[tuple[str, str, tuple[str, ...], Callable[[Report], str]]]:
     return [
         ("overview", "What is here", (), tables.section_overview),
@@ -50,8 +52,6 @@ def _wanted(rep: Report, needs: tuple[str, ...]) -> bool:
     if needs == ("*metrics",):
         return any(p.file("metrics.jsonl") for p in rep.parts)
     if needs == ("*token_sets",):
-        from shards.dataset import TokenDatasetDir
-
         return any(TokenDatasetDir(str(p.path)).named_sets() for p in rep.of_kind("tokenize"))
     if needs == ("pretrain",):
         return any(p.file("checkpoint.pth") for p in rep.of_kind("pretrain"))
@@ -62,8 +62,6 @@ def _wanted(rep: Report, needs: tuple[str, ...]) -> bool:
 
 def build_page(rep: Report, title: str) -> str:
     """Build every wanted section (a progress bar on a terminal) and return the page."""
-    from tqdm import tqdm
-
     plan = [entry for entry in _plan() if _wanted(rep, entry[2])]
     bar = tqdm(plan, desc="report", unit="section", file=sys.stderr, disable=None)
     for sid, name, _, build in bar:

@@ -9,19 +9,28 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import html
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from engine.plots import pyplot
 from pipeline.report.base import Report, per_part
 from pipeline.report.discover import Part, image_source
+from shards import inspect
+from shards.dataset import TokenDatasetDir
+from shards.decode import decode_image
+from shards.images import iter_shard, list_shards
+from shards.reader import open_token_dataset
+from shards.token_sets import token_sets
+from shards.views import render_view
 
 MAX_EXAMPLES = 3  # images in the token-map and MIM sections
 
 
 def token_colours(codebook_size: int) -> Any:
     """A fixed colour per token id (hashed hue), so a token looks the same in every map."""
-    import numpy as np
-
     colours = np.zeros((codebook_size, 3), dtype=np.float32)
     for i in range(codebook_size):
         h = int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:4], "little")
@@ -32,9 +41,6 @@ def token_colours(codebook_size: int) -> Any:
 
 def token_counts(tokens_dir: Path) -> tuple[Any, Any]:
     """(dataset, int64 [V] count of each token id over every shard and seed)."""
-    from shards import inspect
-    from shards.reader import open_token_dataset
-
     ds = open_token_dataset(str(tokens_dir))
     return ds, inspect.token_counts(ds)
 
@@ -47,10 +53,6 @@ def perplexity(facts: dict) -> float:
 
 def example_rows(tokens_dir: Path, n: int) -> tuple[Any, list, dict]:
     """(dataset, first n token rows of the first shard, key -> decoded image)."""
-    from shards.decode import decode_image
-    from shards.images import iter_shard, list_shards
-    from shards.reader import open_token_dataset
-
     ds = open_token_dataset(str(tokens_dir))
     source = image_source(ds.manifest, tokens_dir)
     if source is None:
@@ -72,13 +74,7 @@ def example_rows(tokens_dir: Path, n: int) -> tuple[Any, list, dict]:
 
 
 def codebook(rep: Report, part: Part) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from shards import inspect
+    plt = pyplot()
 
     ds, counts = token_counts(part.path)
     facts = inspect.summary(ds, counts)
@@ -100,12 +96,7 @@ def codebook(rep: Report, part: Part) -> str:
 
 
 def token_maps(rep: Report, part: Part) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from shards.views import render_view
+    plt = pyplot()
 
     ds, rows, images = example_rows(part.path, MAX_EXAMPLES)
     if not rows:
@@ -147,10 +138,6 @@ def _map_axes(ax: Any, tokens: Any, grid: tuple[int, int], colours: Any, title: 
 
 def _token_sets_table(sets: list, opened: list) -> str:
     """One row per token set: tokenizer, seeds, codes used, perplexity, Parquet bytes/token."""
-    import html
-
-    from shards import inspect
-
     lines = []
     for s, ds in zip(sets, opened, strict=True):
         facts = inspect.summary(ds, inspect.token_counts(ds))
@@ -173,13 +160,7 @@ def token_sets_comparison(rep: Report, part: Part) -> str:
     Every set holds the same views (shards.token_sets), so the maps of one view differ only by
     the tokenizer; token ids of different tokenizers are unrelated (colours compare within a map).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from shards.token_sets import token_sets
-    from shards.views import render_view
+    plt = pyplot()
 
     sets = token_sets(str(part.path))
     opened = [s.open() for s in sets]
@@ -215,8 +196,6 @@ def token_sets_comparison(rep: Report, part: Part) -> str:
 
 
 def section_token_sets(rep: Report) -> str:
-    from shards.dataset import TokenDatasetDir
-
     parts = [p for p in rep.of_kind("tokenize") if TokenDatasetDir(str(p.path)).named_sets()]
     return per_part(rep, parts, lambda part: token_sets_comparison(rep, part))
 

@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from engine.plots import pyplot
 from pipeline.report.base import Report, per_part
 from pipeline.report.discover import Part, is_views_study, read_json
 
@@ -50,11 +51,7 @@ def ordered(results: Results) -> Results:
 
 def draw(results: Results) -> Any:
     """The study's figure: held-out MIM and probe top-1, mean ± stdev per configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(results)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, metric, title in zip(
@@ -74,11 +71,9 @@ def draw(results: Results) -> Any:
 
 def plot(results: Results, path: Path) -> None:
     """``draw`` saved as the PNG ``bench_seeds.py`` writes beside its JSON."""
-    import matplotlib.pyplot as plt
-
     fig = draw(results)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def load(part: Part) -> dict[str, Any]:

@@ -197,7 +197,7 @@ def test_json_of_another_shape_is_not_a_study(tmp_path, capsys):
 def test_bench_seeds_draws_with_the_reports_plot_and_records_its_command(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     bench = importlib.import_module("bench_seeds")
-    assert bench.plot is views_study.plot and bench._mean_spread is views_study.mean_spread
+    assert bench.plot is views_study.plot and bench.mean_spread is views_study.mean_spread
     command = bench.own_command(["--tokenizer", "t.pth", "--seeds", "0", "1"])
     assert command.endswith("benchmarks/bench_seeds.py --tokenizer t.pth --seeds 0 1")
     assert os.path.basename(sys.executable) in command
