@@ -21,11 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smoke  # noqa: E402
-from bench_learning_signal import add_set_argument, run_stage, use_set  # noqa: E402
-from bench_seeds import HELD_OUT_SEED, METRICS, print_table, score_student, subset_folder  # noqa: E402
+from bench_learning_signal import add_set_argument  # noqa: E402
+from bench_seeds import (  # noqa: E402
+    METRICS,
+    print_table,
+    score_student,
+    study_start,
+    tokenize_study,
+)
 
 from engine.layout import imagenet_sample_dir  # noqa: E402
-from tokenize_corpus.tokenizer import tokenizer_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = [
@@ -50,28 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_set_argument(parser)
     args = smoke.parse_args(parser, SMOKE, argv)
-    use_set(args.set)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    work = args.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    folder = subset_folder(work, args.sample, args.images)
-    shards = f"{work}/pack/shard-*.tar"
-    run_stage("pack", {"images": str(folder), "out_dir": str(work / "pack"), "shard_size": 64})
+    work, shards = study_start(args)
     tokenizer = str(args.tokenizer.resolve())
-
-    size = int(tokenizer_info(tokenizer)["image_size"])
     results: dict[str, dict[str, list[float]]] = {}
     for precision in ("fp32", "bf16"):
-        common = {"preset": "demo", "images": shards, "tokenizer": tokenizer,
-                  "aug": {"size": size}, "precision": precision}  # fmt: skip
-        run_stage(
-            "tokenize",
-            {**common, "out_dir": str(work / f"tokens-{precision}"), "seeds": [0, 1, 2, 3]},
-        )
-        run_stage(
-            "tokenize",
-            {**common, "out_dir": str(work / f"heldout-{precision}"), "seeds": [HELD_OUT_SEED]},
-        )
+        tokens, heldout = work / f"tokens-{precision}", work / f"heldout-{precision}"
+        tokenize_study(shards, tokenizer, [0, 1, 2, 3], tokens, heldout, precision=precision)
         results[precision] = {m: [] for m in METRICS}
     for seed in args.seeds:
         for precision in ("fp32", "bf16"):  # interleaved within each run seed

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import smoke
 import torch
+from synthetic import random_token_dataset
 from torchvision import transforms
 
 from engine.layout import imagenet_sample_dir
@@ -38,12 +39,10 @@ from engine.precision import autocast, resolve_precision
 from pretrain.data import MIMDataset
 from pretrain.masking import block_mask, num_masked_for
 from pretrain.model import BEiTv2, beit_config, mim_loss
-from shards.dataset import TokenDatasetDir
 from shards.decode import BadImage, decode_image
 from shards.images import iter_shard, list_shards
 from shards.reader import open_token_dataset
-from shards.views import IMAGENET_MEAN, IMAGENET_STD, AugConfig, normalize, sample_view, to_unit
-from shards.writer import TokenRow
+from shards.views import IMAGENET_MEAN, IMAGENET_STD, AugConfig, normalize, to_unit
 from tokenize_corpus.tokenizer import Tokenizer
 from tokenize_corpus.vqkd import VQKD, VQKD_SIZES, VQKDModelConfig
 
@@ -178,46 +177,12 @@ class ImageOnlyDataset(torch.utils.data.IterableDataset):
 
 
 def build_random_tokens(images: str, out: Path, size: int, shard_size: int, jitter: bool) -> str:
-    """A token dataset over ``images`` with sampled views and random tokens (loader speed does
-    not depend on token values)."""
+    """A token dataset over ``images`` with sampled views (colour jitter or not) and random
+    tokens (loader speed does not depend on token values)."""
     aug = AugConfig(size=size, jitter=(0.4, 0.4, 0.4) if jitter else ())
-    seeds = (0, 1, 2, 3)
     grid = size // 16
     tokenizer = {"codebook_size": 8192, "grid": [grid, grid], "image_size": size, "patch_size": 16}
-    shards = list_shards(images, shard_size=shard_size)
-    rng = np.random.default_rng(0)
-    dataset = TokenDatasetDir(str(out))
-    receipts = []
-    for shard in shards:
-        rows, skipped = [], []
-        for record in iter_shard(shard):
-            try:
-                image = decode_image(record.data)
-            except BadImage as err:
-                skipped.append((record.key, str(err)))
-                continue
-            views = [sample_view(aug, record.key, s, image.width, image.height) for s in seeds]
-            tokens = rng.integers(0, 8192, (len(seeds), grid * grid), dtype=np.uint16)
-            rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
-        receipts.append(
-            dataset.write_shard(
-                shard.index,
-                len(shards),
-                shard.url,
-                seeds,
-                rows,
-                skipped,
-                ("webdataset",),
-                tokenizer=tokenizer,
-            )
-        )
-    info = {
-        "tokenizer": tokenizer,
-        "seeds": list(seeds),
-        "num_shards": len(shards),
-        "images": {"source": images, "shard_size": shard_size},
-    }
-    dataset.write_manifest(receipts, info)
+    random_token_dataset(images, out, shard_size, (0, 1, 2, 3), aug, tokenizer, ("webdataset",))
     return str(out)
 
 

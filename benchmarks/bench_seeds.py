@@ -69,6 +69,35 @@ def subset_folder(work: Path, sample: Path, count: int) -> Path:
     return folder
 
 
+def study_start(args: argparse.Namespace) -> tuple[Path, str]:
+    """How every views study starts (this script, bench_precision_training, bench_token_sets):
+    the training set of ``--set``, logging, ``--work-dir`` and the subset of ``--sample`` packed
+    into shards. Returns (work folder, shard glob)."""
+    use_set(args.set)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    folder = subset_folder(work, args.sample, args.images)
+    shards = f"{work}/pack/shard-*.tar"
+    run_stage("pack", {"images": str(folder), "out_dir": str(work / "pack"), "shard_size": 64})
+    return work, shards
+
+
+def tokenize_study(
+    shards: str, tokenizer: str, seeds: list[int], tokens: Path, heldout: Path, **settings: object
+) -> float:
+    """Stage 2 of a study (demo preset, the tokenizer's image size, ``settings`` on top): ``seeds``
+    into ``tokens``, then the held-out seed into ``heldout``; the first run's seconds."""
+    size = int(tokenizer_info(tokenizer)["image_size"])
+    common = {"preset": "demo", "images": shards, "tokenizer": tokenizer, "aug": {"size": size}}
+    common |= settings
+    start = time.perf_counter()
+    run_stage("tokenize", {**common, "out_dir": str(tokens), "seeds": list(seeds)})
+    seconds = time.perf_counter() - start
+    run_stage("tokenize", {**common, "out_dir": str(heldout), "seeds": [HELD_OUT_SEED]})
+    return seconds
+
+
 @torch.no_grad()
 def held_out_mim_accuracy(checkpoint: Path, images: str, heldout: str) -> float:
     """Final-layer MIM top-1 (%) on the held-out views, masks fixed by a run seed of 999."""
@@ -152,23 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/seeds_k.json")
     add_set_argument(parser)
     args = smoke.parse_args(parser, SMOKE, argv)
-    use_set(args.set)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    work = args.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    folder = subset_folder(work, args.sample, args.images)
-    shards = f"{work}/pack/shard-*.tar"
-    run_stage("pack", {"images": str(folder), "out_dir": str(work / "pack"), "shard_size": 64})
+    work, shards = study_start(args)
     tokenizer = str(args.tokenizer.resolve())
-
-    size = int(tokenizer_info(tokenizer)["image_size"])
-    common = {"preset": "demo", "images": shards, "tokenizer": tokenizer, "aug": {"size": size}}
-    start = time.perf_counter()
-    run_stage(
-        "tokenize", {**common, "out_dir": str(work / "tokens"), "seeds": list(range(max(args.ks)))}
-    )
-    tokenize_seconds = time.perf_counter() - start
-    run_stage("tokenize", {**common, "out_dir": str(work / "heldout"), "seeds": [HELD_OUT_SEED]})
+    seeds = list(range(max(args.ks)))
+    tokenize_seconds = tokenize_study(shards, tokenizer, seeds, work / "tokens", work / "heldout")
 
     configs = {f"K={k}": {"views": {"seeds": list(range(k))}} for k in args.ks}
     configs["fresh"] = {"targets": "online", "tokenizer": tokenizer, "views": {"source": "fresh"}}

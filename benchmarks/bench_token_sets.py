@@ -34,14 +34,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smoke  # noqa: E402
-from bench_learning_signal import add_set_argument, run_stage, use_set  # noqa: E402
+from bench_learning_signal import add_set_argument, run_stage  # noqa: E402
 from bench_seeds import (  # noqa: E402
     HELD_OUT_SEED,
     METRICS,
     own_command,
     print_table,
     score_student,
-    subset_folder,
+    study_start,
 )
 
 from engine.layout import imagenet_sample_dir  # noqa: E402
@@ -151,13 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/token_sets.json")
     add_set_argument(parser)
     args = smoke.parse_args(parser, SMOKE, argv)
-    use_set(args.set)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    work = args.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    folder = subset_folder(work, args.sample, args.images)
-    shards = f"{work}/pack/shard-*.tar"
-    run_stage("pack", {"images": str(folder), "out_dir": str(work / "pack"), "shard_size": 64})
+    work, shards = study_start(args)
     report = {
         "command": own_command(argv, __file__),
         "args": {k: str(v) for k, v in vars(args).items()},

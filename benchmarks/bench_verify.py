@@ -27,19 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import smoke
 import torch
+from synthetic import random_token_dataset
 
 from engine.layout import imagenet_sample_dir
 from pretrain.data import MIMDataset
-from shards.dataset import TokenDatasetDir
-from shards.decode import BadImage, decode_image
 from shards.images import iter_shard, list_shards
 from shards.reader import open_token_dataset
 from shards.verify import preflight
-from shards.views import AugConfig, sample_view
-from shards.writer import TokenRow
+from shards.views import AugConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = [
@@ -50,31 +47,8 @@ SMOKE = [
 
 def build(images: Path, out: Path, shard_size: int, seeds: tuple[int, ...]) -> None:
     """A token dataset as stage 2 lays it out, with random tokens (speed does not depend on them)."""
-    aug = AugConfig(size=224)
-    shards = list_shards(str(images), shard_size=shard_size)
-    rng = np.random.default_rng(0)
     tok = {"fingerprint": "b" * 64, "codebook_size": 8192, "grid": [14, 14], "image_size": 224}
-    dataset = TokenDatasetDir(str(out))
-    receipts = []
-    for shard in shards:
-        rows, skipped = [], []
-        for record in iter_shard(shard):
-            try:
-                image = decode_image(record.data)
-            except BadImage as err:
-                skipped.append((record.key, str(err)))
-                continue
-            views = [sample_view(aug, record.key, s, image.width, image.height) for s in seeds]
-            tokens = rng.integers(0, 8192, (len(seeds), 196), dtype=np.uint16)
-            rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
-        receipts.append(
-            dataset.write_shard(
-                shard.index, len(shards), shard.url, seeds, rows, skipped, tokenizer=tok
-            )
-        )
-    info = {"tokenizer": tok, "seeds": list(seeds), "aug": {"size": 224}}
-    info["images"] = {"source": str(images), "shard_size": shard_size}
-    dataset.write_manifest(receipts, info)
+    random_token_dataset(str(images), out, shard_size, seeds, AugConfig(size=224), tok)
 
 
 def make(images: str, tokens: str, shard_size: int, verify: bool, blocks: int) -> MIMDataset:

@@ -1,4 +1,5 @@
-"""Synthetic inputs for the benchmarks: token rows, an ImageNet-like sample, a tiny tokenizer.
+"""Synthetic inputs for the benchmarks: token rows, an ImageNet-like sample, a tiny tokenizer,
+random tokens for real images.
 
 The figures in BENCHMARKS.md were measured on real inputs where they matter (the ImageNet sample,
 a trained tokenizer); these stand-ins are what the byte-count benchmarks measure with (random
@@ -8,13 +9,19 @@ absent (see ``smoke.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from shards.views import ViewParams
+from shards import schema
+from shards.dataset import TokenDatasetDir
+from shards.decode import BadImage, decode_image
+from shards.images import iter_shard, list_shards
+from shards.views import AugConfig, ViewParams, sample_view
 from shards.writer import TokenRow
 
 # VQKDModelConfig fields of the smallest tokenizer the stages accept: 32 px, patch 8 (a 4x4
@@ -106,3 +113,54 @@ def tokenizer(path: str | Path, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     return save_tokenizer(VQKD(VQKDModelConfig(**TINY_VQKD)).eval(), path)
+
+
+def random_token_dataset(
+    images: str,
+    out: Path,
+    shard_size: int,
+    seeds: tuple[int, ...],
+    aug: AugConfig,
+    tokenizer: dict,
+    formats: Sequence[str] = schema.FORMATS,
+) -> None:
+    """A token dataset over the real ``images``, laid out as stage 2 writes it: every image
+    decoded, its views sampled at ``seeds``, its tokens random over ``tokenizer``'s codebook
+    and grid (what loaders and checks cost does not depend on the token values)."""
+    shards = list_shards(images, shard_size=shard_size)
+    num_tokens = tokenizer["grid"][0] * tokenizer["grid"][1]
+    rng = np.random.default_rng(0)
+    dataset = TokenDatasetDir(str(out))
+    receipts = []
+    for shard in shards:
+        rows, skipped = [], []
+        for record in iter_shard(shard):
+            try:
+                image = decode_image(record.data)
+            except BadImage as err:
+                skipped.append((record.key, str(err)))
+                continue
+            views = [sample_view(aug, record.key, s, image.width, image.height) for s in seeds]
+            shape = (len(seeds), num_tokens)
+            tokens = rng.integers(0, tokenizer["codebook_size"], shape, dtype=np.uint16)
+            rows.append(TokenRow(record.key, record.label, views, tokens, record.sha256))
+        receipts.append(
+            dataset.write_shard(
+                shard.index,
+                len(shards),
+                shard.url,
+                seeds,
+                rows,
+                skipped,
+                formats,
+                tokenizer=tokenizer,
+            )  # fmt: skip
+        )
+    info = {
+        "tokenizer": tokenizer,
+        "seeds": list(seeds),
+        "aug": dataclasses.asdict(aug),
+        "num_shards": len(shards),
+        "images": {"source": images, "shard_size": shard_size},
+    }
+    dataset.write_manifest(receipts, info)

@@ -28,16 +28,17 @@ class Stage:
     job_script: str = ""
 
     def config_class(self) -> type:
-        return _load(self.config)
+        return load_target(self.config)
 
     def run_fn(self) -> Callable[[Any], dict]:
-        return _load(self.run)
+        return load_target(self.run)
 
     def job_script_fn(self) -> Callable[[Any], str] | None:
-        return _load(self.job_script) if self.job_script else None
+        return load_target(self.job_script) if self.job_script else None
 
 
-def _load(target: str) -> Any:
+def load_target(target: str) -> Any:
+    """The object a ``"module:attr"`` string names (the module is imported now, not before)."""
     module, attr = target.split(":")
     return getattr(importlib.import_module(module), attr)
 

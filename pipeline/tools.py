@@ -8,9 +8,10 @@ the entry, the same way for every tool: adding a sub-command is adding one entry
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from pipeline.stages import load_target
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,7 @@ class Tool:
     failure: str = ""
 
     def function(self) -> Callable[[list[str]], int]:
-        module, attr = self.target.split(":")
-        return getattr(importlib.import_module(module), attr)
+        return load_target(self.target)
 
 
 TOOLS: dict[str, Tool] = {

@@ -87,7 +87,7 @@ def list_shards(
     """
     if shard_size < 1:
         raise ImageSourceError(f"shard_size must be >= 1, got {shard_size}")
-    entries = _split_list(images)
+    entries = split_source(images)
     if not entries:
         raise ImageSourceError("images= is empty; pass a folder, tar shards or parquet files")
     if len(entries) == 1:
@@ -151,8 +151,9 @@ def list_keys(shard: ImageShard) -> list[str]:
     return parquet_keys(shard.url)
 
 
-def _split_list(images: str | os.PathLike | Sequence[str]) -> list[str]:
-    """A list as is; a string split on commas that are not inside braces."""
+def split_source(images: str | os.PathLike | Sequence[str]) -> list[str]:
+    """The entries of an image source: a list as is; a string split on the commas that are not
+    inside braces (a brace pattern holds commas of its own), each entry stripped."""
     if isinstance(images, os.PathLike):
         return [os.fspath(images)]
     if not isinstance(images, str):

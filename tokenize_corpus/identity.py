@@ -25,6 +25,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+from engine.config import to_dict
 from shards import schema
 from shards.images import iter_shard
 from shards.records import ImageRecord, ImageShard
@@ -51,7 +52,7 @@ def job_identity(
     return {
         "schema_version": schema.SCHEMA_VERSION,
         "tokenizer_fingerprint": fingerprint,
-        "aug": _plain(dataclasses.asdict(aug)),
+        "aug": to_dict(aug),  # tuples as lists: equal to its JSON read back
         "seeds": [int(s) for s in seeds],
         "precision": precision,
         "formats": sorted(formats),
@@ -70,15 +71,6 @@ def view_facts(
         "images": {"source": images, "shard_size": int(shard_size), "kind": shards[0].kind},
         "num_shards": len(shards),
     }
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so a value read back from JSON compares equal."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def identity_changes(old: dict | None, new: dict) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from engine.errors import ConfigError
 from engine.precision import resolve_precision
 from shards.errors import MissingShards, TokenDatasetMismatch
-from shards.images import list_shards
+from shards.images import list_shards, split_source
 from shards.reader import open_token_dataset
 from shards.records import ImageShard
 from shards.schema import FORMATS
@@ -50,17 +50,8 @@ class Preflight:
 
 
 def absolute(source: str) -> str:
-    """Local paths of a source made absolute (each comma-separated part); URLs unchanged."""
-    parts, depth, current = [], 0, []
-    for ch in source:  # split on commas outside braces (brace patterns hold commas)
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return ",".join(absolute_path(p.strip()) for p in parts if p.strip())
+    """Local paths of a source made absolute (each comma-separated entry); URLs unchanged."""
+    return ",".join(absolute_path(entry) for entry in split_source(source))
 
 
 def absolute_path(path: str) -> str:

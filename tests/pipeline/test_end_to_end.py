@@ -17,6 +17,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 from PIL import Image
+from support.chromium import rendered_dom, screenshot, skip_without_chromium
 
 from pipeline.cli import main as cli
 from pipeline.demo_corpus import build_demo_corpus
@@ -120,7 +121,6 @@ SECTIONS = {  # the report's sections for a stage=all run, in page order: id -> 
     "files": "Where the files are",
 }
 SECTION_TITLE = r'<section id="([^"]+)"><h2>([^<]+)</h2>'
-CHROMIUM = Path("/usr/bin/chromium")  # `apt-get install -y chromium` (.ci/run installs it)
 
 
 @dataclass(frozen=True)
@@ -235,26 +235,15 @@ def test_stage_all_report_has_every_section(stage_all):
         assert f"<td>{result['top1']:.2f}</td>" in _section(text, "linprobe"), name
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)"
-)
+@skip_without_chromium
 def test_stage_all_report_renders_in_headless_chromium(stage_all, tmp_path):
     url = (stage_all.run / "report" / "index.html").as_uri()
-    browser = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2600",
-    ]  # fmt: skip
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [*browser, f"--screenshot={shot}", url], check=True, timeout=120, capture_output=True
-    )
+    shot, profile = tmp_path / "shot.png", tmp_path / "profile"
+    screenshot(url, shot, profile, height=2600)
     with Image.open(shot) as im:
         assert im.size == (1200, 2600)
         colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
     # text, tables and figures on a white page: many colours, not a blank or single-colour page
     assert colours is None or len(colours) > 16, colours
-    dom = subprocess.run(
-        [*browser, "--dump-dom", url], check=True, timeout=120, capture_output=True, text=True
-    ).stdout
+    dom = rendered_dom(url, profile, height=2600)
     assert re.findall(SECTION_TITLE, dom) == list(SECTIONS.items())

@@ -3,14 +3,13 @@
 import json
 import os
 import shutil
-import subprocess
 from dataclasses import asdict
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
+from support.chromium import rendered_dom, screenshot, skip_without_chromium
 
 from pipeline.demo_corpus import build_demo_corpus
 from pipeline.report.command import write_report
@@ -21,7 +20,6 @@ from shards.images import iter_shard, list_shards
 from shards.views import AugConfig, sample_view
 from shards.writer import TokenRow
 
-CHROMIUM = Path("/usr/bin/chromium")  # `apt-get install -y chromium`
 SECTIONS = ("overview", "timings", "curves", "codebook", "token-maps", "mim", "linprobe", "files")
 
 
@@ -160,35 +158,19 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert "nothing to report" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed")
+@skip_without_chromium
 def test_renders_in_headless_chromium(tmp_path):
     run = tmp_path / "run"
     _tiny_run(run)
     page = write_report(run)
-    shot = tmp_path / "shot.png"
-    common = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=1200,2000",
-    ]
+    shot, profile = tmp_path / "shot.png", tmp_path / "profile"
     url = page.as_uri()
-    subprocess.run(
-        [*common, f"--screenshot={shot}", url], check=True, timeout=120, capture_output=True
-    )
+    screenshot(url, shot, profile, height=2000)
     assert shot.is_file() and shot.stat().st_size > 10_000
     keep = os.environ.get("REPORT_SCREENSHOT")  # a path: keep the screenshot to look at
     if keep:
         shutil.copy(shot, keep)
-    dom = subprocess.run(
-        [*common, "--dump-dom", url], check=True, timeout=120, capture_output=True, text=True
-    ).stdout
+    dom = rendered_dom(url, profile, height=2000)
     parsed = _parse(dom)
     assert set(SECTIONS) <= parsed.ids
     assert all((page.parent / src).is_file() for src in parsed.imgs)

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from support import token_datasets as helpers
 
+from benchmarks.synthetic import fake_rows
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
@@ -11,7 +13,7 @@ def dataset(tmp_path_factory):
     helpers.make_dataset(out)
     expected = {}
     for i in range(3):
-        for row in helpers.fake_rows(i, 5):
+        for row in fake_rows(i, 5):
             for position, seed in enumerate(helpers.SEEDS):
                 expected[(row.key, seed)] = (row.label, row.tokens[position])
     return out, expected
@@ -70,9 +72,7 @@ def test_webdataset_reads_tars(dataset):
     samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
     assert len(samples) == 15
     first = [s["__key__"] for s in samples[:5]]
-    assert first == [
-        r.key for r in helpers.fake_rows(0, 5)
-    ]  # same keys, same order as image shard 0
+    assert first == [r.key for r in fake_rows(0, 5)]  # same keys, same order as image shard 0
     for sample in samples:
         tokens = sample["tokens.npy"]  # [K, N]
         assert tokens.dtype == np.uint16 and tokens.shape == (2, 16)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from support import token_datasets as helpers
 
+from benchmarks.synthetic import fake_rows
 from shards import schema
 from shards.dataset import TokenDatasetDir
 from shards.errors import CorruptTokenShard, MissingShards, TokenDatasetMismatch
@@ -17,7 +18,7 @@ def test_round_trip(tmp_path, fmt):
     assert ds.num_shards == 3 and ds.seeds == helpers.SEEDS and ds.num_tokens == 16
     assert ds.codebook_size == helpers.CODEBOOK
     for i in range(3):
-        expected = helpers.fake_rows(i, 5)
+        expected = fake_rows(i, 5)
         got = ds.read_shard(i, fmt)
         assert list(got) == [r.key for r in expected]  # image-shard order kept
         for row in expected:

@@ -3,8 +3,8 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from support import token_datasets as helpers
 
+from benchmarks.synthetic import fake_view
 from shards import schema
 
 
@@ -22,7 +22,7 @@ def test_schema_is_pinned():
 @pytest.mark.parametrize("seed", [0, 3])
 def test_view_row_holds_every_view_column(seed):
     # The round trip (write, read back, equal views) is tests/shards/test_reader.py's.
-    view = helpers.fake_view(np.random.default_rng(seed), seed)
+    view = fake_view(np.random.default_rng(seed), seed)
     row = schema.view_to_row(view)
     assert set(row) == {schema.SEED, *schema.VIEW_COLUMNS} and row[schema.SEED] == seed
 

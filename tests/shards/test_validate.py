@@ -5,6 +5,7 @@ import json
 import pytest
 from support import token_datasets as helpers
 
+from benchmarks.synthetic import fake_rows
 from engine.errors import UserError
 from shards import schema
 from shards.validate import image_alignment, main
@@ -27,14 +28,17 @@ def test_corrupted_file(dataset, capsys):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     assert main([str(dataset)]) == 1
-    assert "parquet/seed=1/train-00000-of-00003.parquet is damaged (its sha256 differs" in capsys.readouterr().out
+    assert (
+        "parquet/seed=1/train-00000-of-00003.parquet is damaged (its sha256 differs"
+        in capsys.readouterr().out
+    )
 
 
 def test_out_of_range_token(dataset, capsys):
     # Rewrite shard 2 with a token == codebook size, then restore the manifest's codebook claim.
     from shards.dataset import TokenDatasetDir
 
-    rows = helpers.fake_rows(2, 5)
+    rows = fake_rows(2, 5)
     rows[3].tokens[1, 7] = helpers.CODEBOOK
     big = {**helpers.TOKENIZER, "codebook_size": 65536}
     receipt = TokenDatasetDir(str(dataset)).write_shard(
@@ -83,7 +87,7 @@ def _replace_parquet(dataset, rows):
 
 
 def test_parquet_and_webdataset_disagree(dataset, capsys):
-    rows = helpers.fake_rows(0, 5)
+    rows = fake_rows(0, 5)
     rows[2].tokens[0] = (rows[2].tokens[0] + 1) % helpers.CODEBOOK
     _replace_parquet(dataset, rows)
     assert main([str(dataset)]) == 1
@@ -94,7 +98,7 @@ def test_parquet_and_webdataset_disagree(dataset, capsys):
 
 
 def test_row_count_differs(dataset, capsys):
-    _replace_parquet(dataset, helpers.fake_rows(0, 5)[:4])
+    _replace_parquet(dataset, fake_rows(0, 5)[:4])
     assert main([str(dataset)]) == 1
     out = capsys.readouterr().out
     assert "shard 0: webdataset has 5 rows, its receipt says 4" in out

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from support import token_datasets as helpers
 
+from benchmarks.synthetic import fake_rows
 from shards import schema
 from shards.dataset import TokenDatasetDir
 
@@ -79,9 +80,9 @@ def test_empty_shard_and_refusals(tmp_path):
     )
     assert receipt["rows"] == 0 and dataset.receipt(0) == receipt
     assert dataset.damaged_files(receipt) == {}
-    rows = helpers.fake_rows(0, 2)
+    rows = fake_rows(0, 2)
     with pytest.raises(ValueError, match="outside"):
-        bad = helpers.fake_rows(0, 1)
+        bad = fake_rows(0, 1)
         bad[0].tokens = bad[0].tokens + np.uint16(helpers.CODEBOOK)
         TokenDatasetDir(str(tmp_path)).write_shard(
             0, 1, "x.tar", (0, 1), bad, [], tokenizer=helpers.TOKENIZER

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from support.stage2 import TINY, make_corpus, make_tokenizer
-from support.token_datasets import fake_rows
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.synthetic import fake_rows
 from engine.config import build_stage_config, parse_overrides
 from pipeline.cli import main as cli
 from shards.writer import parquet_bytes, wds_bytes
