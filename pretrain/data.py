@@ -1,28 +1,10 @@
-"""Stage 3 data path (docs/design.md §5): image shards and their aligned token shards, read side by side.
+"""Stage 3 data path: :class:`MIMDataset` reads image shards and their token shards side by side.
 
-Each sample is one image: it picks one of its K stored views (a deterministic function of run
-seed, epoch and key), re-renders that view from the *stored* ``ViewParams`` with the same function
-stage 2 used (``shards.views.render_view``: never re-sampled), normalises it with the ImageNet
-mean/std, gets a block-wise mask drawn from (run seed, epoch, key), and carries the stored tokens
-of that view. Images that stage 2 skipped are skipped here too, and counted.
-
-Read-time choices (docs/design.md §5): ``seeds`` uses a subset of the stored seeds (K is an
-experiment, not a rebuild; Parquet then reads only those seeds' files), and ``source="fresh"``
-(with a tokenizer in the loop, ``online=True``) samples a new view every epoch from the
-dataset's augmentation, as the reference does: the view seed is a function of (run seed, epoch),
-so a run is deterministic and each epoch differs.
-
-Nothing read is trusted (``shards.verify``): before the first sample the manifest, receipts and
-footers must agree and every file must be there at its size; each token file's sha256 is checked
-when read, and each image's sha256 against its row's ``image_sha256`` before its view is
-rendered. Image shards are matched to token shards 1:1 when they are the ones stage 2 read, else
-by key (``pretrain.matching``: any copy of the same images, packed any way).
-
-Work is split by whole shards over DDP ranks and DataLoader workers: every epoch the shard order
-is shuffled with a generator seeded by (run seed, epoch), identically on every rank, and global
-worker ``w`` of ``W`` takes shards ``w, w + W, ...`` of that order. Inside a worker a seeded
-shuffle buffer mixes samples. Because shard sizes are known from the receipts, every rank can
-compute the same number of batches per epoch without talking to the others.
+Each sample is one image: one of its K stored views, re-rendered from its stored ``ViewParams``
+with the function stage 2 used (``shards.views.render_view``), normalised, with a block mask and
+the view's stored tokens. Which view each epoch, what is verified before and while reading
+(``shards.verify``), how a copy of the images is matched by key (``pretrain.matching``) and how
+shards are split over ranks and DataLoader workers are docs/design.md §5.
 """
 
 from __future__ import annotations

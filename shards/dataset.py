@@ -1,9 +1,10 @@
 """One token-dataset directory, and the one object that reads and writes it: :class:`TokenDatasetDir`.
 
-Everything about a dataset's directory goes through this object (docs/design.md §3-§4): the
-filesystem is resolved once from the URL, and every file it holds has a method: a shard's token
-files and receipt (:meth:`~TokenDatasetDir.write_shard`, :meth:`~TokenDatasetDir.receipts`,
-:meth:`~TokenDatasetDir.damaged_files`), the manifest and the card, the run's config, the lock,
+Everything about a dataset's directory goes through this object (the layout is docs/design.md
+§3, the names ``shards.schema``): the filesystem is resolved once from the URL, and every file it
+holds has a method: a shard's token files and receipt (:meth:`~TokenDatasetDir.write_shard`,
+:meth:`~TokenDatasetDir.receipts`, :meth:`~TokenDatasetDir.damaged_files`), the manifest and the
+card, the run's config, the lock (``.lock``, or the heartbeat ``.lock.json`` on object stores),
 and the names of its token sets. It pickles as its URL, so a Dask task can carry it.
 ``shards.reader.TokenDataset`` reads the rows of a finished dataset through it.
 
@@ -12,18 +13,6 @@ missing or cannot be parsed means the same thing everywhere: the shard is **not 
 :meth:`~TokenDatasetDir.receipt` returns None for it, :meth:`~TokenDatasetDir.receipts` leaves
 it out (logging the unreadable ones), the stage-2 driver redoes the shard, and a reader of the
 finished dataset (whose manifest holds a copy of every receipt) refuses a shard without one.
-
-Layout (names from ``shards.schema``)::
-
-    <root>/config.yaml             the last run's resolved config (what the user asked for)
-    <root>/receipts/shard-<i>.json one per finished image shard; written last, marks it done
-    <root>/parquet/seed=<s>/...    token files listed in the receipts
-    <root>/wds/tokens-<i>.tar.gz
-    <root>/manifest.json           assembled from the receipts when every shard is done
-    <root>/README.md               the dataset card
-    <root>/token_sets/<name>/      another tokenizer's targets for the same views (a dataset too)
-    <root>/.lock                   held (flock) while a run writes here (local disks)
-    <root>/.lock.json              the same for object stores: a heartbeat record
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""Check a token dataset before and while it is read (docs/design.md §3, §5).
+"""Stage 3's checks of a token dataset (docs/design.md §5, "Verify first").
 
-Stage 3 trains hundreds of epochs on what it reads, and a wrong target is invisible in the loss,
-so it trusts nothing it has not checked:
-
-- before any step, :func:`preflight`: the tokenizer fingerprint is the same in the manifest,
-  in every receipt's job identity and in every Parquet footer; every file a receipt lists exists
-  with its recorded size (codebook and grid against the model: ``TokenDataset.check``);
-- while reading, ``TokenDataset.read_shard`` compares each file's sha256 with its receipt (the
-  bytes are in memory anyway: hashing 400 KB costs a fraction of a millisecond) and turns any
-  damage into :class:`CorruptTokenShard`, naming the file and the remedy;
-- while rendering, the image's sha256 must equal the row's ``image_sha256``
-  (:func:`check_image_digest`), or the run stops with :class:`ImageDigestMismatch`.
-
-The errors are ``shards.errors`` user errors: the CLI prints them without a traceback, also when
-a DataLoader worker raised them.
+:func:`preflight` runs before any step (fingerprints of the manifest, receipts and Parquet
+footers; every listed file at its recorded size); :func:`check_image_digest` runs before each
+view is rendered. The token files' sha256 is checked where they are read
+(``TokenDataset.read_shard``). The errors are ``shards.errors`` user errors: the CLI prints them
+without a traceback, also when a DataLoader worker raised them.
 """
 
 from __future__ import annotations

@@ -10,17 +10,9 @@ batch schedulers:
 - :func:`make_cluster`: the dask-jobqueue cluster object for the run's settings (its scheduler
   starts; no job is submitted), whose ``job_script()`` is written beside the run and which
   ``sbatch --test-only`` checks (:func:`test_submission`) before the first job goes in;
-- :class:`JobWatch`: keeps ``cluster.jobs`` worker jobs running while shards remain. A batch
-  scheduler takes workers away at any time (preemption, walltime, a failed node). dask-jobqueue
-  replaces none of them by itself, and it never notices a job that ends before its worker
-  connects; the watch asks the batch scheduler which jobs are still queued or running, forgets
-  the ended ones and scales back up. When job after job ends without a worker, it gives up,
-  and the run ends with exit 1 (a rerun resumes).
-
-The shard tasks a lost worker was running are rescheduled by Dask on another worker (Dask's
-``allowed-failures`` bounds how often one task may lose its worker). Workers get ``--lifetime``
-a little under the walltime, staggered, so they leave gracefully before the batch scheduler
-kills them, and ``--death-timeout`` so that a killed driver leaves no job running.
+- :class:`JobWatch`: keeps ``cluster.jobs`` worker jobs running while shards remain, replacing
+  the jobs the batch scheduler ends (dask-jobqueue does not), and gives up (exit 1, a rerun
+  resumes) when job after job ends without a worker.
 """
 
 from __future__ import annotations

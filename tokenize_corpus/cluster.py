@@ -1,26 +1,16 @@
 """Stage 2's Dask side: the cluster of one run, and the tasks it runs (docs/design.md §4).
 
-:class:`DaskCluster` is the cluster of ``cluster.kind``, opened for one run and closed with it:
+:class:`DaskCluster` is the cluster of ``cluster.kind`` (``local``, ``address``, ``slurm`` /
+``pbs`` through ``tokenize_corpus.batch``, ``slurm-runner`` inside ``srun``: docs/design.md §4,
+"Where it runs"), opened for one run and closed with it; it starts on first use
+(:meth:`DaskCluster.client`), after every check that needs no cluster has passed, and a run that
+can get no worker stops with :class:`ClusterLost` instead of waiting forever.
 
-- ``local``: a LocalCluster on this machine (its nannies restart a crashed worker);
-- ``address``: an existing scheduler (``cluster.address``);
-- ``slurm`` / ``pbs``: the scheduler runs here, worker jobs are submitted through dask-jobqueue
-  and kept running by a :class:`tokenize_corpus.batch.JobWatch`; every job is cancelled when the
-  run ends, fails or is interrupted;
-- ``slurm-runner``: inside ``srun -n N`` every task runs this command; dask-jobqueue's
-  SLURMRunner makes rank 0 the scheduler and ranks 2.. workers, which serve until the run on
-  rank 1 ends and then leave (only rank 1 gets past :meth:`DaskCluster.__enter__`).
-
-The cluster starts on first use (:meth:`DaskCluster.client`), after every check that needs no
-cluster has passed. A run that can get no worker (its jobs keep failing, an external cluster
-has none) stops with :class:`ClusterLost` instead of waiting forever.
-
-Each worker runs one task at a time (``nthreads=1``): memory per worker is bounded by one shard,
-whatever the corpus size. The tasks are :func:`check_receipts` (does a finished shard still
-hold? Read on the workers, so the driver never reads image or token bytes) and
-:func:`run_tasks` (one :func:`tokenize_corpus.shard_task.tokenize_shard` per shard). Dask's own
-logging is quiet unless ``log_level=info|debug``; this module logs its own progress so that the
-first seconds of a run are not silent.
+Each worker runs one task at a time (``nthreads=1``). The tasks are :func:`check_receipts` (does a
+finished shard still hold? read on the workers, so the driver never reads image or token bytes)
+and :func:`run_tasks` (one :func:`tokenize_corpus.shard_task.tokenize_shard` per shard). Dask's
+own logging is quiet unless ``log_level=info|debug``; this module logs its own progress so that
+the first seconds of a run are not silent.
 """
 
 from __future__ import annotations

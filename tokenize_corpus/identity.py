@@ -1,21 +1,15 @@
-"""What a token shard was made from: the job's identity and the image shard's (docs/design.md §4).
+"""What a token shard was made from, as every receipt records it (docs/design.md §4, "Resume").
 
-Every receipt carries both, so a rerun can tell, shard by shard, whether finished work still
-belongs to the current command:
+- :func:`job_identity`: the settings every token depends on (tokenizer fingerprint,
+  augmentation, seeds, resolved precision, formats, schema version);
+- :func:`image_shard_identity`: the image shard's kind, listing and checksum (the file's sha256,
+  or :class:`RecordsDigest` over a folder slice's records);
+- the comparisons a rerun makes with them: :func:`identity_changes`,
+  :func:`image_shard_changes`, :func:`added_seeds`.
 
-- the **job identity** (:func:`job_identity`): tokenizer fingerprint, augmentation, seeds,
-  resolved precision, formats and schema version: everything that shapes a token. A receipt
-  whose job identity differs from the current run's comes from another dataset; the driver
-  refuses to mix the two (docs/design.md §4, "Resume").
-- the **image shard's identity** (:func:`image_shard_identity`): its kind, its listing (for
-  folder sources the keys, files and labels of the slice; for tar/Parquet files the file's size)
-  and a checksum of its contents (sha256 of the file, or of the records read from a folder).
-  A receipt whose image shard differs was made from other pixels: that shard is redone.
-
-The checksum of a folder slice is :class:`RecordsDigest` over the records ``iter_shard`` yields:
-``key NUL len NUL bytes`` per record, in shard order, so a shard task (while it reads) and a
-resume check (``tokenize_corpus.resume.check_receipt``) compute the same value without sharing
-state.
+:class:`RecordsDigest` hashes ``key NUL len NUL bytes`` per record in shard order, so a shard task
+(while it reads) and a resume check (``tokenize_corpus.resume.check_receipt``) compute the same
+value without sharing state.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """Stage 2 driver: tokenize image shards at K view seeds on Dask into a token dataset.
 
 ``pipeline run stage=tokenize images=<shards> tokenizer=<ckpt> out_dir=<dir>`` runs
-:func:`tokenize` (docs/design.md §2-§4). In order:
-
-1. **Preflight** (``tokenize_corpus.preflight``): every setting, the image source and the
-   tokenizer (read from its checkpoint, no model built) are checked before a cluster starts.
-2. **Lock** ``out_dir`` (``shards.dataset.TokenDatasetDir.lock``): a second run into the same
-   directory is refused while this one writes.
-3. **Resume** (``tokenize_corpus.resume``): receipts of another job are refused; shards whose
-   images or token files changed are redone; the rest are kept.
-4. **Run** one Dask task per remaining shard (``tokenize_corpus.cluster``,
-   ``tokenize_corpus.shard_task``), then assemble ``manifest.json`` from the receipts.
-
-A run that fails leaves ``out_dir`` reusable: rerunning the same (or the corrected) command
-keeps what still matches and redoes the rest.
+:func:`tokenize`: preflight (``tokenize_corpus.preflight``), the lock on ``out_dir``, the resume
+plan (``tokenize_corpus.resume``), one Dask task per remaining shard (``tokenize_corpus.cluster``,
+``tokenize_corpus.shard_task``), then ``manifest.json`` from the receipts. The order and what
+each step promises are docs/design.md §4.
 """
 
 from __future__ import annotations
