@@ -144,7 +144,7 @@ class Loop:
     lr: float = 0.0  # the rate of the last step
 
 
-def _records(images: str, shard_size: int) -> list[Record]:
+def labelled_records(images: str, shard_size: int) -> list[Record]:
     """The labelled images of ``images`` that decode (each is decoded once here, so a bad one
     is skipped and counted rather than failing a DataLoader worker mid-epoch)."""
     out, bad = [], 0
@@ -207,9 +207,9 @@ def _loaders(
 
 def _split(cfg: FinetuneConfig) -> tuple[list[Record], list[Record], int]:
     """(train records, val records, number of classes)."""
-    records = _records(cfg.images, cfg.shard_size)
+    records = labelled_records(cfg.images, cfg.shard_size)
     if cfg.images_val:
-        train_recs, val_recs = records, _records(cfg.images_val, cfg.shard_size)
+        train_recs, val_recs = records, labelled_records(cfg.images_val, cfg.shard_size)
     else:
         train_recs = [r for r in records if not key_in_val(r[0], cfg.val_fraction)]
         val_recs = [r for r in records if key_in_val(r[0], cfg.val_fraction)]

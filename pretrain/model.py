@@ -192,7 +192,8 @@ class BEiTv2(nn.Module):
         """Parameter names the reference exempts from weight decay beyond biases and 1-D params."""
         return {"cls_token"}
 
-    def _embed(self, views: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, views: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Patch embeddings with the masked ones replaced, the CLS token prepended: [B, 1+N, D]."""
         x = self.patch_embed(views)  # [B, N, D]
         if mask is not None:
             # Masked patches become the mask token before the CLS token is prepended, so their
@@ -204,7 +205,7 @@ class BEiTv2(nn.Module):
     def forward_features(self, views: torch.Tensor) -> torch.Tensor:
         """Backbone features without masking: [B, 3, H, W] normalised -> [B, 1+N, D] after the
         final norm (what timm's ``forward_features`` returns for the exported backbone)."""
-        x = self._embed(views, None)
+        x = self.embed(views, None)
         bias = self.rel_pos_bias()  # [heads, 1+N, 1+N]
         for blk in self.blocks:
             x = blk(x, shared_rel_pos_bias=bias)
@@ -218,7 +219,7 @@ class BEiTv2(nn.Module):
         (None without it), M = mask.sum(), rows in the order of ``tokens[mask]``.
         """
         mask = mask.bool()
-        x = self._embed(views, mask)  # [B, 1+N, D]
+        x = self.embed(views, mask)  # [B, 1+N, D]
         bias = self.rel_pos_bias()  # [heads, 1+N, 1+N]
         early = self.cfg.early_layers
         early_patches = None

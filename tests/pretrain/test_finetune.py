@@ -84,7 +84,7 @@ def test_images_that_do_not_decode_are_skipped_not_fatal(tmp_path, corpus):
     shutil.copytree(corpus, images)
     first = sorted(p for p in images.rglob("*") if p.is_file())[0]
     first.write_bytes(b"not an image")
-    records = ft._records(str(images), shard_size=8)
+    records = ft.labelled_records(str(images), shard_size=8)
     assert len(records) == 31 and first.stem not in {
         key.rsplit("/", 1)[-1] for key, _, _ in records
     }

@@ -102,7 +102,7 @@ def test_masked_patch_pixels_do_not_reach_outputs():
     changed[0, :, 8:16, 8:16] += 3.0
     with torch.no_grad():
         a, b = model(views, mask), model(changed, mask)
-        embedded = model._embed(changed, mask)  # [B, 1+N, D]
+        embedded = model.embed(changed, mask)  # [B, 1+N, D]
     assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["head_logits"], b["head_logits"])
     # The masked positions carry the mask token, after the CLS token.
     assert torch.equal(embedded[:, 1:][mask], model.mask_token[0].expand(3, -1))
@@ -137,7 +137,7 @@ def test_forward_matches_manual_cls_head_computation():
     with torch.no_grad():
         unmasked = model.forward_features(views)
         empty = torch.zeros(2, 16, dtype=torch.bool)
-        x = model._embed(views, empty)
+        x = model.embed(views, empty)
         for blk in model.blocks:
             x = blk(x, shared_rel_pos_bias=bias)
     torch.testing.assert_close(unmasked, model.norm(x))
