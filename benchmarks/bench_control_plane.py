@@ -98,6 +98,8 @@ def _write_tar(path: Path, members: list[tuple[str, int]], jpegs: list[bytes]) -
 
 def _token_shard(job: tuple) -> None:
     """Write one shard of the fabricated token dataset (a worker of the build's pool)."""
+    # The build's and the operations' imports are local: a measured process imports only what
+    # its operation needs, so its peak RSS is that operation's (torch alone is ~480 MiB).
     from shards.dataset import TokenDatasetDir
     from shards.images import iter_shard, list_shards
     from shards.views import AugConfig, sample_view
@@ -180,7 +182,9 @@ def tokenize_args(paths: dict[str, str]) -> list[str]:
 
 
 def operation(name: str, paths: dict[str, str]) -> dict:
-    """Run one operation in this process; returns what it found (checked by the caller)."""
+    """Run one operation in this process; returns what it found (checked by the caller).
+
+    Each branch imports what its operation needs (see ``_token_shard``)."""
     if name in ("list", "list_folder"):
         from shards.images import list_shards
 
@@ -278,11 +282,9 @@ def growth(scales: list[int], values: list[float]) -> float:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    from engine.plots import pyplot  # matplotlib: only the parent draws
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     scales = results["scales"]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in OPERATIONS:
