@@ -35,6 +35,7 @@ import io
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -249,8 +250,11 @@ def child(name: str, work: Path, images: int) -> None:
     tick = time.perf_counter()
     found = operation(name, paths)
     seconds = time.perf_counter() - tick
+    # the processes it started and waited for (validate's check processes, Dask's workers)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_rss_mib(),
-                      "import_rss_mib": baseline, **found}))  # fmt: skip
+                      "import_rss_mib": baseline, "children_peak_rss_mib": children,
+                      **found}))  # fmt: skip
 
 
 def measure(name: str, work: Path, images: int, repeats: int) -> dict:
@@ -270,8 +274,10 @@ def measure(name: str, work: Path, images: int, repeats: int) -> dict:
     result["peak_rss_mib"] = [round(r["peak_rss_mib"], 1) for r in runs]
     result["median_seconds"] = round(statistics.median(result["seconds"]), 3)
     result["median_peak_rss_mib"] = round(statistics.median(result["peak_rss_mib"]), 1)
+    result["children_peak_rss_mib"] = round(max(r["children_peak_rss_mib"] for r in runs), 1)
     print(f"n={images:>8} {name:<16} {result['median_seconds']:8.2f} s "
-          f"{result['median_peak_rss_mib']:8.0f} MiB", flush=True)  # fmt: skip
+          f"{result['median_peak_rss_mib']:8.0f} MiB (its processes: "
+          f"{result['children_peak_rss_mib']:.0f} MiB)", flush=True)  # fmt: skip
     return result
 
 

@@ -12,8 +12,11 @@ Prints every problem found and returns 1 when there is any, 0 otherwise.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -23,12 +26,16 @@ from shards.dataset import TokenDatasetDir
 from shards.errors import MissingShards, TokenDatasetMismatch
 from shards.images import iter_shard, list_shards
 from shards.key_index import KeyIndex
-from shards.reader import TokenDataset
+from shards.reader import TokenDataset, open_token_dataset
 from shards.records import BadShard
 from shards.token_sets import compare_views, token_sets
 
 log = logging.getLogger(__name__)
 
+# More shards than this are checked by several processes (check_shards), in chunks of this size.
+PARALLEL_SHARDS = 32
+CHUNK_SHARDS = 16
+MAX_PROCESSES = 16
 USAGE = "usage: pipeline validate DIR [images=<image source>] [shard_size=<n>] [checksum=false]"
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
@@ -111,6 +118,34 @@ def check_shard(ds: TokenDataset, receipt: dict, checksum: bool) -> list[str]:
             at = f" at key {key!r}" if key is not None else ""
             problems.append(f"shard {i}: Parquet and WebDataset differ{at}: {what}")
     return problems
+
+
+def check_shards(ds: TokenDataset, shards: Sequence[int], checksum: bool) -> list[str]:
+    """:func:`check_shard` of every shard of ``shards``, problems in shard order.
+
+    Reading a shard is mostly parsing (Python, one core); a dataset of more than
+    ``PARALLEL_SHARDS`` shards is checked by one process per core (at most
+    ``MAX_PROCESSES``), each opening the dataset itself and taking chunks of shards.
+    """
+    processes = min(os.cpu_count() or 1, MAX_PROCESSES)
+    if len(shards) <= PARALLEL_SHARDS or processes < 2:
+        return [p for i in shards for p in check_shard(ds, ds.receipt(i), checksum)]
+    chunks = [list(shards[i : i + CHUNK_SHARDS]) for i in range(0, len(shards), CHUNK_SHARDS)]
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds threads
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        found = pool.map(_check_chunk, [ds.path] * len(chunks), chunks, [checksum] * len(chunks))
+        return [p for problems in found for p in problems]
+
+
+def _check_chunk(path: str, shards: list[int], checksum: bool) -> list[str]:
+    """One process's part of :func:`check_shards` (the dataset opened once per process)."""
+    if _OPENED.get("path") != path:
+        _OPENED.update(path=path, ds=open_token_dataset(path))
+    ds = _OPENED["ds"]
+    return [p for i in shards for p in check_shard(ds, ds.receipt(i), checksum)]
+
+
+_OPENED: dict = {}  # the dataset a check process has open
 
 
 def check_images(ds: TokenDataset, images: str, shard_size: int) -> list[str]:
@@ -217,6 +252,7 @@ def validate(
     on_disk = dataset.receipts()
     for i in ds.missing_shards:
         problems.append(f"shard {i}: no receipt in the manifest (the shard failed or never ran)")
+    readable = []
     for i, receipt in sorted(ds.receipts.items()):
         if i not in on_disk:
             problems.append(
@@ -229,7 +265,8 @@ def validate(
                 f"shard {i}: receipt has schema version {receipt.get('schema_version')}"
             )
             continue
-        problems += check_shard(ds, receipt, checksum)
+        readable.append(i)
+    problems += check_shards(ds, readable, checksum)
     if images:
         source = ds.manifest.get("images")
         recorded = source.get("shard_size") if isinstance(source, dict) else None

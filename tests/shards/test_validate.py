@@ -34,6 +34,23 @@ def test_corrupted_file(dataset, capsys):
     )
 
 
+def test_many_shards_are_checked_by_several_processes_with_the_same_findings(dataset, monkeypatch):
+    """Above PARALLEL_SHARDS shards, check processes take chunks; the problems and their order
+    are those of checking in this process."""
+    import shards.validate as validate_module
+
+    for relative in (schema.parquet_path(1, 0, 3), schema.wds_path(2)):
+        path = dataset / relative
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    alone = validate_module.validate(str(dataset))
+    monkeypatch.setattr(validate_module, "PARALLEL_SHARDS", 1)
+    monkeypatch.setattr(validate_module, "CHUNK_SHARDS", 1)
+    assert validate_module.validate(str(dataset)) == alone
+    assert len(alone) == 2 and "shard 0" in alone[0] and "shard 2" in alone[1]
+
+
 def test_out_of_range_token(dataset, capsys):
     # Rewrite shard 2 with a token == codebook size, then restore the manifest's codebook claim.
     from shards.dataset import TokenDatasetDir
