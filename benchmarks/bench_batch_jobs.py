@@ -5,10 +5,12 @@ On a real SLURM (``tests/slurm/up.sh`` gives a one-node one), the same job runs
 
   undisturbed   the reference: wall time of the whole command
   preempted     one worker job is cancelled (``scancel``) when the first shard is done: wall
-                time, seconds from the cancel until SLURM shows its replacement queued and then
-                running, and whether the dataset is byte-identical to the undisturbed one
+                time (the other worker goes on; a replacement comes if shards remain)
+  all_preempted every worker job is cancelled when the first shard is done: seconds from the
+                cancel until SLURM shows a replacement queued and then running, and wall time
   killed        the driver is ``kill -9``'d when the first shard is done: seconds until its
                 worker jobs have left the queue (their workers notice the lost scheduler)
+Each preempted run's dataset is compared byte for byte with the undisturbed one.
 
 The images are a folder of small synthetic JPEGs packed into WebDataset shards with
 ``stage=pack``; the tokenizer is the tiny random one of ``synthetic.tokenizer`` (the worker's
@@ -40,7 +42,8 @@ import synthetic
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = [sys.executable, "-m", "pipeline.cli"]
 JOB_NAME = "beitv2-tokenize"  # tokenize_corpus.batch.JOB_NAME
-KINDS = {"undisturbed": "", "preempted": "preempt", "killed": "kill"}
+KINDS = {"undisturbed": "", "preempted": "preempt", "all_preempted": "preempt-all",
+         "killed": "kill"}  # fmt: skip
 SMOKE = ["--shards", "2", "--per-shard", "20", "--repeats", "1", "--kinds", "undisturbed",
          "--work={tmp}/work", "--out={tmp}/batch_jobs.json"]  # fmt: skip
 
@@ -105,7 +108,7 @@ def wait(condition, timeout: float, poll: float = 0.2) -> float:
 
 
 def run(images: str, tokenizer: str, out: Path, disturb: str) -> dict:
-    """One run; ``disturb`` is "", "preempt" or "kill" (see the module docstring)."""
+    """One run; ``disturb`` is "", "preempt", "preempt-all" or "kill" (see the module docstring)."""
     shutil.rmtree(out, ignore_errors=True)
     start = time.monotonic()
     proc = subprocess.Popen(command(images, tokenizer, out), cwd=ROOT, stdout=subprocess.PIPE,
@@ -115,16 +118,17 @@ def run(images: str, tokenizer: str, out: Path, disturb: str) -> dict:
         if disturb:
             wait(lambda: receipts(out) >= 1, 300)
             before = our_jobs()
-            if disturb == "preempt":
-                victim = min(before, key=int)
-                subprocess.run(["scancel", victim], check=True, timeout=30)
+            if disturb.startswith("preempt"):
+                victims = sorted(before, key=int)[: 1 if disturb == "preempt" else None]
+                subprocess.run(["scancel", *victims], check=True, timeout=30)
+            if disturb == "preempt-all":
                 new = lambda: set(our_jobs()) - set(before)  # noqa: E731
                 result["replacement_queued_s"] = round(wait(lambda: bool(new()), 120), 2)
                 result["replacement_running_s"] = (
                     round(wait(lambda: "RUNNING" in {our_jobs().get(j) for j in new()}, 120), 2)
                     + result["replacement_queued_s"]
                 )
-            else:
+            elif disturb == "kill":
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
                 result["jobs_gone_s"] = round(
@@ -169,7 +173,7 @@ def main() -> None:
             for kind in args.kinds:
                 runs[kind].append(run(images, tokenizer, args.work / f"out-{kind}", KINDS[kind]))
                 wait(lambda: not our_jobs(), 120)  # the next run starts from an empty queue
-        digests = {r["digest"] for kind in ("undisturbed", "preempted") for r in runs.get(kind, [])}
+        digests = {r["digest"] for k in KINDS if k != "killed" for r in runs.get(k, [])}
         results = {
             "images": args.shards * args.per_shard,
             "shards": args.shards,

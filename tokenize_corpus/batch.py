@@ -34,6 +34,7 @@ import dask
 import dask_jobqueue
 from dask.utils import parse_bytes, parse_timedelta
 from dask_jobqueue.slurm import SLURMRunner
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 from engine.errors import ConfigError
 from tokenize_corpus.config import ClusterConfig
@@ -312,12 +313,16 @@ class JobWatch:
         self.on_failure = on_failure
         self.failure: str | None = None
         self.failed_starts = 0  # jobs in a row that ended before a worker connected
-        self.connected: set[str] = set()  # ids of jobs whose workers have connected
+        # ids of jobs whose workers have connected, noted by the scheduler as each arrives (a
+        # look every few seconds could miss a job preempted soon after it connected)
+        self.connected: set[str] = set()
+        self._seen: set[str] = set()  # the part of ``connected`` the last look had seen
         self._unsubmitted: dict[str, float] = {}  # job name -> when first seen without an id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-watch", daemon=True)
 
     def start(self) -> JobWatch:
+        self.jq.scheduler.add_plugin(_Arrivals(self.jq, self.connected), name="job-arrivals")
         self.jq.scale(jobs=self.jobs)
         self._thread.start()
         return self
@@ -358,11 +363,9 @@ class JobWatch:
         if live is None:
             return
         up = self._connected_jobs()
-        for name in up:
-            job_id = getattr(self.jq.workers.get(name), "job_id", None)
-            if job_id and job_id not in self.connected:
-                self.connected.add(job_id)
-                self.failed_starts = 0
+        if self.connected - self._seen:  # a worker arrived since the last look
+            self._seen |= self.connected
+            self.failed_starts = 0
         now = time.monotonic()
         unseen = []
         for name, job in list(self.jq.workers.items()):
@@ -388,6 +391,22 @@ class JobWatch:
                 self.on_failure(self.failure)
             return
         self.jq.scale(jobs=self.jobs)  # submits what the cluster or the watch dropped
+
+
+class _Arrivals(SchedulerPlugin):
+    """Adds to ``job_ids`` the batch job id of every worker that connects to the scheduler."""
+
+    def __init__(self, jq: Any, job_ids: set[str]) -> None:
+        self.jq = jq
+        self.job_ids = job_ids
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        name = str(scheduler.workers[worker].name)
+        for job, spec in list(self.jq.worker_spec.items()):
+            if name in {f"{job}{suffix}" for suffix in spec.get("group", [""])}:
+                job_id = getattr(self.jq.workers.get(job), "job_id", None)
+                if job_id:
+                    self.job_ids.add(job_id)
 
 
 async def _forget(jq: Any, names: list[str]) -> None:
