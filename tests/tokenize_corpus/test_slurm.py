@@ -106,6 +106,16 @@ def run_cli(args: list[str], timeout: float = 240, env: dict | None = None):
     )  # fmt: skip
 
 
+def start_cli(args: list[str], log: Path) -> subprocess.Popen:
+    """``pipeline run stage=tokenize args`` in the background, its output going to ``log`` (a
+    pipe nobody reads while the test waits could fill and stall the run)."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [*PIPELINE, "run", "stage=tokenize", *args], cwd=ROOT, env=environment(),
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
 def our_jobs() -> dict[str, str]:
     """Job id -> state of the worker jobs (by their name) that SLURM has now."""
     out = subprocess.run(
@@ -180,11 +190,8 @@ def test_preempted_worker_jobs_are_replaced_and_the_rows_do_not_change(
     """scancel both worker jobs in turn while shards are in flight: their shards run again on
     the replacements, the run ends 0 and the dataset equals the undisturbed one."""
     out = tmp_path / "tokens"
-    proc = subprocess.Popen(
-        [*PIPELINE, "run", "stage=tokenize", *data_args(slow_corpus, out), *JOB, *BATCH,
-         "cluster.jobs=2"],
-        cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    log = tmp_path / "run.log"
+    proc = start_cli([*data_args(slow_corpus, out), *JOB, *BATCH, "cluster.jobs=2"], log)
     try:
         with JobSpy() as spy:
             wait_until(lambda: receipts(out) >= 1, 120, "the first finished shard")
@@ -192,12 +199,13 @@ def test_preempted_worker_jobs_are_replaced_and_the_rows_do_not_change(
             subprocess.run(["scancel", first[0]], check=True, timeout=30)  # a preemption
             wait_until(lambda: receipts(out) >= SHARDS // 2, 120, "half of the shards")
             subprocess.run(["scancel", *first[1:]], check=True, timeout=30)  # and the other
-            stdout, stderr = proc.communicate(timeout=240)
+            proc.wait(timeout=240)
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+    output = log.read_text()
+    assert proc.returncode == 0, output[-3000:]
     assert len(spy.seen) >= 3, spy.seen  # at least one replacement job was submitted
-    assert "Traceback" not in stderr
+    assert "Traceback" not in output
     assert_same_rows(slow_local_run, out)
 
 
@@ -206,10 +214,7 @@ def test_a_killed_driver_leaves_no_job_running_and_a_rerun_finishes_it(
 ):
     out = tmp_path / "tokens"
     args = [*data_args(slow_corpus, out), *JOB, *BATCH, "cluster.jobs=2"]
-    proc = subprocess.Popen(
-        [*PIPELINE, "run", "stage=tokenize", *args], cwd=ROOT, env=environment(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = start_cli(args, tmp_path / "killed.log")
     try:
         wait_until(lambda: receipts(out) >= 2, 120, "two finished shards")
         jobs = set(our_jobs())
@@ -333,20 +338,18 @@ def test_an_interrupted_run_cancels_its_jobs_and_says_a_rerun_resumes(
     """Ctrl-C, or the SIGTERM of a scancel'd driver job: every worker job is cancelled by the
     driver itself (at once, not after the workers' death timeout), nothing is left queued."""
     out = tmp_path / "tokens"
-    proc = subprocess.Popen(
-        [*PIPELINE, "run", "stage=tokenize", *data_args(slow_corpus, out), *JOB, *BATCH,
-         "cluster.jobs=2"],
-        cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    log = tmp_path / "run.log"
+    proc = start_cli([*data_args(slow_corpus, out), *JOB, *BATCH, "cluster.jobs=2"], log)
     try:
         wait_until(lambda: receipts(out) >= 1, 120, "the first finished shard")
         jobs = set(our_jobs())
         proc.send_signal(signum)
-        _, stderr = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == code, stderr[-3000:]
-    assert "rerun the same command to resume" in stderr and "Traceback" not in stderr
+    output = log.read_text()
+    assert proc.returncode == code, output[-3000:]
+    assert "rerun the same command to resume" in output and "Traceback" not in output
     assert wait_until(lambda: not set(our_jobs()) & jobs, 15, "the jobs to be cancelled") < 10
     assert not (out / ".lock").exists()  # the lock is released
 
