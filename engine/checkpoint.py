@@ -1,10 +1,4 @@
-"""Checkpoint and artifact I/O: atomic, shareable writes and safe reads.
-
-Writes go to a temporary file beside the target, are fsynced and renamed into place, so a reader
-(or a rerun after kill -9) sees the old file or the new one, never half of one. The file mode
-follows the umask (0644 under 022), as a plain ``open()`` would: tokenizers, checkpoints and
-exports are shared with teammates. fsspec URLs (``s3://...``) are written in one put, since
-object stores publish whole objects.
+"""Checkpoint I/O: torch files saved atomically (``engine.atomic``), and safe reads.
 
 Reads never unpickle code: torch files are loaded with ``weights_only=True`` only and
 ``.safetensors`` through safetensors. A file that needs full unpickling is refused with how to
@@ -17,59 +11,18 @@ import argparse
 import io
 import os
 import pickle
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import fsspec
 import safetensors.torch
 import torch
 
+from engine.atomic import write_bytes_atomic
 from engine.errors import CheckpointError, CheckpointNotFound
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _umask() -> int:
-    # os.umask can only be read by setting it; put it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename); returns the path.
-
-    Parent folders are created. The file gets mode ``0o666 & ~umask``, like ``open(path, "w")``.
-    """
-    path = str(path)
-    if _is_remote(path):
-        with fsspec.open(path, "wb") as f:
-            f.write(data)
-        return path
-    local = path.removeprefix("file://")
-    folder = os.path.dirname(os.path.abspath(local))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=Path(local).suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the mode a plain open() would have.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, local)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def save_atomic(obj: Any, path: str | os.PathLike) -> str:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`write_bytes_atomic`).
+    """``torch.save(obj)`` to ``path`` atomically (``engine.atomic.write_bytes_atomic``).
 
     ``obj`` should hold tensors and plain Python values only, so that :func:`load_file`
     (``weights_only=True``) can read it back.

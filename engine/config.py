@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
+from engine.atomic import write_bytes_atomic
 from engine.errors import ConfigError
 
 
@@ -259,15 +260,15 @@ def from_dict(cls: type, values: dict[str, Any]) -> Any:
     return build_config(cls, values)
 
 
-def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved config as YAML (``config.yaml`` beside a run's outputs).
+def config_text(cfg: Any) -> str:
+    """The resolved config as YAML: a complete layer (``config=<file>`` rebuilds ``cfg``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
-    The file is a complete layer: ``pipeline run stage=X config=<this file>`` rebuilds ``cfg``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return path
+
+def save_config(cfg: Any, path: str | Path) -> str:
+    """Write :func:`config_text` atomically (``config.yaml`` beside a run's outputs; a local
+    path or an fsspec URL); returns the path."""
+    return write_bytes_atomic(path, config_text(cfg).encode("utf-8"))
 
 
 def describe(cls: type, prefix: str = "", values: Any = None) -> list[tuple[str, str, Any, str]]:

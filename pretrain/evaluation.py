@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.checkpoint import write_bytes_atomic
+from engine.atomic import write_bytes_atomic
 from engine.errors import UserError
 from pretrain.backbones import check_backbone
 from pretrain.eval_config import FinetuneConfig, LinprobeConfig

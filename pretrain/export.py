@@ -50,7 +50,8 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from engine.checkpoint import save_atomic, write_bytes_atomic
+from engine.atomic import write_bytes_atomic
+from engine.checkpoint import save_atomic
 from engine.errors import CheckpointNotFound, UserError
 from pretrain.backbones import backbone_state_dict
 from pretrain.checkpoints import (

@@ -29,10 +29,11 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from engine.atomic import is_temporary, publish
 from shards import card, schema
 from shards.errors import DatasetBusy
 from shards.manifest import build_manifest
-from shards.storage import dataset_fs, dumps, file_sha256, is_local, join, publish, read_json
+from shards.storage import dataset_fs, dumps, file_sha256, is_local, join, read_json
 from shards.writer import TokenRow, shard_files
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class TokenDatasetDir:
         return self.fs.cat_file(self.path(relative))
 
     def write_bytes(self, relative: str, data: bytes) -> None:
-        """Publish ``data`` at ``relative`` atomically (``shards.storage.publish``)."""
+        """Publish ``data`` at ``relative`` atomically (``engine.atomic.publish``)."""
         self.fs.makedirs(self.root, exist_ok=True)
         publish(self.fs, self.path(relative), data)
 
@@ -257,18 +258,14 @@ class TokenDatasetDir:
         return removed
 
     def remove_partial_files(self) -> int:
-        """Delete temporary files left by a killed run (the writer's ``.<name>.<random>.tmp``).
+        """Delete temporary files left by a killed run (``engine.atomic``'s ``.<name>.<random>.tmp``).
 
         Only local disks have them (object stores publish whole objects); their random names
         would otherwise make a resumed dataset differ from an uninterrupted one.
         """
         if not self.local or not self.exists():
             return 0
-        stale = [
-            p
-            for p in self.fs.find(self.root)
-            if p.rsplit("/", 1)[-1].startswith(".") and p.endswith(".tmp")
-        ]
+        stale = [p for p in self.fs.find(self.root) if is_temporary(p.rsplit("/", 1)[-1])]
         for path in stale:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(path)

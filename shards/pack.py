@@ -23,15 +23,13 @@ import json
 import logging
 import posixpath
 import tarfile
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
+from engine.atomic import publish
 from engine.config import StageConfig, save_config
 from engine.errors import ConfigError
 from engine.layout import DEMO, RUNS
@@ -80,7 +78,7 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
     if fs.exists(out) and not fs.isdir(out):
         raise ConfigError(f"out_dir={cfg.out_dir} is a file; pass a folder for the image shards")
     fs.makedirs(out, exist_ok=True)
-    _save_config(fs, out, cfg)
+    save_config(cfg, posixpath.join(cfg.out_dir.rstrip("/"), "config.yaml"))
 
     total = sum(len(s.keys) for s in sources) if sources[0].kind == "folder" else None
     writer = _ShardWriter(fs, out, cfg.shard_size)
@@ -136,7 +134,7 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
         "bad_shards": bad_shards,
     }
     index_path = posixpath.join(out, "index.json")
-    _publish(fs, index_path, (json.dumps(index, indent=1) + "\n").encode())
+    publish(fs, index_path, (json.dumps(index, indent=1) + "\n").encode())
     if skipped:
         log.warning("skipped %d records; see %s", len(skipped), index_path)
     return {
@@ -251,24 +249,6 @@ class _ShardWriter:
 
 def _tmp_path(path: str) -> str:
     return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
-
-
-def _publish(fs: Any, path: str, payload: bytes) -> None:
-    """Write to a temporary name, then rename (atomic on local disks; on object stores the
-    rename is a copy, and index.json, written last, is what marks the output complete)."""
-    tmp = _tmp_path(path)
-    with fs.open(tmp, "wb") as f:
-        f.write(payload)
-    fs.mv(tmp, path)
-
-
-def _save_config(fs: Any, out: str, cfg: PackConfig) -> None:
-    if isinstance(fs, LocalFileSystem):
-        save_config(cfg, Path(out) / "config.yaml")
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = save_config(cfg, Path(tmp) / "config.yaml")
-        fs.put_file(str(local), posixpath.join(out, "config.yaml"))
 
 
 def _remove_stale(fs: Any, out: str, count: int) -> None:

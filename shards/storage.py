@@ -1,12 +1,7 @@
-"""Where a token dataset lives: fsspec filesystems, member paths, atomic publishing, JSON bytes.
+"""Where a token dataset lives: fsspec filesystems, member paths, hashing, JSON bytes.
 
 Every read and write of a token dataset goes through fsspec, so a dataset may live on a local
-disk or an object store (``s3://...``). Publishing is atomic either way:
-
-- local disk: write a temporary file beside the target, fsync, ``os.replace``;
-- object stores, which have no rename: one PUT per object (each PUT is atomic). Writers publish
-  a shard's receipt last, so a crash in between leaves a shard that the next run redoes.
-
+disk or an object store (``s3://...``); writes are atomic either way (``engine.atomic.publish``).
 JSON is written deterministically (sorted keys, fixed indent), so reruns give identical bytes.
 """
 
@@ -14,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from typing import Any
 
 import fsspec
@@ -59,24 +52,3 @@ def file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
         for block in iter(lambda: f.read(HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Make ``data`` appear at ``path`` all at once (see the module docstring)."""
-    if not is_local(fs):
-        fs.pipe_file(path, data)
-        return
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

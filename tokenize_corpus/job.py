@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from engine.config import to_dict
+from engine.config import config_text
 from engine.errors import ConfigError
 from shards.dataset import TokenDatasetDir
 from shards.errors import DataIntegrityError
@@ -138,7 +136,7 @@ def _run(
         check_job_identity(dataset, receipts, identity)
     verdicts = check_receipts(cluster, dataset, pre.shards, receipts)
     plan = plan_resume(pre.shards, receipts, identity, verdicts)
-    dataset.write_config(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    dataset.write_config(config_text(cfg))
     log.info(
         "%d image shards: %d already done, %d to tokenize at precision %s",
         len(pre.shards),

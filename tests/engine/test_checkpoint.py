@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint import load_file, save_atomic, write_bytes_atomic
+from engine.atomic import write_bytes_atomic
+from engine.checkpoint import load_file, save_atomic
 from engine.errors import CheckpointError, CheckpointNotFound, UserError
 
 

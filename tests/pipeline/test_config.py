@@ -1,6 +1,7 @@
 """The config system is strict: typos and wrong types fail before any work, naming the key."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import pytest
@@ -167,7 +168,7 @@ def test_unknown_key_lists_the_valid_ones():
 def test_saved_config_round_trips(tmp_path):
     cfg = build_config(Toy, {"epochs": 7, "resume_from": "a.pt", "optim": {"lr": 0.25}})
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
-    loaded = yaml.safe_load(path.read_text())
+    loaded = yaml.safe_load(Path(path).read_text())
     assert loaded == to_dict(cfg)
     assert from_dict(Toy, loaded) == cfg
 
