@@ -10,7 +10,9 @@ string ``"007"``, ``seed=0x10`` is the integer 16, ``flag=yes`` is ``True``. Val
 or a YAML file are already typed and are checked, not re-parsed.
 
 Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Optional[X]``, ``Literal[...]``,
-``tuple[X, ...]`` and nested dataclasses.
+``tuple[X, ...]`` and nested dataclasses. A number's range is part of its type:
+``Annotated[int, Range(1)]``, or one of the named ones below (:data:`Count`, :data:`Seed`, ...),
+so every value is checked when the config is built, before a cluster or a model starts.
 
 A field's help text is the comment beside it (or the comment lines just above it) in the class
 source, so the documentation a reader of the code sees is the one ``--help`` prints.
@@ -29,7 +31,7 @@ import tokenize
 import types
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -39,6 +41,45 @@ from engine.errors import ConfigError
 
 class Raw(str):
     """A value typed on the command line: parsed once the field's type is known."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a number field (``Annotated[int, Range(1)]``): ``lo <= v <= hi``,
+    ``lo < v`` when ``open_lo``; ``None`` is unbounded."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+
+    def check(self, key: str, value: float) -> None:
+        """Raise ConfigError naming ``key`` and the range when ``value`` is outside it."""
+        low = self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo)
+        if low or self.hi is not None and value > self.hi:
+            raise ConfigError(f"{key}={value} is out of range: it must be {self}")
+
+    def __str__(self) -> str:
+        lo = None if self.lo is None else f"{'>' if self.open_lo else '>='} {_number(self.lo)}"
+        hi = None if self.hi is None else f"<= {_number(self.hi)}"
+        if lo and hi and not self.open_lo:
+            return f"from {_number(self.lo)} to {_number(self.hi)}"
+        return " and ".join(x for x in (lo, hi) if x)
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+SEED_MAX = 2**31 - 1  # seeds are stored as int32 (the token dataset's seed column)
+
+Count = Annotated[int, Range(1)]  # at least one: sizes, counts, epochs, batch sizes
+NonNegative = Annotated[int, Range(0)]  # zero allowed (often "off" or "its default")
+Seed = Annotated[int, Range(0, SEED_MAX)]  # a random seed (view seeds, training seeds)
+Positive = Annotated[float, Range(0, open_lo=True)]  # a positive number: a learning rate, eps
+NonNegativeFloat = Annotated[
+    float, Range(0)
+]  # zero allowed: a weight decay, a floor, an epoch share
+Fraction = Annotated[float, Range(0, 1)]  # a share or a probability, 0 to 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +118,16 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML config layer (for example a run's saved ``config.yaml``)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config={path}: no such file; give the config.yaml of a run")
+        what = "is a folder" if path.is_dir() else "no such file"
+        raise ConfigError(f"config={path}: {what}; give the config.yaml of a run")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"config={path} is not a text file (not UTF-8); give the config.yaml of a run"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config={path} cannot be read: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config={path} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
@@ -135,7 +183,7 @@ def build_stage_config(
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     unknown = [k for k in values if k not in fields]
     if unknown:
         key = unknown[0]
@@ -164,6 +212,13 @@ def _split_list(raw: str) -> list[Raw]:
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
+    if origin is Annotated:
+        inner, *extras = get_args(tp)
+        value = _coerce(inner, value, key)
+        for extra in extras:
+            if isinstance(extra, Range):
+                extra.check(key, value)
+        return value
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value
@@ -277,7 +332,7 @@ def describe(cls: type, prefix: str = "", values: Any = None) -> list[tuple[str,
     ``values`` is a built config whose values to show (a preset's); default: the class defaults.
     """
     rows = []
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     values = cls() if values is None else values
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
@@ -330,6 +385,10 @@ def _own_field_docs(cls: type) -> dict[str, str]:
 
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
+    if origin is Annotated:
+        inner, *extras = get_args(tp)
+        ranges = [str(e) for e in extras if isinstance(e, Range)]
+        return " ".join([_type_name(inner), *ranges])
     if origin is Literal:
         return "|".join(map(str, get_args(tp)))
     if origin in (Union, types.UnionType):

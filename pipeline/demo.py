@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.config import StageConfig, merge, parse_overrides, save_config
+from engine.config import Count, Seed, StageConfig, merge, parse_overrides, save_config
 from engine.errors import ConfigError, UserError
 from engine.layout import DEMO, RunLayout, imagenet_sample_dir
 from pipeline.cli import build_stage_config
@@ -54,12 +54,12 @@ class AllConfig(StageConfig):
     out_dir: str = DEMO.root  # the run root: one folder per stage (engine/layout.py)
     # labelled images to use instead of the built-in demo corpus (folder, tars or parquet)
     images: str | None = None
-    corpus_images: int = 512  # demo corpus: number of images (16 classes, 32 each)
-    corpus_size: int = 96  # demo corpus: image side in pixels
-    corpus_seed: int = 0
-    shard_size: int = 128  # images per packed shard (several shards -> several Dask tasks)
-    seeds: tuple[int, ...] = (0, 1, 2, 3)  # view seeds tokenized in stage 2
-    n_workers: int = 2  # Dask LocalCluster workers
+    corpus_images: Count = 512  # demo corpus: number of images (16 classes, 32 each)
+    corpus_size: Count = 96  # demo corpus: image side in pixels
+    corpus_seed: Seed = 0
+    shard_size: Count = 128  # images per packed shard (several shards -> several Dask tasks)
+    seeds: tuple[Seed, ...] = (0, 1, 2, 3)  # view seeds tokenized in stage 2
+    n_workers: Count = 2  # Dask LocalCluster workers
     stage_preset: str = "demo"  # the preset each stage starts from
     stages: tuple[str, ...] = STAGE_ORDER  # which stages to run (later ones use earlier outputs)
     probe_teacher: bool = True  # also probe the teacher's own features (a third baseline)
@@ -282,11 +282,6 @@ def _preflight(cfg: AllConfig, runner: _Runner) -> None:
                 "images= is empty: leave it out for the demo corpus, or pass labelled images"
             )
         list_shards(cfg.images, cfg.shard_size)
-    elif cfg.corpus_images < 1 or cfg.corpus_size < 1:
-        raise ConfigError(
-            f"corpus_images={cfg.corpus_images}, corpus_size={cfg.corpus_size}: the demo corpus "
-            "needs at least one image of at least one pixel"
-        )
     extras = {
         "vqkd": cfg.vqkd,
         "tokenize": cfg.tokenize,

@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from engine.config import StageConfig
+from engine.config import (
+    Count,
+    Fraction,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    Seed,
+    StageConfig,
+)
 from engine.layout import DEMO, RUNS
 from engine.metrics import LogSpec
 from engine.schedule import scaled_lr
@@ -24,18 +32,18 @@ class ModelSpec:
 
     size: Literal["tiny", "small", "base", "large"] = "base"
     # image and patch size: null = the token dataset's tokenizer's (the views it tokenized)
-    image_size: int | None = None
-    patch_size: int | None = None
-    width: int | None = None
-    depth: int | None = None
-    heads: int | None = None
+    image_size: Count | None = None
+    patch_size: Count | None = None
+    width: Count | None = None
+    depth: Count | None = None
+    heads: Count | None = None
     # LM head size; null = the token dataset's codebook size. An explicit value is checked
     # against the token dataset and a mismatch is refused.
-    vocab_size: int | None = None
-    layer_scale_init: float | None = None
-    drop_path: float | None = None
-    head_layers: int | None = None
-    head_from_layer: int | None = None
+    vocab_size: Count | None = None
+    layer_scale_init: Positive | None = None
+    drop_path: Fraction | None = None
+    head_layers: Count | None = None
+    head_from_layer: Count | None = None
 
 
 @dataclass(frozen=True)
@@ -43,8 +51,8 @@ class MaskSpec:
     """Block-wise masking (docs/method.md §3), drawn online, deterministic in (seed, epoch, key)."""
 
     # null = the reference's 75 of 196 patches, scaled to the model's grid
-    num_masked: int | None = None
-    min_patches: int = 16
+    num_masked: Count | None = None
+    min_patches: Count = 16
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ class ViewsSpec:
     """Which views stage 3 reads (docs/design.md §5): chosen at read time, no rebuild."""
 
     # stored seeds to use, e.g. [0,1] (a subset of the token dataset's; () = all stored seeds)
-    seeds: tuple[int, ...] = ()
+    seeds: tuple[Seed, ...] = ()
     # stored: the K stored views; fresh: a new view every epoch (needs targets=online)
     source: Literal["stored", "fresh"] = "stored"
 
@@ -69,10 +77,10 @@ class TrainSpec:
 
     REFERENCE_BATCH: ClassVar[int] = 2048
 
-    epochs: int = 300
-    batch_size: int = 2048  # global batch (split evenly across DDP ranks)
-    blr: float = 1.5e-3  # learning rate per 2048 images: lr = blr * batch_size / 2048
-    seed: int = 0
+    epochs: Count = 300
+    batch_size: Count = 2048  # global batch (split evenly across DDP ranks)
+    blr: Positive = 1.5e-3  # learning rate per 2048 images: lr = blr * batch_size / 2048
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # student autocast (weights, optimiser state and losses stay fp32); auto: bf16 where the
     # hardware is fast at it (CUDA, AVX512-BF16/AMX CPUs), else fp32. config.yaml records the result
@@ -81,17 +89,17 @@ class TrainSpec:
     # pays only in long runs (BENCHMARKS.md, stage 3 step vs the reference)
     compile: bool = False
     # linear warmup over these epochs; the peak is reached at the last warmup step (reference)
-    warmup_epochs: int = 10
-    min_lr: float = 1e-5
-    betas: tuple[float, ...] = (0.9, 0.98)  # (0.9, 0.999) for the 1600-epoch recipe
-    eps: float = 1e-8
-    weight_decay: float = 0.05  # not on biases, norms and other 1-D parameters
-    clip_grad: float = 3.0  # 0 = no clipping
-    num_workers: int = 8  # DataLoader workers per rank
-    shuffle_buffer: int = 512  # in-shard shuffle buffer (samples), seeded
+    warmup_epochs: NonNegative = 10
+    min_lr: NonNegativeFloat = 1e-5
+    betas: tuple[Fraction, ...] = (0.9, 0.98)  # (0.9, 0.999) for the 1600-epoch recipe
+    eps: Positive = 1e-8
+    weight_decay: NonNegativeFloat = 0.05  # not on biases, norms and other 1-D parameters
+    clip_grad: NonNegativeFloat = 3.0  # 0 = no clipping
+    num_workers: NonNegative = 8  # DataLoader workers per rank
+    shuffle_buffer: Count = 512  # in-shard shuffle buffer (samples), seeded
     resume: bool = False  # continue from out_dir/checkpoint.pth exactly where it stopped
-    save_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
-    log_every: int = 10  # steps between metric lines in metrics.jsonl
+    save_every: Count = 1  # epochs between checkpoints (the last epoch is always saved)
+    log_every: Count = 10  # steps between metric lines in metrics.jsonl
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ class PretrainConfig(StageConfig):
     targets: Literal["offline", "online"] = "offline"
     tokenizer: str | None = None  # tokenizer checkpoint, needed for targets=online
     # folder image sources only: images per shard, as in stage 2 (null = the token manifest's)
-    shard_size: int | None = None
+    shard_size: Count | None = None
     model: ModelSpec = field(default_factory=ModelSpec)
     mask: MaskSpec = field(default_factory=MaskSpec)
     views: ViewsSpec = field(default_factory=ViewsSpec)

@@ -11,7 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from engine.config import StageConfig
+from engine.config import (
+    Count,
+    Fraction,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    Seed,
+    StageConfig,
+)
 from engine.layout import DEMO, RUNS
 from engine.metrics import LogSpec
 from engine.schedule import scaled_lr
@@ -22,12 +30,12 @@ class RandomInit:
     """Shape of the ``backbone=random`` baseline (null = the size's value)."""
 
     size: Literal["tiny", "small", "base", "large"] = "tiny"
-    image_size: int = 224
-    patch_size: int = 16
-    width: int | None = None
-    depth: int | None = None
-    heads: int | None = None
-    seed: int = 0
+    image_size: Count = 224
+    patch_size: Count = 16
+    width: Count | None = None
+    depth: Count | None = None
+    heads: Count | None = None
+    seed: Seed = 0
 
 
 @dataclass(frozen=True)
@@ -39,15 +47,15 @@ class ProbeTrain:
 
     REFERENCE_BATCH: ClassVar[int] = 1024
 
-    steps: int = 400  # optimisation steps over the cached features
-    batch_size: int = 1024  # features per classifier step
-    blr: float = 1e-2  # learning rate per 1024 features: lr = blr * batch_size / 1024
-    seed: int = 0
+    steps: Count = 400  # optimisation steps over the cached features
+    batch_size: Count = 1024  # features per classifier step
+    blr: Positive = 1e-2  # learning rate per 1024 features: lr = blr * batch_size / 1024
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # autocast of the frozen backbone while extracting features (the classifier trains in
     # fp32); auto: bf16 where the hardware is fast at it. Part of the feature cache's key.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    weight_decay: float = 1e-4
+    weight_decay: NonNegativeFloat = 1e-4
 
 
 @dataclass(frozen=True)
@@ -58,14 +66,14 @@ class LinprobeConfig(StageConfig):
     backbone: str = "random"
     images: str = ""  # labelled images: ImageFolder, WebDataset (.cls) or Parquet (label)
     images_val: str | None = None  # held-out labelled images; null = split `images` by key hash
-    val_fraction: float = 0.2  # share of `images` held out when images_val is null
+    val_fraction: Fraction = 0.2  # share of `images` held out when images_val is null
     out_dir: str = RUNS.linprobe
     pool: Literal["auto", "cls", "mean"] = "auto"
     # teachers only: evaluation view size (null = 224); other backbones use their own size
-    image_size: int | None = None
+    image_size: Count | None = None
     teacher_weights: str | None = None  # local weights for backbone=teacher:<name>
-    shard_size: int = 256  # folder image sources: images per shard (only affects reading)
-    feature_batch_size: int = 64  # images per backbone forward while extracting features
+    shard_size: Count = 256  # folder image sources: images per shard (only affects reading)
+    feature_batch_size: Count = 64  # images per backbone forward while extracting features
     random_init: RandomInit = field(default_factory=RandomInit)
     train: ProbeTrain = field(default_factory=ProbeTrain)
     log: LogSpec = field(default_factory=LogSpec)
@@ -102,20 +110,22 @@ class FinetuneTrain:
 
     REFERENCE_BATCH: ClassVar[int] = 1024
 
-    epochs: int = 100
-    batch_size: int = 1024
-    blr: float = 5e-4  # learning rate per 1024 images: lr = blr * batch_size / 1024
-    seed: int = 0
+    epochs: Count = 100
+    batch_size: Count = 1024
+    blr: Positive = 5e-4  # learning rate per 1024 images: lr = blr * batch_size / 1024
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # autocast of the model (weights and AdamW state stay fp32); auto: bf16 where fast
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # linear warmup; the peak is reached at the last warmup step (the reference's rule)
-    warmup_epochs: int = 5
-    min_lr: float = 1e-6  # the cosine's floor
-    layer_decay: float = 0.65  # block l of L gets lr * layer_decay^(L - l)
-    weight_decay: float = 0.05  # not on biases, norms and position tables
-    label_smoothing: float = 0.1  # cross-entropy label smoothing (mixup/cutmix: in the soft labels)
-    num_workers: int = 0  # DataLoader workers
+    warmup_epochs: NonNegative = 5
+    min_lr: NonNegativeFloat = 1e-6  # the cosine's floor
+    layer_decay: Positive = 0.65  # block l of L gets lr * layer_decay^(L - l)
+    weight_decay: NonNegativeFloat = 0.05  # not on biases, norms and position tables
+    label_smoothing: Fraction = (
+        0.1  # cross-entropy label smoothing (mixup/cutmix: in the soft labels)
+    )
+    num_workers: NonNegative = 0  # DataLoader workers
 
 
 @dataclass(frozen=True)
@@ -125,14 +135,14 @@ class FinetuneConfig(StageConfig):
     backbone: str = "random"  # pretrain checkpoint, timm-exported backbone file, or "random"
     images: str = ""  # labelled images: ImageFolder, WebDataset (.cls) or Parquet (label)
     images_val: str | None = None  # null = hold out val_fraction of `images` by key hash
-    val_fraction: float = 0.2  # share of `images` held out when images_val is null
+    val_fraction: Fraction = 0.2  # share of `images` held out when images_val is null
     out_dir: str = RUNS.finetune
-    shard_size: int = 256  # folder image sources: images per shard (only affects reading)
-    drop_path: float = 0.1  # stochastic depth rate of the last block (linear ramp over depth)
-    mixup: float = 0.0  # reference: 0.8
-    cutmix: float = 0.0  # reference: 1.0
+    shard_size: Count = 256  # folder image sources: images per shard (only affects reading)
+    drop_path: Fraction = 0.1  # stochastic depth rate of the last block (linear ramp over depth)
+    mixup: NonNegativeFloat = 0.0  # reference: 0.8
+    cutmix: NonNegativeFloat = 0.0  # reference: 1.0
     randaugment: bool = False  # reference: rand-m9-mstd0.5 (torchvision RandAugment(2, 9) here)
-    crop_scale: tuple[float, ...] = (0.08, 1.0)  # RandomResizedCrop area range of training views
+    crop_scale: tuple[Fraction, ...] = (0.08, 1.0)  # RandomResizedCrop area range of training views
     random_init: RandomInit = field(default_factory=RandomInit)
     train: FinetuneTrain = field(default_factory=FinetuneTrain)
     log: LogSpec = field(default_factory=LogSpec)

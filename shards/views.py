@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from PIL import Image, ImageEnhance, ImageStat
 
+from engine.config import Count, NonNegativeFloat, Positive
+
 if TYPE_CHECKING:  # torch stays out of the import path of config modules (CLI --help)
     import torch
 
@@ -46,11 +48,15 @@ _JITTER_NAMES = ("brightness", "contrast", "saturation")
 class AugConfig:
     """How views are sampled (nested inside stage configs as ``aug``)."""
 
-    size: int = 224
-    scale: tuple[float, ...] = (0.2, 1.0)
-    ratio: tuple[float, ...] = (3 / 4, 4 / 3)
+    size: Count = 224
+    scale: tuple[Positive, ...] = (0.2, 1.0)
+    ratio: tuple[Positive, ...] = (3 / 4, 4 / 3)
     flip: bool = True  # horizontal, p = 0.5
-    jitter: tuple[float, ...] = (0.4, 0.4, 0.4)  # brightness, contrast, saturation; () or 0 = off
+    jitter: tuple[NonNegativeFloat, ...] = (
+        0.4,
+        0.4,
+        0.4,
+    )  # brightness, contrast, saturation; () or 0 = off
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     eval_seed0: bool = False  # seed 0 renders the centre-crop evaluation view
 

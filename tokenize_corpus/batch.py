@@ -97,13 +97,6 @@ def check_settings(cluster: ClusterConfig, submitting: bool = True) -> None:
     partition exists (not needed to print a job script).
     """
     kind = cluster.effective_kind
-    if cluster.jobs < 1:
-        raise ConfigError(
-            f"cluster.jobs={cluster.jobs}: a batch run needs at least one worker job; "
-            "set cluster.jobs to how many jobs should run at once"
-        )
-    if cluster.job_cores < 1 or cluster.gpus_per_job < 0:
-        raise ConfigError("cluster.job_cores must be >= 1 and cluster.gpus_per_job >= 0")
     try:
         memory = parse_bytes(cluster.job_memory)
     except ValueError:

@@ -26,7 +26,15 @@ import fsspec
 import pyarrow.parquet as pq
 import torch
 
-from engine.config import build_stage_config, describe, parse_overrides, to_dict
+from engine.config import (
+    Count,
+    Fraction,
+    NonNegative,
+    build_stage_config,
+    describe,
+    parse_overrides,
+    to_dict,
+)
 from engine.errors import ConfigError
 from engine.precision import resolve_precision
 from shards.archives import split_member_name
@@ -45,20 +53,20 @@ COUNT_SHARDS = 64  # shards whose images are counted one by one; the rest are sc
 class CalibrationSection:
     """How long the measurement of the tokenizer forward runs."""
 
-    batches: int = 2  # timed batches of the tokenizer forward (after one warm-up batch)
-    batch_size: int = 0  # views per calibration batch; 0 = min(batch_size, 16)
+    batches: Count = 2  # timed batches of the tokenizer forward (after one warm-up batch)
+    batch_size: NonNegative = 0  # views per calibration batch; 0 = min(batch_size, 16)
 
 
 @dataclass(frozen=True)
 class PlanConfig(TokenizeConfig):
     """``pipeline plan``: the keys of stage=tokenize, and what to plan for."""
 
-    num_images: int = 0  # plan for this many images instead of counting images= (0 = count)
-    epochs: int = 300  # pretraining epochs, for the cost of computing the targets online
+    num_images: NonNegative = 0  # plan for this many images instead of counting images= (0 = count)
+    epochs: Count = 300  # pretraining epochs, for the cost of computing the targets online
     gpu: str = (
         ""  # estimate for this GPU kind from a stated table (t4, v100, a10g, l4, a100, h100, h200)
     )
-    gpu_utilisation: float = cost.GPU_UTILISATION  # share of the GPU's peak assumed with gpu=
+    gpu_utilisation: Fraction = cost.GPU_UTILISATION  # share of the GPU's peak assumed with gpu=
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
 
 
@@ -219,8 +227,6 @@ def _disk_and_memory(
 
 def make_plan(cfg: PlanConfig) -> dict[str, Any]:
     """Every figure of the plan, as a dict (``format_plan`` prints it)."""
-    if cfg.epochs < 1 or cfg.calibration.batches < 0 or cfg.calibration.batch_size < 0:
-        raise ConfigError("epochs must be >= 1; calibration.batches/batch_size >= 0")
     if cfg.gpu and cfg.gpu not in cost.GPU_PEAK_TFLOPS:
         raise ConfigError(f"gpu={cfg.gpu!r}: known kinds are {', '.join(cost.GPU_PEAK_TFLOPS)}")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import ConfigError
+from engine.lock import check_output
 from engine.precision import resolve_precision
 from shards.errors import MissingShards, TokenDatasetMismatch
 from shards.images import list_shards, split_source
@@ -65,15 +66,15 @@ def absolute_path(path: str) -> str:
 
 def check_values(cfg: TokenizeConfig, submitting: bool = True) -> None:
     """Values that need no file: required keys, seeds, formats, sizes, the augmentation, and
-    the cluster settings (``tokenize_corpus.cluster.check_settings``)."""
+    the cluster settings (``tokenize_corpus.cluster.check_settings``); and an ``out_dir`` that
+    can be written (``engine.lock.check_output``)."""
     if not cfg.images:
         raise ConfigError("images is empty; pass images=<folder, tar shards or parquet files>")
     if not cfg.tokenizer:
         raise ConfigError(
             "tokenizer is empty; pass tokenizer=<VQ-KD checkpoint (stage vqkd output)>"
         )
-    if not cfg.out_dir:
-        raise ConfigError("out_dir is empty; pass out_dir=<folder for the token dataset>")
+    check_output(cfg.out_dir, "the token dataset")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds={list(cfg.seeds)} must be a non-empty list of distinct integers")
     if (
@@ -82,8 +83,6 @@ def check_values(cfg: TokenizeConfig, submitting: bool = True) -> None:
         or len(set(cfg.formats)) != len(cfg.formats)
     ):
         raise ConfigError(f"formats={list(cfg.formats)}: choose one or more of {list(FORMATS)}")
-    if cfg.batch_size < 1 or cfg.shard_size < 1:
-        raise ConfigError("batch_size and shard_size must be positive")
     try:  # the workers would call exactly this for every image
         sample_view(cfg.aug, "preflight", cfg.seeds[0], 64, 48)
     except ValueError as err:

@@ -8,6 +8,13 @@ import pytest
 import yaml
 
 from engine.config import (
+    SEED_MAX,
+    Count,
+    Fraction,
+    NonNegative,
+    Positive,
+    Raw,
+    Seed,
     StageConfig,
     build_config,
     build_stage_config,
@@ -179,3 +186,58 @@ def test_describe_lists_every_leaf_with_defaults():
     assert rows["device"] == ("cpu|cuda", "cpu")
     assert rows["resume_from"] == ("str or null", None)
     assert "steps" not in rows  # derived values are not keys
+
+
+@dataclass(frozen=True)
+class Ranged:
+    seeds: tuple[Seed, ...] = (0,)
+    workers: Count = 1
+    threads: NonNegative = 0
+    lr: Positive = 1e-3
+    share: Fraction = 0.5
+    size: Count | None = None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"seeds": Raw(f"[0,{SEED_MAX + 1}]")},
+            f"seeds[1]={SEED_MAX + 1} is out of range: it must be from 0 to {SEED_MAX}",
+        ),
+        (
+            {"seeds": Raw("[100000000000000000000000]")},
+            "seeds[0]=100000000000000000000000 is out of range",
+        ),
+        ({"seeds": Raw("[-1]")}, "seeds[0]=-1 is out of range"),
+        ({"workers": Raw("0")}, "workers=0 is out of range: it must be >= 1"),
+        ({"threads": -1}, "threads=-1 is out of range: it must be >= 0"),
+        ({"lr": Raw("0")}, "lr=0.0 is out of range: it must be > 0"),
+        ({"lr": Raw("-1e-3")}, "lr=-0.001 is out of range"),
+        ({"share": Raw("1.5")}, "share=1.5 is out of range: it must be from 0 to 1"),
+        ({"size": Raw("0")}, "size=0 is out of range: it must be >= 1"),
+    ],
+)
+def test_numbers_outside_their_range_are_refused_when_the_config_is_built(overrides, message):
+    """Every range lives in the field's type, so a value is refused before any work (a seed the
+    int32 seed column cannot hold used to fail every shard on write, after the cluster started)."""
+    with pytest.raises(ConfigError) as err:
+        build_config(Ranged, overrides)
+    assert str(err.value).startswith(message)
+
+
+def test_values_at_the_ends_of_a_range_are_accepted_and_help_shows_the_range():
+    cfg = build_config(
+        Ranged,
+        {"seeds": Raw(f"[0,{SEED_MAX}]"), "workers": Raw("1"), "share": 1, "size": Raw("null")},
+    )
+    assert cfg.seeds == (0, SEED_MAX) and cfg.workers == 1 and cfg.share == 1 and cfg.size is None
+    types = {key: tp for key, tp, _, _ in describe(Ranged)}
+    assert types == {
+        "seeds": f"list[int from 0 to {SEED_MAX}]",
+        "workers": "int >= 1",
+        "threads": "int >= 0",
+        "lr": "float > 0",
+        "share": "float from 0 to 1",
+        "size": "int >= 1 or null",
+    }
