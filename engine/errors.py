@@ -29,5 +29,9 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """No file at the given path (also a ``FileNotFoundError``)."""
 
 
+class OutDirBusy(UserError):
+    """Another run holds the output folder (``engine.lock``)."""
+
+
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; training cannot recover by itself."""
