@@ -4,16 +4,25 @@ A receipt (``receipts/shard-<i>.json``) is written last for each image shard and
 when every shard is done the stage-2 driver assembles the manifest from the receipts and the
 job's facts (docs/design.md §3-§4) and ``shards.dataset.TokenDatasetDir.write_manifest``
 publishes it with the dataset card.
+
+A manifest is *sealed*: ``manifest_sha256`` is the sha256 of its own content without that key, so
+a hand edit (rows, the shard list, ``codebook_size``) is found by every reader (:func:`seal_problem`).
+The seal is not a signature: someone who rewrites the manifest can recompute it. The facts the
+data itself carries are checked against the data as well (footers, receipts, token ranges).
 """
 
 from __future__ import annotations
 
+import hashlib
 import platform
 from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from typing import Any
 
 from shards import schema
+from shards.storage import dumps
+
+SEAL = "manifest_sha256"  # the sha256 of the manifest's content without this key
 
 # Distributions whose versions a manifest records (those that shape the bytes or the tokens).
 SOFTWARE = (
@@ -109,4 +118,21 @@ def build_manifest(receipts: Sequence[dict], info: dict, num_shards: int | None 
             "shards": list(receipts),
         }
     )
-    return manifest
+    return seal(manifest)
+
+
+def seal(manifest: dict) -> dict:
+    """``manifest`` with its :data:`SEAL` (re)computed."""
+    content = {k: v for k, v in manifest.items() if k != SEAL}
+    return {**content, SEAL: hashlib.sha256(dumps(content)).hexdigest()}
+
+
+def seal_problem(manifest: dict) -> str | None:
+    """Why ``manifest`` is not as stage 2 wrote it (no seal, or a seal its content does not
+    match); None when it is."""
+    found = manifest.get(SEAL)
+    if found is None:
+        return f"has no {SEAL} (stage 2 did not write it, or it was edited)"
+    if found != seal(manifest)[SEAL]:
+        return f"was edited after stage 2 wrote it (its content does not match its {SEAL})"
+    return None

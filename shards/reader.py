@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from shards import schema
 from shards.dataset import TokenDatasetDir
 from shards.errors import CorruptTokenShard, MissingShards, TokenDatasetMismatch, rerun_stage2
+from shards.manifest import seal_problem
 from shards.tarfiles import read_members
 from shards.views import ViewParams
 from shards.writer import TokenRow
@@ -62,6 +63,11 @@ class TokenDataset:
                 f"{schema.REGENERATE}, or read it with the matching version of this project"
             )
         self.path = str(path)
+        problem = seal_problem(manifest)
+        if problem:
+            raise CorruptTokenShard(
+                rerun_stage2(self.path, f"{self.path}/{schema.MANIFEST_NAME} {problem}")
+            )
         self.dir = TokenDatasetDir(self.path)
         self.manifest = manifest
         self.num_shards: int = int(manifest["num_shards"])
@@ -210,18 +216,30 @@ class TokenDataset:
             by_seed = {int(e["seed"]): e for e in entries}
             entries = [by_seed[s] for s in wanted]
         blobs = [self._read_file(i, entry, verify) for entry in entries]
+        names = ", ".join(e["path"] for e in entries)
         try:
             if fmt == schema.FORMAT_PARQUET:
-                return self._parquet_columns(entries, blobs, wanted)
-            columns = self._wds_columns(entries[0]["path"], blobs[0])
-            return columns.select([self.seeds.index(s) for s in wanted])
+                columns = self._parquet_columns(entries, blobs, wanted)
+            else:
+                columns = self._wds_columns(entries[0]["path"], blobs[0])
+                columns = columns.select([self.seeds.index(s) for s in wanted])
         except TokenDatasetMismatch:
             raise
         except Exception as err:  # pyarrow, numpy, json and tar parsing raise their own types
-            names = ", ".join(e["path"] for e in entries)
             raise CorruptTokenShard(
                 rerun_stage2(self.path, f"token file {names} (shard {i}) cannot be read ({err})")
             ) from None
+        if columns.tokens.size and int(columns.tokens.max()) >= self.codebook_size:
+            top = columns.tokens.reshape(len(columns.keys), -1).max(axis=1)  # [R]
+            r = int(np.argmax(top >= self.codebook_size))
+            raise CorruptTokenShard(
+                rerun_stage2(
+                    self.path,
+                    f"token file {names} (shard {i}): key {columns.keys[r]!r} has token "
+                    f"{int(top[r])} >= codebook size {self.codebook_size} (the manifest's)",
+                )
+            )
+        return columns
 
     def select_seeds(self, seeds: Sequence[int] | None) -> tuple[int, ...]:
         """``seeds`` checked against the stored ones (None or () = all stored seeds)."""

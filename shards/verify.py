@@ -78,3 +78,9 @@ def preflight(ds: TokenDataset, shards: Iterable[int] | None = None) -> None:
                     f"{entry['path']} was written with tokenizer {footer.decode()}, the manifest "
                     f"of {ds.path} says {expected}; {fix}"
                 )
+            codebook = meta.get(schema.META_CODEBOOK_SIZE)
+            if codebook is not None and int(codebook) != ds.codebook_size:
+                raise TokenDatasetMismatch(
+                    f"{entry['path']} was written for codebook_size={int(codebook)}, the manifest "
+                    f"of {ds.path} says {ds.codebook_size}; {fix}"
+                )

@@ -25,7 +25,9 @@ from pretrain.errors import PretrainDataError
 from shards import schema
 from shards.errors import CorruptTokenShard, ImageDigestMismatch, TokenDatasetMismatch
 from shards.pack import PackConfig, pack
+from shards.manifest import SEAL, seal
 from shards.reader import open_token_dataset
+from shards.validate import main as validate_main
 from shards.validate import validate
 
 
@@ -94,13 +96,57 @@ def test_a_truncated_image_shard_is_refused_by_name(corpus: dict, tmp_path: Path
     assert "Traceback" not in str(err.value) and isinstance(err.value, UserError)
 
 
+def forge_manifest(tokens: Path, manifest: dict) -> None:
+    """Write an edited manifest with a valid seal, as someone who knows the format could: the
+    checks behind the seal (footers, receipts, token ranges) must still refuse it."""
+    (tokens / schema.MANIFEST_NAME).write_text(json.dumps(seal(manifest)))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda m: m["totals"].update(images=m["totals"]["images"] + 1), id="rows"),
+        pytest.param(lambda m: m["shards"].pop(), id="shard-list"),
+        pytest.param(lambda m: m.update(codebook_size=m["codebook_size"] + 1), id="codebook"),
+        pytest.param(lambda m: m.pop(SEAL), id="seal-removed"),
+    ],
+)
+def test_hand_edited_manifest_is_refused_by_every_reader(corpus, tmp_path, edit, capsys) -> None:
+    """Rows, the shard list or codebook_size edited (even to a value above every code): every
+    reader refuses it (stage 3 before any step) and validate reports it (exit 1)."""
+    tokens = copy_tokens(corpus, tmp_path)
+    original = (tokens / schema.MANIFEST_NAME).read_bytes()
+    manifest = json.loads(original)
+    edit(manifest)
+    (tokens / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(CorruptTokenShard, match="manifest.json (was edited|has no)"):
+        open_token_dataset(str(tokens))
+    assert validate_main([str(tokens), f"images={corpus['images']}"]) == 1
+    assert "manifest.json" in capsys.readouterr().out
+
+
+def test_forged_codebook_size_is_refused_by_the_footers_and_the_token_range(corpus, tmp_path):
+    """codebook_size lowered below the real codes with the seal recomputed: stage 3 names the
+    footers' codebook before any step, and reading a shard names the first token out of range
+    (never an IndexError from the loss)."""
+    tokens = copy_tokens(corpus, tmp_path)
+    manifest = json.loads((tokens / schema.MANIFEST_NAME).read_text())
+    manifest["codebook_size"] = manifest["tokenizer"]["codebook_size"] = 2
+    forge_manifest(tokens, manifest)
+    with pytest.raises(TokenDatasetMismatch, match="written for codebook_size=16.*says 2"):
+        dataset(corpus["images"], str(tokens))
+    with pytest.raises(CorruptTokenShard, match=r"has token \d+ >= codebook size 2"):
+        open_token_dataset(str(tokens)).read_columns(0)
+    assert any(">= codebook size 2" in p for p in validate(str(tokens)))
+
+
 def test_edited_manifest_fingerprint_is_refused(corpus: dict, tmp_path: Path) -> None:
     """Reproduction 6: manifest, footers and receipts must agree before any step."""
     tokens = copy_tokens(corpus, tmp_path)
     manifest = json.loads((tokens / schema.MANIFEST_NAME).read_text())
     manifest["fingerprint"] = "0" * 64
     manifest["tokenizer"]["fingerprint"] = "0" * 64
-    (tokens / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    forge_manifest(tokens, manifest)
     with pytest.raises(TokenDatasetMismatch, match=r"0{64}") as err:
         dataset(corpus["images"], str(tokens))
     assert "parquet" in str(err.value) and isinstance(err.value, UserError)
@@ -110,7 +156,7 @@ def test_receipt_fingerprint_must_match(corpus: dict, tmp_path: Path) -> None:
     tokens = copy_tokens(corpus, tmp_path)
     manifest = json.loads((tokens / schema.MANIFEST_NAME).read_text())
     manifest["shards"][1]["job"] = {"tokenizer_fingerprint": "1" * 64}
-    (tokens / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    forge_manifest(tokens, manifest)
     with pytest.raises(TokenDatasetMismatch, match="receipt of shard 1"):
         dataset(corpus["images"], str(tokens))
 

@@ -168,6 +168,20 @@ def test_missing_images_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_pack_honours_the_umask(folder, tmp_path, umask):
+    """Shards, index and config get ``0o666 & ~umask`` (folders ``0o777 & ~umask``)."""
+    old = os.umask(umask)
+    try:
+        pack(PackConfig(images=str(folder), out_dir=str(tmp_path / "out"), shard_size=2))
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "out", *(tmp_path / "out").rglob("*")]
+    modes = {p.name: oct(os.stat(p).st_mode & 0o777) for p in paths}
+    expected = {p.name: oct((0o777 if p.is_dir() else 0o666) & ~umask) for p in paths}
+    assert modes == expected and len(modes) >= 4
+
+
 def test_image_extension_sniffing():
     assert image_extension(jpeg()) == "jpg"
     assert image_extension(png()) == "png"

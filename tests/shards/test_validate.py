@@ -137,3 +137,27 @@ def test_unknown_option_is_refused(dataset):
         main([str(dataset), "shard_size=ten"])
     with pytest.raises(UserError, match="checksum='maybe'"):
         main([str(dataset), "checksum=maybe"])
+
+
+@pytest.mark.parametrize(
+    "relative", [schema.parquet_path(1, 0, 3), schema.wds_path(1)], ids=["parquet", "webdataset"]
+)
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "delete"])
+def test_damaged_data_is_exit_1_whatever_the_format(dataset, capsys, relative, damage):
+    """One code for "the data is damaged" (1), for every format and kind of damage, with or
+    without the checksums; 2 stays for usage mistakes."""
+    path = dataset / relative
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "garbage":
+        path.write_bytes(b"garbage" * (len(data) // 7))
+    else:
+        path.unlink()
+    for checksum in ("true", "false"):
+        assert main([str(dataset), f"checksum={checksum}"]) == 1
+        out = capsys.readouterr().out
+        assert "PROBLEM shard" in out and relative in out
