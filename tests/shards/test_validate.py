@@ -161,3 +161,15 @@ def test_damaged_data_is_exit_1_whatever_the_format(dataset, capsys, relative, d
         assert main([str(dataset), f"checksum={checksum}"]) == 1
         out = capsys.readouterr().out
         assert "PROBLEM shard" in out and relative in out
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"{not json", b"", b"\xff\xfe\x00binary", b"[1, 2]", b'{"shard_index": "x"}']
+)
+def test_garbage_receipt_is_a_problem_not_a_traceback(dataset, capsys, garbage):
+    (dataset / schema.receipt_path(1)).write_bytes(garbage)
+    assert main([str(dataset)]) == 1
+    assert (
+        "receipt file receipts/shard-000001.json is missing or unreadable"
+        in capsys.readouterr().out
+    )
