@@ -394,5 +394,10 @@ def _type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None)) + " or null"
     if origin is tuple:
-        return f"list[{_type_name(get_args(tp)[0])}]"
+        args = get_args(tp)
+        if args[-1] is Ellipsis:
+            return f"list[{_type_name(args[0])}]"
+        names = [_type_name(a) for a in args]
+        same = len(set(names)) == 1
+        return f"list of {len(names)}: {names[0]}" if same else f"[{', '.join(names)}]"
     return getattr(tp, "__name__", str(tp))

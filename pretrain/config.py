@@ -91,7 +91,7 @@ class TrainSpec:
     # linear warmup over these epochs; the peak is reached at the last warmup step (reference)
     warmup_epochs: NonNegative = 10
     min_lr: NonNegativeFloat = 1e-5
-    betas: tuple[Fraction, ...] = (0.9, 0.98)  # (0.9, 0.999) for the 1600-epoch recipe
+    betas: tuple[Fraction, Fraction] = (0.9, 0.98)  # (0.9, 0.999) for the 1600-epoch recipe
     eps: Positive = 1e-8
     weight_decay: NonNegativeFloat = 0.05  # not on biases, norms and other 1-D parameters
     clip_grad: NonNegativeFloat = 3.0  # 0 = no clipping

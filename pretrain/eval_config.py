@@ -142,7 +142,7 @@ class FinetuneConfig(StageConfig):
     mixup: NonNegativeFloat = 0.0  # reference: 0.8
     cutmix: NonNegativeFloat = 0.0  # reference: 1.0
     randaugment: bool = False  # reference: rand-m9-mstd0.5 (torchvision RandAugment(2, 9) here)
-    crop_scale: tuple[Fraction, ...] = (0.08, 1.0)  # RandomResizedCrop area range of training views
+    crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)  # RandomResizedCrop area range of training views
     random_init: RandomInit = field(default_factory=RandomInit)
     train: FinetuneTrain = field(default_factory=FinetuneTrain)
     log: LogSpec = field(default_factory=LogSpec)

@@ -49,8 +49,8 @@ class AugConfig:
     """How views are sampled (nested inside stage configs as ``aug``)."""
 
     size: Count = 224
-    scale: tuple[Positive, ...] = (0.2, 1.0)
-    ratio: tuple[Positive, ...] = (3 / 4, 4 / 3)
+    scale: tuple[Positive, Positive] = (0.2, 1.0)
+    ratio: tuple[Positive, Positive] = (3 / 4, 4 / 3)
     flip: bool = True  # horizontal, p = 0.5
     jitter: tuple[NonNegativeFloat, ...] = (
         0.4,
