@@ -21,11 +21,13 @@ source, so the documentation a reader of the code sees is the one ``--help`` pri
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import functools
 import inspect
 import io
+import math
 import textwrap
 import tokenize
 import types
@@ -277,14 +279,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} must be an integer, got {str(value)!r}")
     if tp is float:
+        number = None
         if isinstance(value, Raw):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                number = float(value)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} must be a number, got {str(value)!r}")
+            number = float(value)
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {str(value)!r}")
+        return number
     if tp is str:
         if isinstance(value, Raw):
             return str(value)

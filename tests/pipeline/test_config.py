@@ -216,6 +216,9 @@ class Ranged:
         ({"lr": Raw("-1e-3")}, "lr=-0.001 is out of range"),
         ({"share": Raw("1.5")}, "share=1.5 is out of range: it must be from 0 to 1"),
         ({"size": Raw("0")}, "size=0 is out of range: it must be >= 1"),
+        ({"lr": Raw("nan")}, "lr must be a finite number, got 'nan'"),
+        ({"lr": Raw("inf")}, "lr must be a finite number, got 'inf'"),
+        ({"share": float("nan")}, "share must be a finite number"),
     ],
 )
 def test_numbers_outside_their_range_are_refused_when_the_config_is_built(overrides, message):
