@@ -1,8 +1,11 @@
 """Numeric precision as one setting: ``precision=auto|fp32|bf16|fp16`` for every stage.
 
-Half precision means autocast, never half-precision weights: parameters, optimizer state and
-the numerically delicate tail of each model (the tokenizer's task layer and codebook lookup,
-docs/method.md §1; the losses) stay in fp32. ``auto`` picks bf16 where the hardware runs it fast
+Half precision means autocast, never half-precision weights in training: parameters, optimizer
+state and the numerically delicate tail of each model (the tokenizer's task layer and codebook
+lookup, docs/method.md §1; the losses) stay in fp32. Only a frozen tokenizer's encoder, for
+inference, also holds a half copy of the weights autocast would cast anyway, which gives the same
+values without casting them every batch (``tokenize_corpus.tokenizer.half_encoder_copy``); its
+weights, fingerprint and files stay fp32. ``auto`` picks bf16 where the hardware runs it fast
 (CUDA devices with bf16 support, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere, so the same
 config is fast on a laptop, a CPU cluster and a GPU node. The resolved value, not ``auto``, is
 what runs record (a token dataset's identity depends on it, docs/design.md §3).

@@ -8,6 +8,7 @@ One file format serves both worlds: ``{"model": <state dict in the official key 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -18,7 +19,7 @@ from torch import nn
 
 from engine.checkpoint import load_file, save_atomic
 from engine.errors import CheckpointError, CheckpointNotFound
-from engine.precision import autocast
+from engine.precision import autocast, autocast_dtype, resolve_precision
 from tokenize_corpus.errors import TokenizerError
 from tokenize_corpus.vqkd import PIXEL_MEAN, PIXEL_STD, VQKD, VQKDModelConfig
 
@@ -26,6 +27,11 @@ from tokenize_corpus.vqkd import PIXEL_MEAN, PIXEL_STD, VQKD, VQKDModelConfig
 IGNORED_PREFIXES = ("loss", "teacher", "scaling")
 # Our training-only bookkeeping; absent from released files, not needed to encode.
 TRAINING_ONLY_KEYS = ("quantize.unused_steps",)
+# Largest [rows, codebook] fp32 distance matrix of one codebook lookup call on CPU. glibc gives
+# blocks of 32 MiB and more back to the OS when they are freed, so the matrices of a whole batch
+# (205 MB each for 32 views of 196 patches and 8192 codes, three alive at once) were fresh zeroed
+# pages every batch: ~9% of a ViT-B encode at bf16 (BENCHMARKS.md). Smaller blocks are reused.
+LOOKUP_BYTES = 8 * 2**20
 
 
 def released_state_dict(model: VQKD) -> dict[str, torch.Tensor]:
@@ -41,6 +47,24 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def half_encoder_copy(model: VQKD, dtype: torch.dtype) -> VQKD:
+    """``model`` with its encoder's linear and convolution weights stored in ``dtype``.
+
+    These are exactly the tensors autocast casts to ``dtype`` again in every forward (it keeps
+    no cast between forwards), so the copy gives the same values, hence the same tokens, without
+    the cast; for a frozen tokenizer's inference only. Everything else is shared with ``model``,
+    not copied: the encoder's other tensors (norms, embeddings, q/v biases) and the other
+    modules (task layers, quantizer, decoder).
+    """
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    memo.update((id(m), m) for m in model.children() if m is not model.encoder)
+    for module in model.encoder.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            for weight in module.parameters(recurse=False):
+                memo[id(weight)] = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    return copy.deepcopy(model, memo)
 
 
 class Tokenizer(nn.Module):
@@ -59,6 +83,9 @@ class Tokenizer(nn.Module):
         self.grid: tuple[int, int] = config.grid
         self.teacher = teacher
         self.fingerprint: str = weights_fingerprint(released_state_dict(model))
+        # At most one half_encoder_copy, keyed by (dtype, device); a plain dict, so it is not a
+        # submodule: not in state_dict(), parameters() or .to(), and rebuilt after a move.
+        self._half: dict[tuple[torch.dtype, torch.device], VQKD] = {}
 
     def train(self, mode: bool = True) -> Tokenizer:
         """Stays in eval mode: a tokenizer never updates its codebook."""
@@ -77,23 +104,40 @@ class Tokenizer(nn.Module):
         ``precision`` (``fp32``, ``bf16``, ``fp16`` or ``auto``, see :mod:`engine.precision`)
         sets the autocast of the encoder only; the task layer and the codebook lookup always
         run in fp32, as the reference's ``encode`` runs its task layer (docs/method.md §1).
-        Same precision and same device type give the same tokens; another precision moves
-        only near-tied patches (see BENCHMARKS.md).
+        Same precision and same device type give the same tokens, whatever the batch split;
+        another precision moves only near-tied patches (see BENCHMARKS.md).
         """
-        return self.model.tokens(self.code_vectors(images_unit, precision))
+        z = self.code_vectors(images_unit, precision)  # [B, N, D]
+        if z.device.type != "cpu":  # the CUDA caching allocator reuses the matrices' memory
+            return self.model.tokens(z)
+        rows = max(1, LOOKUP_BYTES // (4 * self.codebook_size))
+        flat = z.reshape(1, -1, z.shape[-1])  # [1, B*N, D]; each row's code depends on it alone
+        parts = [self.model.tokens(part) for part in flat.split(rows, dim=1)]
+        return torch.cat(parts, dim=1).view(z.shape[:2])
 
     @torch.no_grad()
     def code_vectors(self, images_unit: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """The fp32 vectors the codebook lookup sees, ``[B, N, code_dim]`` (before l2-norm).
 
-        The encoder runs under autocast at ``precision``; the task layer in fp32.
+        The encoder runs under autocast at ``precision``, with its weights held in that
+        precision (:func:`half_encoder_copy`, made on first use); the task layer in fp32.
         """
         if images_unit.ndim != 4 or images_unit.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images_unit.shape)}")
         device = self.device
         images = images_unit.to(device, torch.float32)
+        dtype = autocast_dtype(resolve_precision(precision, device))
+        model = self.model if dtype is None else self._half_model(dtype, device)
         with autocast(precision, device):
-            return self.model.embed(images)  # task layer runs with autocast off
+            return model.embed(images)  # task layer runs with autocast off
+
+    def _half_model(self, dtype: torch.dtype, device: torch.device) -> VQKD:
+        """The cached :func:`half_encoder_copy` for ``dtype`` on ``device`` (one kept)."""
+        key = (dtype, device)
+        if key not in self._half:
+            self._half.clear()  # free the old copy before making the new one
+            self._half[key] = half_encoder_copy(self.model, dtype)
+        return self._half[key]
 
     def forward(self, images_unit: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`encode`."""

@@ -213,10 +213,19 @@ def test_encode_keeps_the_task_layer_and_lookup_in_fp32(trained, monkeypatch):
     finally:
         hook.remove()
     assert seen == {"task": torch.float32, "z": torch.float32}
-    block = tok.model.encoder.blocks[0].mlp.fc1
-    hook = block.register_forward_hook(lambda mod, inp, out: seen.update(encoder=out.dtype))
+    calls = []  # (in the task layer, weight dtype, output dtype) of every nn.Linear module call
+
+    def record(module, inputs, out):
+        if isinstance(module, torch.nn.Linear):
+            calls.append((module in task, module.weight.dtype, out.dtype))
+
+    task = set(tok.model.encode_task_layer.modules())
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
     try:
         tok.encode(torch.rand(2, 3, 32, 32), precision="bf16")
     finally:
         hook.remove()
-    assert seen["encoder"] == torch.bfloat16
+    # attn.proj, fc1, fc2 run in bf16 on the half copy's weights (qkv is a functional call);
+    # the task layer's two linears in fp32
+    bf16, fp32 = (False, torch.bfloat16, torch.bfloat16), (True, torch.float32, torch.float32)
+    assert calls == [bf16] * 3 + [fp32] * 2
