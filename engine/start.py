@@ -7,11 +7,13 @@
    ``auto`` in the frozen config, so ``config.yaml``, checkpoints and summaries record what ran;
 2. join the ranks of a ``torchrun`` or ``srun`` launch (``engine.distributed``), or refuse one
    for a stage that runs in one process;
-3. create ``out_dir`` and write the resolved ``config.yaml`` there (the main rank only);
+3. hold ``out_dir`` for the whole run (``engine.lock``: the main rank holds it, and when another
+   run does, every rank is refused), create it and write the resolved ``config.yaml`` there;
 4. seed torch's global generator with ``train.seed`` (the same initial weights on every rank).
 
-Leaving the ``with`` block leaves the process group. :meth:`Run.metrics` opens the run's metrics
-writer, the same way for every stage (only the main rank writes).
+Leaving the ``with`` block leaves the process group and lets go of ``out_dir``.
+:meth:`Run.metrics` opens the run's metrics writer, the same way for every stage (only the main
+rank writes).
 
 A stage config qualifies when it has ``out_dir``, ``log`` (an ``engine.metrics.LogSpec``) and a
 ``train`` section with ``device``, ``precision`` and ``seed``.
@@ -19,9 +21,10 @@ A stage config qualifies when it has ``out_dir``, ``log`` (an ``engine.metrics.L
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -32,6 +35,7 @@ from engine.device import resolve_device
 from engine.distributed import Distributed
 from engine.errors import ConfigError, UserError
 from engine.launch import launch_from_env
+from engine.lock import check_output, hold
 from engine.metrics import MetricsWriter
 from engine.precision import resolve_precision
 
@@ -49,6 +53,7 @@ class Run(Generic[C]):
     precision: str  # the resolved train.precision: fp32, bf16 or fp16
     ddp: Distributed
     out: Path
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     def metrics(
         self, keep: Callable[[dict[str, Any]], bool] | None = None, resume_step: int = 0
@@ -68,7 +73,10 @@ class Run(Generic[C]):
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.ddp.close()
+        try:
+            self.ddp.close()
+        finally:
+            self.held.close()
 
 
 def check_run_settings(cfg: StageConfig) -> None:
@@ -76,11 +84,7 @@ def check_run_settings(cfg: StageConfig) -> None:
     ``out_dir`` that can be a folder, a positive ``train.batch_size`` (and ``train.epochs`` or
     ``train.steps``, where the stage has them) and a ``train.warmup_epochs`` that is not
     negative."""
-    out_dir = str(cfg.out_dir)  # type: ignore[attr-defined]
-    if not out_dir:
-        raise ConfigError("out_dir is empty; pass out_dir=<folder for this run's outputs>")
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ConfigError(f"out_dir={out_dir} is a file; pass a folder for this run's outputs")
+    check_output(str(cfg.out_dir), "this run's outputs")  # type: ignore[attr-defined]
     train = cfg.train  # type: ignore[attr-defined]
     for key in ("batch_size", "epochs", "steps"):
         value = getattr(train, key, None)
@@ -106,13 +110,31 @@ def start_run(cfg: C, *, data_parallel: bool = True) -> Run[C]:
             f"{launch.rank} of {launch.world_size}; run it without torchrun, or with srun -n 1"
         )
     ddp = Distributed.setup(device)
+    held = contextlib.ExitStack()
     try:
         out = Path(cfg.out_dir)  # type: ignore[attr-defined]
+        _hold(out, ddp, held)
         if ddp.main:
-            out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / CONFIG)
         torch.manual_seed(train.seed)
     except BaseException:
+        held.close()
         ddp.close()
         raise
-    return Run(cfg, device, precision, ddp, out)
+    return Run(cfg, device, precision, ddp, out, held)
+
+
+def _hold(out: Path, ddp: Distributed, held: contextlib.ExitStack) -> None:
+    """The main rank holds ``out`` (creating it) in ``held``. Only it writes there, so only it
+    locks; its refusal is every rank's, so no rank is left waiting for it in a collective."""
+    refusal: UserError | None = None
+    if ddp.main:
+        try:
+            held.enter_context(hold(str(out)))
+        except UserError as err:
+            refusal = err
+    message = ddp.gather_objects(None if refusal is None else str(refusal))[0]
+    if refusal is not None:
+        raise refusal
+    if message is not None:
+        raise UserError(message)

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 from engine.config import Count, Seed, StageConfig, merge, parse_overrides, save_config
 from engine.errors import ConfigError, UserError
 from engine.layout import DEMO, RunLayout, imagenet_sample_dir
+from engine.lock import check_output
 from pipeline.cli import build_stage_config
 from pipeline.demo_corpus import build_demo_corpus
 from pipeline.stages import get_stage
@@ -274,8 +275,7 @@ def _preflight(cfg: AllConfig, runner: _Runner) -> None:
     if unknown:
         choices = ", ".join(STAGE_ORDER)
         raise ConfigError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {choices}")
-    if cfg.out_dir == "" or (Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir()):
-        raise ConfigError(f"out_dir={cfg.out_dir!r}: pass a folder for the run's stages")
+    check_output(cfg.out_dir, "the run's stages")
     if cfg.images is not None:
         if not cfg.images:
             raise ConfigError(

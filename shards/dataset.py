@@ -4,9 +4,9 @@ Everything about a dataset's directory goes through this object (the layout is d
 §3, the names ``shards.schema``): the filesystem is resolved once from the URL, and every file it
 holds has a method: a shard's token files and receipt (:meth:`~TokenDatasetDir.write_shard`,
 :meth:`~TokenDatasetDir.receipts`, :meth:`~TokenDatasetDir.damaged_files`), the manifest and the
-card, the run's config, the lock (``.lock``, or the heartbeat ``.lock.json`` on object stores),
-and the names of its token sets. It pickles as its URL, so a Dask task can carry it.
-``shards.reader.TokenDataset`` reads the rows of a finished dataset through it.
+card, the run's config and the names of its token sets. It pickles as its URL, so a Dask task can
+carry it. ``shards.reader.TokenDataset`` reads the rows of a finished dataset through it; the
+run that writes one holds its folder with ``engine.lock.hold``.
 
 **Receipts.** A receipt is written last for its shard and marks it done. A receipt that is
 missing or cannot be parsed means the same thing everywhere: the shard is **not done**.
@@ -18,20 +18,13 @@ finished dataset (whose manifest holds a copy of every receipt) refuses a shard 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
-import socket
-import threading
-import time
-import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from engine.atomic import is_temporary, publish
 from shards import card, schema
-from shards.errors import DatasetBusy
 from shards.manifest import build_manifest
 from shards.storage import dataset_fs, dumps, file_sha256, is_local, join, read_json
 from shards.writer import TokenRow, shard_files
@@ -39,12 +32,6 @@ from shards.writer import TokenRow, shard_files
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.yaml"
-LOCK_NAME = ".lock"
-REMOTE_LOCK_NAME = ".lock.json"
-# Object-store locks: the holder rewrites its record this often; an older record is stale (its
-# run was killed) and may be taken over.
-HEARTBEAT_SECONDS = 20.0
-STALE_SECONDS = 90.0
 # Folders holding token files; anything in them that no receipt lists is an orphan.
 DATA_DIRS = (schema.PARQUET_DIR, schema.WDS_DIR)
 
@@ -339,106 +326,3 @@ class TokenDatasetDir:
             ):
                 names.append(name)
         return sorted(names)
-
-    # ---- one writer at a time ------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold this directory for one run; a second run is refused with :class:`DatasetBusy`.
-
-        Local disks: an exclusive ``flock`` on ``.lock`` (the kernel releases it when the process
-        dies, so a killed run never blocks the next). Object stores have no locks: a heartbeat
-        record ``.lock.json`` that a live run refreshes every ~20 s; one older than 90 s belongs
-        to a killed run and is taken over.
-        """
-        self.fs.makedirs(self.root, exist_ok=True)
-        if self.local:
-            with self._flock():
-                yield
-        else:
-            with self._remote_lock():
-                yield
-
-    @contextlib.contextmanager
-    def _flock(self) -> Iterator[None]:
-        path = self.path(LOCK_NAME)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise DatasetBusy(_busy_message(self.url, _read_text(path))) from None
-            # The holder before us may have removed the file between our open and our flock:
-            # then we hold a lock on a deleted file; open the current one again.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, _holder().encode())
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def _remote_lock(self) -> Iterator[None]:
-        path = self.path(REMOTE_LOCK_NAME)
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            held = read_json(self.fs, path)
-            if time.time() - float(held.get("heartbeat", 0)) < STALE_SECONDS:
-                raise DatasetBusy(_busy_message(self.url, json.dumps(held)))
-            log.warning("taking over the lock of a run that stopped: %s", held)
-        run = uuid.uuid4().hex
-
-        def beat() -> None:
-            record = json.loads(_holder())
-            self.fs.pipe_file(path, dumps({**record, "run": run, "heartbeat": time.time()}))
-
-        beat()
-        time.sleep(1.0)  # two runs that started together: the last writer wins, the other leaves
-        self.fs.invalidate_cache()
-        if read_json(self.fs, path).get("run") != run:
-            raise DatasetBusy(_busy_message(self.url, json.dumps(read_json(self.fs, path))))
-        stop = threading.Event()
-
-        def keep_alive() -> None:
-            while not stop.wait(HEARTBEAT_SECONDS):
-                with contextlib.suppress(Exception):
-                    beat()
-
-        thread = threading.Thread(target=keep_alive, name="dataset-lock", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=5)
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(path)
-
-
-def _holder() -> str:
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _busy_message(url: str, holder: str) -> str:
-    return (
-        f"out_dir={url} is being written by another run ({holder or 'holder unknown'}); wait for "
-        "it to finish, or pick another out_dir. Two runs into one token dataset would mix their "
-        "shards."
-    )

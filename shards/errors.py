@@ -52,10 +52,6 @@ class ImageDigestMismatch(DataIntegrityError):
     """An image's bytes are not the ones its tokens were computed from."""
 
 
-class DatasetBusy(UserError):
-    """Another run is writing into the same token-dataset directory."""
-
-
 class TokenSetNotFound(UserError):
     """``token_set=`` names no token set of the dataset (or several)."""
 

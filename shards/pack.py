@@ -33,8 +33,9 @@ from engine.atomic import publish
 from engine.config import StageConfig, save_config
 from engine.errors import ConfigError
 from engine.layout import DEMO, RUNS
+from engine.lock import check_output, hold
 from shards.folders import image_key
-from shards.records import PACK_INDEX_FORMAT, BadShard
+from shards.records import PACK_INDEX_FORMAT, BadShard, ImageShard
 from shards.tarfiles import add_member
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
         "exit_code"}``; ``exit_code`` is 1 when a source shard could not be read to the end (its
         readable records are still packed).
     """
-    from shards.images import iter_shard, list_classes, list_shards  # pyarrow: not for --help
+    from shards.images import list_shards  # pyarrow: not for --help
 
     if not cfg.images:
         raise ConfigError(
@@ -70,13 +71,18 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
         )
     if cfg.shard_size < 1:
         raise ConfigError(f"shard_size={cfg.shard_size}: pass a number of images >= 1")
-    if not cfg.out_dir:
-        raise ConfigError("out_dir is empty; pass out_dir=<folder for the image shards>")
     # every check before anything is written: a refused run leaves out_dir as it was
+    check_output(cfg.out_dir, "the image shards")
     sources = list_shards(cfg.images, shard_size=cfg.shard_size)
+    with hold(cfg.out_dir):
+        return _pack(cfg, sources)
+
+
+def _pack(cfg: PackConfig, sources: list[ImageShard]) -> dict[str, Any]:
+    """Write the shards and ``index.json`` of ``sources`` (the run holds ``out_dir``)."""
+    from shards.images import iter_shard, list_classes  # pyarrow: not for --help
+
     fs, out = fsspec.core.url_to_fs(cfg.out_dir)
-    if fs.exists(out) and not fs.isdir(out):
-        raise ConfigError(f"out_dir={cfg.out_dir} is a file; pass a folder for the image shards")
     fs.makedirs(out, exist_ok=True)
     save_config(cfg, posixpath.join(cfg.out_dir.rstrip("/"), "config.yaml"))
 

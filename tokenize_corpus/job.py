@@ -17,6 +17,7 @@ from typing import Any
 
 from engine.config import config_text
 from engine.errors import ConfigError
+from engine.lock import hold
 from shards.dataset import TokenDatasetDir
 from shards.errors import DataIntegrityError
 from shards.manifest import build_manifest
@@ -86,7 +87,7 @@ def tokenize(cfg: TokenizeConfig) -> dict:
             *pre.tokenizer["grid"],
         )
         dataset = TokenDatasetDir(pre.out_dir)
-        with dataset.lock():
+        with hold(pre.out_dir):
             try:
                 summary = _run(cfg, pre, dataset, cluster)
             except ClusterLost as lost:

@@ -19,11 +19,10 @@ import pytest
 import torch
 from support import stage2 as helpers
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, OutDirBusy
+from engine.lock import hold
 from pipeline.cli import main as cli_main
-from shards.dataset import TokenDatasetDir
 from shards.decode import decode_image
-from shards.errors import DatasetBusy
 from shards.reader import open_token_dataset
 from shards.views import AugConfig, render_view, to_unit
 from tokenize_corpus import cluster as cluster_module
@@ -194,7 +193,7 @@ def test_manifest_records_absolute_sources_and_rows_carry_image_digests(
 
 def test_a_second_run_into_a_locked_out_dir_is_refused(tmp_path, corpus, tokenizer_path, cluster2):
     out = tmp_path / "tokens"
-    with TokenDatasetDir(str(out)).lock(), pytest.raises(DatasetBusy, match="another run"):
+    with hold(str(out)), pytest.raises(OutDirBusy, match="another run"):
         tokenize(config(corpus, tokenizer_path, out, cluster2))
     assert not (out / "receipts").exists()
     assert tokenize(config(corpus, tokenizer_path, out, cluster2))["exit_code"] == 0
