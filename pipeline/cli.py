@@ -13,6 +13,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -21,11 +22,13 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from engine import config
 from engine.config import load_config_file, parse_overrides
 from engine.errors import ConfigError, UserError
+from engine.lock import check_output
 from pipeline import guide
 from pipeline.help import main_help, run_help, stage_help, tool_help
 from pipeline.logs import pop_logging_options, setup_logging
@@ -81,7 +84,10 @@ def run(argv: list[str]) -> int:
     out = guide.absolute(getattr(cfg, "out_dir", "") or "")
     log.info("stage=%s: starting; outputs go to %s", stage.name, out or "(no out_dir)")
     start = time.perf_counter()
-    summary = stage.run_fn()(cfg) or {}
+    try:
+        summary = stage.run_fn()(cfg) or {}
+    except KeyboardInterrupt as stop:  # every finally below has run: jobs cancelled, locks let go
+        return _interrupted(stop, f"stage={stage.name}: " + stage.interrupted.format(out_dir=out))
     summary.setdefault("seconds", round(time.perf_counter() - start, 1))
     print(json.dumps(summary, indent=2, default=str))
     print(guide.closing_lines(stage.name, cfg, summary))
@@ -114,6 +120,10 @@ def run_tool(tool: Tool, argv: list[str]) -> int:
     _check_paths(tool, positional)
     # absolute paths, so whatever the tool prints can be pasted from any directory
     args = [_absolute_arg(a) for a in argv]
+    for arg in args:
+        if tool.out and arg.startswith("out="):
+            what = f"what pipeline {tool.name} writes"
+            check_output(arg.removeprefix("out="), what, key="out", file=tool.out == "file")
     log.info("%s: %s", tool.name, " ".join(args))
     code = int(tool.function()(args) or 0)  # a usage mistake is a UserError, as everywhere
     follow = guide.after_tool(tool.name, args, code)
@@ -149,8 +159,8 @@ def dispatch(argv: list[str]) -> int:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (a batch scheduler's scancel, a closed terminal): ends the run as
-    Ctrl-C does, so every ``finally`` runs (worker jobs are cancelled, locks released)."""
+    """Ctrl-C, SIGTERM or SIGHUP (a batch scheduler's scancel, a closed terminal): ends the run
+    as a KeyboardInterrupt, so every ``finally`` runs (worker jobs are cancelled, locks let go)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -161,28 +171,58 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 
+@contextlib.contextmanager
+def _interrupts() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP raise :class:`Interrupted` while the command runs (the main
+    thread's handlers are put back after it, for a caller that runs several commands)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handlers = {signum: signal.signal(signum, _interrupt) for signum in signals}
+    hook = sys.unraisablehook
+
+    def raise_again(unraisable: Any) -> None:
+        # An interrupt raised where Python can only print it (an after-fork hook, a __del__)
+        # would be lost and the run would go on after a traceback: send the signal again, so it
+        # is raised a moment later where it ends the run.
+        stop = unraisable.exc_value
+        if not isinstance(stop, KeyboardInterrupt):
+            hook(unraisable)
+            return
+        signum = getattr(stop, "signum", signal.SIGINT)
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+
+    sys.unraisablehook = raise_again
+    try:
+        yield
+    finally:
+        sys.unraisablehook = hook
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _interrupted(stop: KeyboardInterrupt, what: str) -> int:
+    """Say in one line what an interrupted command kept and how to go on; 128 + the signal."""
+    signum = getattr(stop, "signum", signal.SIGINT)
+    print(f"interrupted ({signal.Signals(signum).name}) during {what}", file=sys.stderr)
+    return 128 + signum
+
+
 def main(argv: list[str] | None = None) -> int:
     """The console entry point; returns the exit code (0 ok, 1 the work failed, 2 bad input,
     128 + the signal number when interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, _interrupt)
     try:
-        argv, verbose, level = pop_logging_options(argv)
-        setup_logging(verbose, level)
-        return dispatch(argv)
+        with _interrupts():
+            argv, verbose, level = pop_logging_options(argv)
+            setup_logging(verbose, level)
+            return dispatch(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        signum = getattr(stop, "signum", signal.SIGINT)
-        print(
-            f"interrupted ({signal.Signals(signum).name}): what was finished is kept; rerun the "
-            "same command to resume",
-            file=sys.stderr,
-        )
-        return 128 + signum
+        return _interrupted(stop, f"pipeline {' '.join(argv[:1])}: rerun the same command")
     except BrokenPipeError:
         # the reader went away (`pipeline ... --help | head`): not an error of ours, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

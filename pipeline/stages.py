@@ -5,6 +5,8 @@ import torch. A config class carries its presets as ``presets: ClassVar[dict[str
 A run function takes the frozen config and returns a small dict summary the CLI prints.
 ``example`` is the command ``pipeline run stage=<name> --help`` shows; its ``{placeholders}`` are
 folders of the demo's run layout (:class:`engine.layout.RunLayout`), filled in as absolute paths.
+``interrupted`` is what the CLI says after Ctrl-C (or SIGTERM): what the run keeps and how to go
+on (``{out_dir}`` is filled in).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Stage:
     example: str = ""  # key=value arguments after `pipeline run stage=<name>`
     # "module:function" giving the batch job script a run would submit (--print-job-script)
     job_script: str = ""
+    interrupted: str = "nothing of the run is kept; rerun the same command to start again"
 
     def config_class(self) -> type:
         return load_target(self.config)
@@ -52,6 +55,8 @@ STAGES: dict[str, Stage] = {
             "shards.pack:pack",
             "write WebDataset image shards from a folder of images",
             "images={corpus} out_dir={pack} shard_size=128",
+            interrupted="index.json is written last, so {out_dir} is no pack yet; rerun the same "
+            "command to pack again",
         ),
         Stage(
             "vqkd",
@@ -59,6 +64,8 @@ STAGES: dict[str, Stage] = {
             "tokenize_corpus.train:vqkd",
             "stage 1: train a VQ-KD visual tokenizer by distilling a teacher",
             "preset=demo 'images={pack_shards}' out_dir={vqkd}",
+            interrupted="the finished epochs are in {out_dir}/checkpoint.pth; rerun the same "
+            "command with train.resume=true to go on from the last one",
         ),
         Stage(
             "tokenize",
@@ -67,6 +74,8 @@ STAGES: dict[str, Stage] = {
             "stage 2: tokenize image shards at K view seeds on Dask into a token dataset",
             "preset=demo 'images={pack_shards}' tokenizer={tokenizer} out_dir={tokenize}",
             job_script="tokenize_corpus.job:print_job_script",
+            interrupted="the finished shards are kept in {out_dir}; rerun the same command to "
+            "tokenize only the rest",
         ),
         Stage(
             "pretrain",
@@ -74,6 +83,9 @@ STAGES: dict[str, Stage] = {
             "pretrain.train:pretrain",
             "stage 3: pretrain BEiT v2 from precomputed tokens (or targets=online)",
             "preset=demo tokens={tokenize} out_dir={pretrain}",
+            interrupted="the last saved epoch is in {out_dir}/checkpoint.pth (every "
+            "train.save_every epochs); rerun the same command with train.resume=true to go on "
+            "from it",
         ),
         Stage(
             "linprobe",
@@ -81,6 +93,8 @@ STAGES: dict[str, Stage] = {
             "pretrain.linprobe:linprobe",
             "evaluate a backbone with a linear classifier on frozen features",
             "preset=demo backbone={pretrain_checkpoint} 'images={pack_shards}' out_dir={linprobe}",
+            interrupted="features extracted to the end are cached in {out_dir}; rerun the same "
+            "command to reuse them and train the classifier again",
         ),
         Stage(
             "finetune",
@@ -95,6 +109,8 @@ STAGES: dict[str, Stage] = {
             "pipeline.demo:run_all",
             "every stage in order on one corpus (preset=demo: the README's demo)",
             "preset=demo out_dir={root}",
+            interrupted="the stages that finished are in {out_dir}; rerun the same command to run "
+            "the chain again (stage 2 keeps its finished shards)",
         ),
     ]
 }

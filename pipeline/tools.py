@@ -28,6 +28,8 @@ class Tool:
     paths: int = 0
     # what the exit code 1 means for this tool ("" = the work failed)
     failure: str = ""
+    # what out= must name, checked before the tool runs: "folder", "file", or "" (no out=)
+    out: str = ""
 
     def function(self) -> Callable[[list[str]], int]:
         return load_target(self.target)
@@ -66,6 +68,7 @@ TOOLS: dict[str, Tool] = {
             ),
             "{tokenize} 'images={pack_shards}'",
             paths=1,
+            out="folder",
         ),
         Tool(
             "export",
@@ -78,6 +81,7 @@ TOOLS: dict[str, Tool] = {
             ),
             "{pretrain_checkpoint} out={pretrain}/backbone.safetensors",
             paths=1,
+            out="file",
         ),
         Tool(
             "plan",
@@ -110,6 +114,7 @@ TOOLS: dict[str, Tool] = {
             ),
             "{root}",
             paths=-1,
+            out="folder",
         ),
     ]
 }

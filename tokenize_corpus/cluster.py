@@ -39,7 +39,12 @@ from tokenize_corpus import batch
 from tokenize_corpus.config import ClusterConfig
 from tokenize_corpus.resume import check_receipt
 from tokenize_corpus.shard_task import tokenize_shard
-from tokenize_corpus.worker import ShardJob, TokenizerPlugin, worker_device_precision
+from tokenize_corpus.worker import (
+    IgnoreCtrlC,
+    ShardJob,
+    TokenizerPlugin,
+    worker_device_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +181,7 @@ class DaskCluster:
             )
         self._stack.enter_context(local)
         client = self._stack.enter_context(Client(local))
+        client.register_plugin(IgnoreCtrlC())
         log.info("%d workers up in %.1f s", cluster.n_workers, time.perf_counter() - tick)
         return client
 

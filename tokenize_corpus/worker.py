@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -105,6 +106,16 @@ def _worker_name() -> Any:
         return get_worker().name
     except ValueError:  # not inside a worker (in-process use)
         return 0
+
+
+class IgnoreCtrlC(WorkerPlugin):
+    """Local workers share the terminal's process group, so Ctrl-C reaches them too: they leave
+    it to the driver, which closes them (else each would print a KeyboardInterrupt traceback)."""
+
+    name = "beitv2-ignore-ctrl-c"
+
+    def setup(self, worker: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class TokenizerPlugin(WorkerPlugin):

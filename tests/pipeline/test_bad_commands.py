@@ -205,6 +205,25 @@ ROWS = [
     ("finetune-warmup-negative", "run stage=finetune preset=demo images=<shards> "
      "train.warmup_epochs=-1 out_dir=<out>/f6", ["train.warmup_epochs"]),
     ("finetune-epochs-a-word", "run stage=finetune train.epochs=ten", ["train.epochs"]),
+    # --- an out_dir / out= that cannot be written to: a file, a path under a file, a folder
+    # where a file goes (an immutable folder needs chattr: tests/pipeline/test_out_dir_writable.py)
+    ("pack-out-dir-under-a-file", "run stage=pack images=<shards> out_dir=<txt>/shards",
+     ["out_dir=<txt>/shards cannot be made: <txt> is a file"]),
+    ("vqkd-out-dir-a-file", "run stage=vqkd preset=demo images=<shards> out_dir=<txt>",
+     ["out_dir=<txt> is a file"]),
+    ("tokenize-out-dir-a-file", "run stage=tokenize images=<shards> tokenizer=<tokenizer> "
+     "out_dir=<txt> aug.size=32", ["out_dir=<txt> is a file"]),
+    ("tokenize-out-dir-under-a-file", "run stage=tokenize images=<shards> tokenizer=<tokenizer> "
+     "out_dir=<txt>/tokens aug.size=32", ["out_dir=<txt>/tokens cannot be made: <txt> is a file"]),
+    ("pretrain-out-dir-a-file", "run stage=pretrain preset=demo tokens=<stage3_tokens> "
+     "out_dir=<txt>", ["out_dir=<txt> is a file"]),
+    ("linprobe-out-dir-a-file", "run stage=linprobe preset=demo images=<shards> out_dir=<txt>",
+     ["out_dir=<txt> is a file"]),
+    ("export-out-a-folder", "export <garbage> out=<folder>", ["out=<folder> is a folder"]),
+    ("inspect-out-a-file", "inspect <tokens> out=<txt>", ["out=<txt> is a file"]),
+    ("all-out-dir-a-file", "run stage=all stages=[pack] images=<shards> out_dir=<txt>",
+     ["out_dir=<txt> is a file"]),
+    ("report-out-a-file", "report <empty> out=<txt>", ["out=<txt> is a file"]),
     # --- stage=all
     ("all-unknown-stage", "run stage=all stages=[pack,nope] out_dir=<out>/a1", ["nope"]),
     ("all-images-missing", "run stage=all images=<missing> out_dir=<out>/a2", ["<missing>"]),

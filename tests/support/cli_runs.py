@@ -50,9 +50,12 @@ def started_epoch(out_dir: Path, epoch: int) -> bool:
     return False
 
 
-def run_and_kill_after_checkpoint(cmd: list[str], out_dir: Path, log: Path) -> None:
-    """Start ``cmd`` in its own process group; SIGKILL the group once the first checkpoint is
-    written and a step of the second epoch is logged (so the kill cuts an epoch short)."""
+def run_and_kill_after_checkpoint(
+    cmd: list[str], out_dir: Path, log: Path, signum: int = signal.SIGKILL
+) -> None:
+    """Start ``cmd`` in its own process group; send the group ``signum`` (SIGKILL, or SIGINT as
+    Ctrl-C does) once the first checkpoint is written and a step of the second epoch is logged
+    (so the signal cuts an epoch short). The run must end on it: killed, or exit 128 + n."""
     checkpoint = out_dir / "checkpoint.pth"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -69,13 +72,14 @@ def run_and_kill_after_checkpoint(cmd: list[str], out_dir: Path, log: Path) -> N
                 assert proc.poll() is None, f"run ended before the kill:\n{log.read_text()}"
                 assert time.monotonic() < deadline, "no checkpoint within 90 s"
                 time.sleep(0.005)
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signum)
             proc.wait(timeout=30)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, log.read_text()[-3000:])
+    ended = -signum if signum == signal.SIGKILL else 128 + signum
+    assert proc.returncode == ended, (proc.returncode, log.read_text()[-3000:])
 
 
 def records(out_dir: Path, timing: set[str]) -> list[dict]:
