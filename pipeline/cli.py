@@ -6,9 +6,10 @@
     pipeline <command> --help
 
 Exit codes: 0 the work is done; 1 the work failed (a stage, some shards, a validation);
-2 bad usage or input. A user's mistake is an :class:`engine.errors.UserError` (``ConfigError``
-is one): the CLI prints its message and exits 2, without a traceback. Any other exception is a
-bug and keeps its traceback.
+2 bad usage or input; 128 + n interrupted by signal n (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
+A user's mistake is an :class:`engine.errors.UserError` (``ConfigError`` is one): the CLI prints
+its message and exits 2, without a traceback. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations

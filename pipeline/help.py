@@ -17,9 +17,12 @@ from pipeline.stages import STAGES, get_stage
 from pipeline.tools import TOOLS, Tool
 
 EXIT_CODES = """exit codes:
-  0  the work is done
-  1  the work failed (a stage failed, some shards failed, validate found problems)
-  2  bad usage or input (unknown key or value, missing file, ...): a message says what to fix"""
+  0    the work is done
+  1    the work failed (a stage failed, some shards failed, validate found problems)
+  2    bad usage or input (unknown key or value, missing file, an out_dir another run holds,
+       ...): a message says what to fix
+  130  interrupted by Ctrl-C (143 SIGTERM, 129 SIGHUP): a line says what was kept and how to
+       go on"""
 
 OPTIONS = """options (any command):
   --verbose, -v      show every library's INFO logging (Dask workers, ...) and our DEBUG lines
