@@ -75,7 +75,7 @@ STAGES: dict[str, Stage] = {
             "preset=demo 'images={pack_shards}' tokenizer={tokenizer} out_dir={tokenize}",
             job_script="tokenize_corpus.job:print_job_script",
             interrupted="the finished shards are kept in {out_dir}; rerun the same command to "
-            "tokenize only the rest",
+            "resume (it tokenizes only the rest)",
         ),
         Stage(
             "pretrain",

@@ -121,7 +121,7 @@ def test_ctrl_c_of_stage_2_tears_the_cluster_down_and_a_rerun_finishes_the_same_
     assert "Traceback" not in said, said[-3000:]
     assert (
         f"interrupted (SIGINT) during stage=tokenize: the finished shards are kept in {out}; "
-        "rerun the same command to tokenize only the rest\n"
+        "rerun the same command to resume (it tokenizes only the rest)\n"
     ) in said
     # nothing of the run lives on (a zombie waiting for init to reap it is dead already)
     ps = ["ps", "-s", str(proc.pid), "-o", "pid=,stat=,args="]
