@@ -4,7 +4,8 @@ Image shards (``shards/pack.py``) and token shards (``shards/writer.py``) are co
 byte across runs and worker counts, so neither may record a clock, a user or a umask
 (:func:`add_member`). A token shard holds four small members per image; :func:`read_members`
 reads a whole tar held in memory with a header parser of a few lines, several times faster than
-``tarfile`` on thousands of small members (BENCHMARKS.md, "Control plane at ImageNet scale").
+``tarfile`` on thousands of small members (BENCHMARKS.md, "Control plane at ImageNet scale");
+:func:`member_names` lists an image tar's members from their headers alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import io
 import tarfile
 from collections.abc import Iterator
+from typing import BinaryIO
 
 BLOCK = 512
 # ustar typeflags (as byte values): regular files, a directory, and "x", a pax header for the
@@ -58,16 +60,60 @@ def read_members(data: bytes) -> Iterator[tuple[str, bytes]]:
         if kind == _PAX:
             path = _pax_path(data[start : start + size])
         elif kind != _DIRECTORY:
-            if path is None:
-                stop = data.find(b"\0", head, head + 100)
-                path = data[head : stop if stop >= 0 else head + 100].decode("utf-8")
-                if data[head + 345]:  # a ustar prefix (a long name split at a slash)
-                    prefix = data[head + 345 : head + 500].split(b"\0", 1)[0].decode("utf-8")
-                    path = f"{prefix}/{path}"
-            members.append((path, data[start : start + size]))
+            name = path if path is not None else _ustar_name(data, head)
+            members.append((name, data[start : start + size]))
             path = None
         head = start + -(-size // BLOCK) * BLOCK
     yield from _read_with_tarfile(data)  # no end-of-archive blocks: truncated, tarfile says so
+
+
+def member_names(f: BinaryIO) -> list[str]:
+    """The names of the regular files of the tar open in ``f``, in order, from the headers alone.
+
+    An uncompressed tar on a seekable file is walked header to header, the members' bytes skipped
+    by seeks (ustar headers and pax ``path`` records, as :func:`read_members`); a gzip'd tar, or
+    one with anything else (GNU long names, a v7 header, a member cut short), is listed by
+    ``tarfile``, which decompresses or reads it through and raises ``tarfile.TarError`` for
+    damage. Header checksums are not recomputed (a third of the time): the names only plan the
+    reading, and the reader (``tarfile``) checks every header.
+    """
+    end = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    names, head, path = [], 0, None
+    while True:
+        f.seek(head)
+        header = f.read(BLOCK)
+        if len(header) < BLOCK or header[257:262] != b"ustar":
+            if len(header) == BLOCK and header.count(0) == BLOCK:
+                return names  # the end-of-archive zeros
+            break  # gzip'd, not ustar, or no end-of-archive blocks: tarfile says which
+        kind = header[156]
+        try:  # a base-256 size (a member over 8 GiB) is not octal: tarfile reads it
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            break
+        if kind not in _KINDS or head + BLOCK + size > end:
+            break
+        if kind == _PAX:
+            path = _pax_path(f.read(size))
+        elif kind != _DIRECTORY:
+            names.append(path if path is not None else _ustar_name(header, 0))
+            path = None
+        head += BLOCK + -(-size // BLOCK) * BLOCK
+    f.seek(0)
+    with tarfile.open(fileobj=f, mode="r:*") as tar:
+        return [member.name for member in tar if member.isfile()]
+
+
+def _ustar_name(data: bytes, head: int) -> str:
+    """The name in the ustar header at ``data[head:]``: its name field, after its prefix field
+    (a long name split at a slash) when there is one."""
+    stop = data.find(b"\0", head, head + 100)
+    path = data[head : stop if stop >= 0 else head + 100].decode("utf-8")
+    if data[head + 345]:
+        prefix = data[head + 345 : head + 500].split(b"\0", 1)[0].decode("utf-8")
+        path = f"{prefix}/{path}"
+    return path
 
 
 def _pax_path(body: bytes) -> str | None:
