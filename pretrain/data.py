@@ -26,6 +26,7 @@ from pretrain.matching import ShardPlan, plan_shards
 from shards.decode import decode_image
 from shards.errors import TokenDatasetMismatch
 from shards.images import iter_shard, list_shards
+from shards.key_index import KeyIndex
 from shards.reader import TokenDataset
 from shards.records import BadShard, ImageRecord, ImageShard
 from shards.verify import check_image_digest, preflight
@@ -115,7 +116,9 @@ def check_token_dataset(
     Checks schema, codebook size vs the LM head, patch grid and image size (``TokenDataset.check``
     names both values on a mismatch), that every token shard is done (has a receipt), and with
     ``verify`` that manifest, receipts and footers agree and every file is there at its size
-    (``shards.verify.preflight``). Then plans which token rows go with which image shard.
+    (``shards.verify.preflight``). Then plans which token rows go with which image shard; a key
+    with two rows in the token dataset is refused (``shards.errors.DuplicateKeys``), matched by
+    key or, with ``verify``, aligned.
     """
     tokens.check(codebook_size=vocab_size, grid=tuple(grid), image_size=image_size)
     if match == "aligned" and tokens.num_shards != len(image_shards):
@@ -135,7 +138,10 @@ def check_token_dataset(
         )
     if verify:
         preflight(tokens)
-    return plan_shards(tokens, image_shards, match)
+    plan = plan_shards(tokens, image_shards, match)
+    if verify and plan.index is None:
+        KeyIndex.from_dataset(tokens)  # aligned needs no index, but a key twice is damage too
+    return plan
 
 
 def _read_to_the_end(shard: ImageShard) -> Iterator[ImageRecord]:
@@ -206,6 +212,7 @@ class MIMDataset(IterableDataset):
             verify=verify,
         )
         self.shards = self.plan.shards
+        self.image_shards = self.plan.image_shards  # by key: the copy's duplicates marked
         self.source = source
         self.aug = aug_from_manifest(tokens) if source == "fresh" else None
         self.grid = (int(grid[0]), int(grid[1]))

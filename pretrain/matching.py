@@ -6,7 +6,9 @@ otherwise (other shard sizes, an ImageFolder, Hugging Face Parquet, other tar na
 repacking: each of its image shards is matched to token rows by key through a
 :class:`shards.key_index.KeyIndex` (``key``), and every row is verified by its image digest while
 rendering, as in the aligned case. Token-dataset images missing from the copy are counted and
-reported; images of the copy without tokens are skipped and counted.
+reported; images of the copy without tokens are skipped and counted. Keys follow the one rule of
+``shards.images`` on both sides: a token dataset that holds a key twice is refused (``KeyIndex``),
+and a key the copy has in two shards binds the first one's image, the later one is skipped.
 
 ``match="auto"`` takes the aligned path when the copy has the same number of shards and no
 receipt contradicts it (same shard kind; same file size for tar/Parquet shards; same listing
@@ -20,12 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import fsspec
+import numpy as np
 
 from pretrain.errors import PretrainDataError
-from shards.images import list_keys
+from shards.images import source_keys
 from shards.key_index import KeyIndex, shard_keys
 from shards.reader import TokenDataset
-from shards.records import BadShard, ImageShard
+from shards.records import ImageShard
 from tokenize_corpus.identity import listing_sha256
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,9 @@ class ShardPlan:
 
     mode: str  # "aligned" or "key"
     shards: list[ShardInfo]
+    # the image shards as read; by key, a key an earlier shard of the copy has is marked on the
+    # later one (shards.images.source_keys), so one image of the copy binds to each row
+    image_shards: list[ImageShard]
     index: KeyIndex | None = None
     report: dict = field(default_factory=dict)
 
@@ -105,24 +111,20 @@ def plan_shards(
             )
             for i in range(tokens.num_shards)
         ]
-        return ShardPlan("aligned", shards)
+        return ShardPlan("aligned", shards, list(image_shards))
     return _plan_by_key(tokens, image_shards)
 
 
 def _plan_by_key(tokens: TokenDataset, image_shards: Sequence[ImageShard]) -> ShardPlan:
-    index = KeyIndex.from_dataset(tokens)
-    shards, found, extra, unreadable = [], set(), 0, []
-    examples: list[str] = []
-    for shard in image_shards:
-        try:
-            keys = list_keys(shard)
-        except BadShard as err:
-            unreadable.append(f"{shard.url}: {err}")
-            keys = []
+    index = KeyIndex.from_dataset(tokens)  # refuses a token dataset that holds a key twice
+    listing = source_keys(image_shards)
+    rows = index.shard.astype(np.int64) << 32 | index.row  # one number per token row [R]
+    shards, hit, extra = [], [], 0
+    for shard, keys in zip(listing.shards, listing.keys, strict=True):
         token_shard, row = index.lookup(keys)
         hits = token_shard >= 0
         extra += int((~hits).sum())
-        found.update(zip(token_shard[hits].tolist(), row[hits].tolist(), strict=True))
+        hit.append(token_shard[hits].astype(np.int64) << 32 | row[hits])
         shards.append(
             ShardInfo(
                 shard.index,
@@ -131,39 +133,49 @@ def _plan_by_key(tokens: TokenDataset, image_shards: Sequence[ImageShard]) -> Sh
                 tuple(sorted(set(token_shard[hits].tolist()))),
             )
         )
-    missing = index.rows - len(found)
-    if missing:
-        for i in sorted(tokens.receipts):
-            for j, key in enumerate(shard_keys(tokens, i)):
-                if (i, j) not in found:
-                    examples.append(key)
-                if len(examples) >= 5:
-                    break
-            if len(examples) >= 5:
-                break
+    matched = np.unique(np.concatenate(hit or [np.zeros(0, np.int64)]))
+    left_out = np.sort(rows[~np.isin(rows, matched)])  # token rows whose image the copy lacks
+    examples = _keys_of(tokens, left_out[:5])
+    why = listing.unreadable
+    unreadable = [f"{s.url}: {why[s.index]}" for s in listing.shards if s.index in why]
     report = {
         "mode": "key",
         "token_rows": index.rows,
-        "matched": len(found),
-        "missing_from_images": missing,
+        "matched": len(matched),
+        "missing_from_images": len(left_out),
         "missing_examples": examples,
         "images_without_tokens": extra,
         "unreadable_image_shards": unreadable,
     }
     log.info(
-        "matched %d of %d token rows by key in %d image shards", len(found), index.rows, len(shards)
+        "matched %d of %d token rows by key in %d image shards",
+        len(matched),
+        index.rows,
+        len(shards),
     )
-    if missing:
+    if len(left_out):
         log.warning(
             "%d images of the token dataset are not in this copy of the images (e.g. %s); "
             "they are left out",
-            missing,
+            len(left_out),
             ", ".join(examples),
         )
-    if not found:
+    if not len(matched):
         raise PretrainDataError(
             f"none of the {extra} images of {image_shards[0].url if image_shards else 'images='} "
             f"has a row in token dataset {tokens.path} (keys compared by the rule of "
             "shards.images): pass the images stage 2 tokenized, or a copy keyed the same way"
         )
-    return ShardPlan("key", shards, index, report)
+    return ShardPlan("key", shards, listing.shards, index, report)
+
+
+def _keys_of(tokens: TokenDataset, rows: np.ndarray) -> list[str]:
+    """The keys of token rows given as ``shard << 32 | row``, in that order."""
+    keys: dict[int, list[str]] = {}
+    found = []
+    for code in rows.tolist():
+        shard = code >> 32
+        if shard not in keys:
+            keys[shard] = shard_keys(tokens, shard)
+        found.append(keys[shard][code & 0xFFFFFFFF])
+    return found

@@ -6,40 +6,62 @@ import logging
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards.folders import image_key
+from shards.folders import image_key, no_key
 from shards.records import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, BadShard, ImageRecord
+from shards.tarfiles import member_names
 
 log = logging.getLogger(__name__)
 
 
-def tar_keys(url: str) -> list[str]:
-    groups: dict[str, set[str]] = {}
-    order: list[str] = []
+# Why a later sample or row with a key an earlier one of the same file has is skipped.
+DUPLICATE_IN_TAR = "duplicate key (an earlier sample of this tar has it)"
+DUPLICATE_IN_PARQUET = "duplicate key (an earlier row of this file has it)"
+
+
+def tar_names(url: str) -> list[tuple[str, str]]:
+    """(key, name) of each sample :func:`iter_tar` yields with an image member, in tar order, a
+    key's first sample only; ``name`` is the members' name before the key rule. Read from the
+    member headers (``shards.tarfiles.member_names``), not the members."""
     try:
-        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, ext = split_member_name(info.name)
-                if key is None:
-                    continue
-                key = image_key(key)
-                if key not in groups:
-                    groups[key] = set()
-                    order.append(key)
-                groups[key].add(ext.lower().rsplit(".", 1)[-1])
-    except (tarfile.TarError, EOFError, OSError) as err:
+        with fsspec.open(url, "rb") as raw:
+            names = member_names(raw)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
         raise BadShard(f"unreadable tar {url}: {err}") from None
-    return [k for k in order if groups[k] & set(IMAGE_EXTENSIONS)]
+    firsts: list[tuple[str, str, set[str]]] = []  # (key, name, member types) per first sample
+    seen: set[str] = set()
+    group_key, group, types = None, set(), None
+    for member in names:
+        name, ext = split_member_name(member)
+        if name is None:
+            continue
+        key, ext = image_key(name), ext.lower()
+        if _starts_sample(key, ext, group_key, group):
+            group_key, group, types = key, set(), None
+            if key and key not in seen:
+                seen.add(key)
+                types = set()
+                firsts.append((key, name, types))
+        group.add(ext)
+        if types is not None:
+            types.add(ext.rsplit(".", 1)[-1])
+    return [(key, name) for key, name, types in firsts if types & set(IMAGE_EXTENSIONS)]
 
 
-def parquet_keys(url: str) -> list[str]:
+def _starts_sample(key: str, ext: str, group_key: str | None, group: Collection[str]) -> bool:
+    """WebDataset's grouping: a member starts a new sample when its key is not the current
+    sample's, or when the sample already has a member of its type (``a.jpg`` twice)."""
+    return key != group_key or ext in group
+
+
+def parquet_names(url: str) -> list[tuple[str, str]]:
+    """(key, name) of each row :func:`iter_parquet` reads, a key's first row only; ``name`` is
+    ``image.path`` without its extension (or ``<file stem>/<row>``). Reads that column only."""
     stem = posixpath.basename(url).split(".", 1)[0]
     try:
         with fsspec.open(url, "rb") as raw:
@@ -48,18 +70,24 @@ def parquet_keys(url: str) -> list[str]:
             if pa.types.is_struct(image) and image.get_field_index("path") >= 0:
                 column = pf.read(columns=["image.path"]).column(0).combine_chunks()
                 paths = column.field("path") if pa.types.is_struct(column.type) else column
-                names = paths.to_pylist()
+                paths = paths.to_pylist()
             else:
-                names = [None] * pf.metadata.num_rows
+                paths = [None] * pf.metadata.num_rows
     except (OSError, ValueError, KeyError, pa.ArrowException) as err:
         raise BadShard(f"unreadable parquet {url}: {err}") from None
-    keys, seen = [], set()
-    for row, path in enumerate(names):
-        key = image_key(path.rsplit(".", 1)[0]) if path else f"{stem}/{row}"
-        if key not in seen:
+    found, seen = [], set()
+    for row, path in enumerate(paths):
+        name = _row_name(path, stem, row)
+        key = image_key(name)
+        if key and key not in seen:
             seen.add(key)
-            keys.append(key)
-    return keys
+            found.append((key, name))
+    return found
+
+
+def _row_name(path: str | None, stem: str, row: int) -> str:
+    """A Parquet row's name: ``image.path`` without its last extension, else ``<stem>/<row>``."""
+    return path.rsplit(".", 1)[0] if path else f"{stem}/{row}"
 
 
 # ---------------------------------------------------------------- source listing
@@ -78,6 +106,7 @@ def iter_tar(url: str) -> Iterator[ImageRecord]:
     members = 0
     seen: set[str] = set()
     group_key: str | None = None
+    group_name = ""
     group: dict[str, bytes] = {}
     group_errors: list[str] = []
     try:
@@ -85,14 +114,14 @@ def iter_tar(url: str) -> Iterator[ImageRecord]:
         with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for info in tar:
                 if info.isfile():
-                    key, ext = split_member_name(info.name)
-                    key = image_key(key) if key is not None else None
-                    if key is not None and key != group_key:
-                        if group_key is not None:
-                            yield _tar_record(group_key, group, group_errors, seen)
-                        group_key, group, group_errors = key, {}, []
-                    if key is not None:
-                        _read_member(tar, info, ext.lower(), group, group_errors)
+                    name, ext = split_member_name(info.name)
+                    if name is not None:
+                        key, ext = image_key(name), ext.lower()
+                        if _starts_sample(key, ext, group_key, group):
+                            if group_key is not None:
+                                yield _tar_record(group_key, group_name, group, group_errors, seen)
+                            group_key, group_name, group, group_errors = key, name, {}, []
+                        _read_member(tar, info, ext, group, group_errors)
                 members += 1  # complete members read so far
             if not _saw_end_marker(tar):
                 raise tarfile.ReadError("no end-of-archive marker")
@@ -102,7 +131,7 @@ def iter_tar(url: str) -> Iterator[ImageRecord]:
         what = "unreadable tar" if members == 0 else f"truncated tar after {members} members"
         raise BadShard(f"{what}: {err}") from None
     if group_key is not None:
-        yield _tar_record(group_key, group, group_errors, seen)
+        yield _tar_record(group_key, group_name, group, group_errors, seen)
 
 
 def _read_member(
@@ -112,10 +141,7 @@ def _read_member(
     group: dict[str, bytes],
     errors: list[str],
 ) -> None:
-    """Read one member into its key's group (bytes in memory only, never onto the disk)."""
-    if ext in group:
-        errors.append(f"duplicate member .{ext}")
-        return
+    """Read one member into its sample (bytes in memory only, never onto the disk)."""
     if info.size > MAX_MEMBER_BYTES:
         errors.append(f".{ext} member too large ({info.size} bytes)")
         group[ext] = b""
@@ -137,10 +163,12 @@ def _saw_end_marker(tar: tarfile.TarFile) -> bool:
 
 
 def _tar_record(
-    key: str, group: dict[str, bytes], errors: list[str], seen: set[str]
+    key: str, name: str, group: dict[str, bytes], errors: list[str], seen: set[str]
 ) -> ImageRecord:
+    if not key:
+        return ImageRecord(key, b"", -1, no_key(name))
     if key in seen:
-        return ImageRecord(key, b"", -1, "duplicate key (members not adjacent in the tar)")
+        return ImageRecord(key, b"", -1, DUPLICATE_IN_TAR)
     seen.add(key)
     label = -1
     if "cls" in group:
@@ -180,12 +208,14 @@ def iter_parquet(url: str) -> Iterator[ImageRecord]:
                     data_col, path_col = image.to_pylist(), None
                 labels = batch.column("label").to_pylist() if "label" in columns else None
                 for i, data in enumerate(data_col):
-                    path = path_col[i] if path_col else None
-                    key = image_key(path.rsplit(".", 1)[0]) if path else f"{stem}/{row}"
+                    name = _row_name(path_col[i] if path_col else None, stem, row)
+                    key = image_key(name)
                     label = labels[i] if labels and labels[i] is not None else -1
                     row += 1
-                    if key in seen:
-                        yield ImageRecord(key, b"", int(label), "duplicate key")
+                    if not key:
+                        yield ImageRecord(key, b"", int(label), no_key(name))
+                    elif key in seen:
+                        yield ImageRecord(key, b"", int(label), DUPLICATE_IN_PARQUET)
                     elif data is None:
                         seen.add(key)
                         yield ImageRecord(key, b"", int(label), "no image bytes")

@@ -52,6 +52,10 @@ class ImageDigestMismatch(DataIntegrityError):
     """An image's bytes are not the ones its tokens were computed from."""
 
 
+class DuplicateKeys(DataIntegrityError):
+    """A token dataset holds a key twice: two rows for one image, so it is damaged."""
+
+
 class TokenSetNotFound(UserError):
     """``token_set=`` names no token set of the dataset (or several)."""
 

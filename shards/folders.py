@@ -20,19 +20,31 @@ log = logging.getLogger(__name__)
 
 
 def image_key(name: str) -> str:
-    """The key rule for every source: ``name`` (a path without its last extension) with each dot
-    replaced by ``_``, so a key never holds a dot (WebDataset splits member names at a basename's
-    first dot, and the token writer refuses dotted keys): ``a.b/c.d`` -> ``a_b/c_d``."""
-    return name.replace(".", "_")
+    """The one key rule, for every source: a name from the source (a path without its extension)
+    as a key that is safe as a member name and a relative path.
+
+    A backslash counts as ``/``; empty, ``.`` and ``..`` components are dropped, so no key is
+    absolute or climbs out of a folder (``/abs/y`` -> ``abs/y``, ``../../etc/x`` -> ``etc/x``,
+    ``./a//b`` -> ``a/b``, ``a\\b`` -> ``a/b``); every remaining dot becomes ``_`` (WebDataset
+    splits member names at a basename's first dot): ``a.b/c.d`` -> ``a_b/c_d``. "" when nothing is
+    left (the sources skip that image). Applying it twice changes nothing.
+    """
+    parts = name.replace("\\", "/").split("/")
+    return "/".join(p.replace(".", "_") for p in parts if p not in ("", ".", ".."))
+
+
+def no_key(name: str) -> str:
+    """The skip reason of an image whose name the key rule leaves empty."""
+    return f"no key: the key rule leaves nothing of the name {name!r}"
 
 
 def _walk_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Every file under root, relative, posix separators, each real file once (see _walk_local)."""
+    """Every file under root, relative, posix separators, each real file once (see _walk_local);
+    hidden ones too (scan_folder skips them with a reason)."""
     root = root.rstrip("/") or "/"
     if isinstance(fs, LocalFileSystem):
         return _walk_local(root)
-    rel = [posixpath.relpath(path, root) for path in fs.find(root)]
-    return [r for r in rel if not any(p.startswith(".") for p in r.split("/"))]
+    return [posixpath.relpath(path, root) for path in fs.find(root)]
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -47,7 +59,9 @@ def _walk_local(root: str) -> list[str]:
       directory link to an ancestor (``c1/loop -> ..``) is a cycle, skipped with a warning.
     - A symlink to outside the folder is followed (a folder of links into a shared store), each
       real directory and file once: the first path in sorted order wins.
-    - Hidden entries (names starting with ".") and broken links are skipped.
+    - Hidden entries (names starting with "."): a file is listed as it is, a folder with every
+      file under it, no link followed, so that scan_folder reports them (it never reads them).
+    - Broken links are skipped with a warning.
     """
     real_root = os.path.realpath(root)
     files: list[str] = []
@@ -61,9 +75,10 @@ def _walk_local(root: str) -> list[str]:
             log.warning("%s: cannot list %s: %s", root, rel or ".", err)
             return
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
             path = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.name.startswith("."):
+                files.extend(_hidden_files(entry, path))
+                continue
             try:
                 st = os.stat(entry.path)  # follows symlinks
             except OSError:
@@ -108,11 +123,27 @@ def _walk_local(root: str) -> list[str]:
     return files
 
 
+def _hidden_files(entry: os.DirEntry, path: str) -> list[str]:
+    """A hidden entry's files as paths like ``path``: the entry itself, or for a folder every file
+    under it (links not followed: these are listed to be reported, never read)."""
+    if not entry.is_dir(follow_symlinks=False):
+        return [path]
+    found = []
+    for folder, dirs, names in os.walk(entry.path):
+        dirs.sort()
+        inner = os.path.relpath(folder, entry.path)
+        prefix = path if inner == "." else f"{path}/{inner}"
+        found.extend(f"{prefix}/{name}" for name in sorted(names))
+    return found
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(p.startswith(".") for p in rel.split("/"))
+
+
 def _is_image_file(rel: str) -> bool:
-    parts = rel.split("/")
-    if any(p.startswith(".") for p in parts):
-        return False
-    return "." in parts[-1] and parts[-1].rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
+    name = rel.rsplit("/", 1)[-1]
+    return "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
 
 
 def scan_folder(
@@ -120,30 +151,42 @@ def scan_folder(
 ) -> tuple[tuple[str, ...], list[tuple[str, str, int, str]]]:
     """(classes, [(key, relative file, label, error)] sorted by key then file) of an image folder.
 
-    ``error`` is "" or, for every file after the first one with the same key, why it is skipped.
+    ``error`` is "" or why the image is skipped: a hidden file (any path component starting with
+    "."), a name the key rule leaves empty, or, for every file after the first one with the same
+    key, a duplicate. Hidden files take no class and no key from the images that are read.
     """
     files = [r for r in _walk_files(fs, root) if _is_image_file(r)]
-    nested = [r for r in files if "/" in r]
+    hidden = [r for r in files if _is_hidden(r)]
+    visible = [r for r in files if not _is_hidden(r)]
+    nested = [r for r in visible if "/" in r]
+    classes = tuple(sorted({r.split("/", 1)[0] for r in nested}))
     if nested:
-        classes = tuple(sorted({r.split("/", 1)[0] for r in nested}))
-        ignored = len(files) - len(nested)
+        ignored = len(visible) - len(nested)
         if ignored:
             log.warning("%s: ignoring %d image files outside the class folders", root, ignored)
-        class_index = {c: i for i, c in enumerate(classes)}
-        listed = [
-            (image_key(r.rsplit(".", 1)[0]), r, class_index[r.split("/", 1)[0]]) for r in nested
-        ]
-    else:
-        classes = ()
-        listed = [(image_key(r.rsplit(".", 1)[0]), r, -1) for r in files]
+        visible = nested
+    class_index = {c: i for i, c in enumerate(classes)}
+    listed = [
+        (image_key(r.rsplit(".", 1)[0]), r, class_index.get(r.split("/", 1)[0], -1))
+        for r in visible + hidden
+    ]
     listed.sort(key=lambda row: (row[0], row[1]))
     rows: list[tuple[str, str, int, str]] = []
     first: dict[str, str] = {}
     for key, rel, label in listed:
-        # a.jpg and a.png (or a.b.jpg and a_b.jpg): one key; the first file in sorted order keeps it
-        error = f"duplicate key (also {first[key]})" if key in first else ""
-        first.setdefault(key, rel)
+        if _is_hidden(rel):
+            error = "hidden file"
+        elif not key:
+            error = no_key(rel.rsplit(".", 1)[0])
+        elif key in first:
+            # a.jpg and a.png (or a.b.jpg and a_b.jpg): one key; the first file in sorted order
+            error = f"duplicate key (also {first[key]})"
+        else:
+            error = ""
+            first[key] = rel
         rows.append((key, rel, label, error))
+    if hidden:
+        log.warning("%s: skipping %d hidden image files, e.g. %s", root, len(hidden), hidden[0])
     return classes, rows
 
 

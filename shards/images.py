@@ -24,35 +24,50 @@ Sources (``images=``), local paths or fsspec URLs (``s3://...``):
   plain binary, optional integer column ``label``): one shard per file.
 
 The key rule, the same for every source and therefore for ``stage=pack`` and a folder given to
-``stage=tokenize`` (pack reads its input through this module):
+``stage=tokenize`` (pack reads its input through this module), in one function
+(``shards.folders.image_key``; docs/token-dataset.md §2 "Keys"):
 
 - the name: a folder file's relative path (``/`` separators) without its last extension; a tar
   member's name up to the first dot of its basename (WebDataset's split); a Parquet row's
   ``image.path`` without its last extension, or ``<file stem>/<row>`` when there is no path;
-- dots: every remaining ``.`` becomes ``_`` (``shards.folders.image_key``), so no key holds a dot
+- safe names: a backslash counts as ``/``, and empty, ``.`` and ``..`` components are dropped,
+  so no key is absolute or leaves a folder (``/abs/y`` -> ``abs/y``, ``../../etc/x`` ->
+  ``etc/x``, ``./a//b`` -> ``a/b``); a name with nothing left is skipped (``no key: ...``);
+- dots: every remaining ``.`` becomes ``_``, so no key holds a dot
   (``n01/img.001.JPEG`` -> ``n01/img_001``);
 - extensions: matched case-insensitively against ``shards.records.IMAGE_EXTENSIONS``; other files are not
   images (a folder) or other members of the sample (a tar: ``.cls``);
-- duplicates: when two files or samples give one key (``a.jpg`` and ``a.png``, ``a.b.jpg`` and
-  ``a_b.jpg``, a key twice in a tar), the first in sorted order (folders) or stream order (tars,
-  Parquet) keeps it and every other one is an error record ``duplicate key ...``;
-- hidden entries (any path component starting with ``.``) are ignored.
+- duplicates: one key, one image. When two files, samples or rows give one key (``a.jpg`` and
+  ``a.png`` in a folder, ``a.b.jpg`` and ``a_b.jpg``, ``/a.jpg`` and ``a.jpg``, a key twice in a
+  tar, or in two tars), the first in the source's order keeps it: sorted order in a folder,
+  stream order in a file, shard order across files (:func:`source_keys`). Every later one is an
+  error record ``duplicate key (...)`` saying where the first is. In a tar, a member of a type
+  the sample already has (``a.jpg`` twice in a row) starts a new sample, as WebDataset does;
+- hidden files (any path component starting with ``.``) of a folder are error records
+  ``hidden file``: listed, never read.
+
+A key the rule changes (a dot, a ``/`` or ``..`` dropped) is not an error: :func:`source_keys`
+counts them and logs examples, pack lists them in its ``index.json`` and stage 2 counts them in
+its run summary (``keys_renamed``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import posixpath
 import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import braceexpand
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from shards.archives import iter_parquet, iter_tar, parquet_keys, tar_keys
+from shards.archives import iter_parquet, iter_tar, parquet_names, tar_names
 from shards.errors import ImageSourceError
 from shards.folders import iter_folder, scan_folder
 from shards.records import (
@@ -60,12 +75,17 @@ from shards.records import (
     PACK_INDEX_FORMAT,
     PARQUET_SUFFIXES,
     TAR_SUFFIXES,
+    BadShard,
     ImageRecord,
     ImageShard,
     Kind,
 )
 
 log = logging.getLogger(__name__)
+
+# Shards listed at once by source_keys (tar headers and Parquet path columns: mostly waiting on
+# storage, so threads help on object stores and cost little on a local disk).
+LISTING_THREADS = 8
 
 
 def list_shards(
@@ -122,33 +142,115 @@ def list_classes(images: str) -> tuple[str, ...]:
 def iter_shard(shard: ImageShard) -> Iterator[ImageRecord]:
     """Yield the shard's records in a stable order (never decodes, never extracts to disk).
 
+    A key an earlier shard of the source has (``shard.duplicates``) comes out as an error record.
     A truncated or unreadable tar/parquet yields every complete record read before the damage
     and then raises ``shards.records.BadShard`` with the reason.
     """
     if shard.kind == "folder":
-        yield from iter_folder(shard)
+        records = iter_folder(shard)
     elif shard.kind == "webdataset":
-        yield from iter_tar(shard.url)
+        records = iter_tar(shard.url)
     elif shard.kind == "parquet":
-        yield from iter_parquet(shard.url)
+        records = iter_parquet(shard.url)
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r}")
+    earlier = dict(shard.duplicates)
+    for record in records:
+        if record.error is None and record.key in earlier:
+            why = f"duplicate key (first in {earlier[record.key]})"
+            yield ImageRecord(record.key, b"", record.label, why)
+        else:
+            yield record
 
 
-def list_keys(shard: ImageShard) -> list[str]:
-    """The keys :func:`iter_shard` yields without an error, read cheaply where possible.
+def list_names(shard: ImageShard) -> list[tuple[str, str]]:
+    """(key, name before the key rule) of each record :func:`iter_shard` yields without an
+    error, as far as can be told cheaply; ``shard.duplicates`` not applied.
 
     Folders: the listing (no file is read). Tars: member headers only (a plain tar on a seekable
     file skips the image bytes; a gzip'd one is decompressed). Parquet: the ``image.path``
-    column only. Used by stage 3 to plan a copy of the images packed differently; an image that
-    later fails to read is reported then.
+    column only. An image that later fails to read is reported then.
     """
     if shard.kind == "folder":
         errors = shard.errors or ("",) * len(shard.keys)
-        return [k for k, e in zip(shard.keys, errors, strict=True) if not e]
+        return [
+            (key, rel.rsplit(".", 1)[0])
+            for key, rel, error in zip(shard.keys, shard.files, errors, strict=True)
+            if not error
+        ]
     if shard.kind == "webdataset":
-        return tar_keys(shard.url)
-    return parquet_keys(shard.url)
+        return tar_names(shard.url)
+    return parquet_names(shard.url)
+
+
+@dataclass(frozen=True)
+class SourceKeys:
+    """The keys of a whole image source, the duplicate rule applied (:func:`source_keys`)."""
+
+    shards: list[ImageShard]  # the source's shards, each key an earlier shard has marked
+    keys: list[list[str]]  # per shard: the keys it yields without an error, in order
+    renamed: list[tuple[str, str]]  # (name in the source, key) for each name the key rule changed
+    unreadable: dict[int, str]  # shard index -> why it could not be listed (no keys counted)
+
+
+def source_keys(shards: Sequence[ImageShard]) -> SourceKeys:
+    """List every shard's keys (:func:`list_names`, several shards at a time) and apply the
+    duplicate rule across shards: a key belongs to the first shard in source order that lists
+    it; a later shard that has it gets it in ``ImageShard.duplicates``, so :func:`iter_shard`
+    skips it there with a reason naming the first shard. Folder slices never share a key (the
+    folder's listing already applied the rule). A shard that cannot be listed counts as having
+    no keys; reading it fails later with the reason.
+    """
+    owner: dict[str, int] = {}  # key -> position of the first shard that has it
+    marked, keys, renamed, unreadable = [], [], [], {}
+    with ThreadPoolExecutor(min(LISTING_THREADS, max(1, len(shards)))) as pool:
+        listed = pool.map(_try_names, shards)  # in shard order, each dropped once read
+        for position, (shard, names) in enumerate(zip(shards, listed, strict=True)):
+            if isinstance(names, BadShard):
+                unreadable[shard.index] = str(names)
+                names = []
+            mine, later = [], []
+            folder = shard.kind == "folder"  # a folder's listing applied the rule already
+            for key, name in names:
+                first = position if folder else owner.setdefault(key, position)
+                if first != position:
+                    later.append((key, _where(shards[first])))
+                    continue
+                mine.append(key)
+                if key != name:
+                    renamed.append((name, key))
+            keys.append(mine)
+            marked.append(dataclasses.replace(shard, duplicates=tuple(later)) if later else shard)
+    duplicates = [(s, key, where) for s in marked for key, where in s.duplicates]
+    if duplicates:
+        shard, key, where = duplicates[0]
+        log.warning(
+            "%d images have a key an earlier image shard already has; they are skipped "
+            "(the first one keeps it), e.g. %r in %s, first in %s",
+            len(duplicates),
+            key,
+            _where(shard),
+            where,
+        )
+    if renamed:
+        log.info(
+            "%d keys differ from their names in the source by the key rule, e.g. %r -> %r",
+            len(renamed),
+            *renamed[0],
+        )
+    return SourceKeys(marked, keys, renamed, unreadable)
+
+
+def _try_names(shard: ImageShard) -> list[tuple[str, str]] | BadShard:
+    try:
+        return list_names(shard)
+    except BadShard as err:
+        return err
+
+
+def _where(shard: ImageShard) -> str:
+    """``shard-000003, b.tar``: a shard as a skip reason names it."""
+    return f"{shard.name}, {posixpath.basename(shard.url.rstrip('/'))}"
 
 
 def split_source(images: str | os.PathLike | Sequence[str]) -> list[str]:

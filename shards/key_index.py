@@ -14,7 +14,6 @@ silently: the caller reads the token shard and finds the row by its full key (an
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -22,9 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards import schema
-from shards.errors import MissingShards
-
-log = logging.getLogger(__name__)
+from shards.errors import DuplicateKeys, MissingShards
 
 
 def key_hash(key: str) -> int:
@@ -38,23 +35,25 @@ def key_hashes(keys: Iterable[str]) -> np.ndarray:
 
 
 class KeyIndex:
-    """key -> (token shard, row) for every row of a token dataset.
+    """key -> (token shard, row) for every row of a token dataset, each key once.
 
-    ``duplicates`` counts keys found in more than one token shard (the first shard keeps them).
+    A key with two rows (in one token shard or in two) is refused: :class:`DuplicateKeys` names
+    it, since no rule could say which row is its image's (stage 2 never writes one key twice).
     """
 
-    def __init__(self, keys_by_shard: Sequence[Sequence[str]]) -> None:
+    def __init__(self, keys_by_shard: Sequence[Sequence[str]], dataset: str = "") -> None:
         counts = [len(k) for k in keys_by_shard]
         hashes = key_hashes(k for keys in keys_by_shard for k in keys)  # [R]
         shard = np.repeat(np.arange(len(counts), dtype=np.int32), counts)  # [R]
         row = np.concatenate(
             [np.arange(c, dtype=np.int32) for c in counts] or [np.zeros(0, np.int32)]
         )
-        order = np.lexsort((row, shard, hashes))  # by hash, then shard order: first shard wins
+        order = np.lexsort((row, shard, hashes))  # by hash, then shard and row order
         hashes, shard, row = hashes[order], shard[order], row[order]
         first = np.ones(len(hashes), dtype=bool)
         first[1:] = hashes[1:] != hashes[:-1]
-        self.duplicates = int(len(hashes) - first.sum())
+        if not first.all():
+            _refuse_duplicates(keys_by_shard, shard, row, first, dataset)
         self.hashes, self.shard, self.row = hashes[first], shard[first], row[first]
         self.rows = int(len(self.hashes))
 
@@ -84,15 +83,31 @@ class KeyIndex:
         keys_by_shard: list[list[str]] = [[] for _ in range(ds.num_shards)]
         for i in indices:
             keys_by_shard[i] = shard_keys(ds, i)
-        index = cls(keys_by_shard)
-        if index.duplicates:
-            log.warning(
-                "token dataset %s: %d keys appear in more than one shard; the first shard's row "
-                "is used",
-                ds.path,
-                index.duplicates,
+        return cls(keys_by_shard, ds.path)
+
+
+def _refuse_duplicates(
+    keys_by_shard: Sequence[Sequence[str]],
+    shard: np.ndarray,
+    row: np.ndarray,
+    first: np.ndarray,
+    dataset: str,
+) -> None:
+    """Raise DuplicateKeys for the first key that has two rows. ``shard``/``row`` are sorted by
+    key hash, ``first`` marks each hash's first row; two keys that only share a hash (a 64-bit
+    collision) are not duplicates: the caller finds a row by its full key."""
+    start = np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))  # [R]
+    for j in np.flatnonzero(~first):
+        i = start[j]
+        key = keys_by_shard[shard[i]][row[i]]
+        if keys_by_shard[shard[j]][row[j]] == key:
+            where = f"token dataset {dataset}" if dataset else "the token keys"
+            raise DuplicateKeys(
+                f"{where} holds key {key!r} twice (token shard {shard[i]} row {row[i]} and "
+                f"token shard {shard[j]} row {row[j]}): two rows for one image is damaged data. "
+                "Tokenize the images again into a fresh out_dir (stage 2 keeps a key's first "
+                "image and skips the others)"
             )
-        return index
 
 
 def shard_keys(ds, i: int) -> list[str]:

@@ -9,11 +9,13 @@ format. Each tar is written to a temporary name and renamed, and ``index.json`` 
 count, sha256 of the keys, sha256 and size of the tar) is written last, so a reader that finds
 ``index.json`` finds complete shards.
 
-Records the source reports as errors (no image member, duplicate key, ...) are skipped and listed
-in ``index.json``; image bytes are not decoded here (stage 2 decodes and lists bad images). Keys
-follow the one key rule of ``shards.images`` (the same for a folder given to ``stage=tokenize``):
-a dot in a name becomes ``_`` (``img.001.png`` -> ``img_001``), and for folder sources each such
-renaming is listed in ``index.json`` (``renamed``: key -> file without extension).
+Records the source reports as errors (no image member, a duplicate key, a hidden file, ...) are
+skipped and listed in ``index.json``; image bytes are not decoded here (stage 2 decodes and lists
+bad images). Keys follow the one key rule of ``shards.images`` (the same for a folder given to
+``stage=tokenize``), so every member name is a safe relative path: ``/abs/y.jpg`` is packed as
+``abs/y.jpg``, ``../x.jpg`` as ``x.jpg``, a dot in a name becomes ``_`` (``img.001.png`` ->
+``img_001``); each name the rule changed is listed in ``index.json`` (``renamed``: key -> the
+name in the source), and a key that an earlier source shard has is skipped (one key, one image).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from engine.config import StageConfig, save_config
 from engine.errors import ConfigError
 from engine.layout import DEMO, RUNS
 from engine.lock import check_output, hold
-from shards.folders import image_key
 from shards.records import PACK_INDEX_FORMAT, BadShard, ImageShard
 from shards.tarfiles import add_member
 
@@ -59,9 +60,9 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
     """Write ``out_dir/shard-{i:06d}.tar`` and ``out_dir/index.json``; return a summary.
 
     Returns:
-        ``{"out_dir", "index", "shards", "images", "skipped", "skipped_examples", "bad_shards",
-        "exit_code"}``; ``exit_code`` is 1 when a source shard could not be read to the end (its
-        readable records are still packed).
+        ``{"out_dir", "index", "shards", "images", "skipped", "skipped_examples", "renamed",
+        "bad_shards", "exit_code"}``; ``exit_code`` is 1 when a source shard could not be read
+        to the end (its readable records are still packed).
     """
     from shards.images import list_shards  # pyarrow: not for --help
 
@@ -80,8 +81,9 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
 
 def _pack(cfg: PackConfig, sources: list[ImageShard]) -> dict[str, Any]:
     """Write the shards and ``index.json`` of ``sources`` (the run holds ``out_dir``)."""
-    from shards.images import iter_shard, list_classes  # pyarrow: not for --help
+    from shards.images import iter_shard, list_classes, source_keys  # pyarrow: not for --help
 
+    listing = source_keys(sources)  # one key, one image across the source's shards
     fs, out = fsspec.core.url_to_fs(cfg.out_dir)
     fs.makedirs(out, exist_ok=True)
     save_config(cfg, posixpath.join(cfg.out_dir.rstrip("/"), "config.yaml"))
@@ -89,15 +91,10 @@ def _pack(cfg: PackConfig, sources: list[ImageShard]) -> dict[str, Any]:
     total = sum(len(s.keys) for s in sources) if sources[0].kind == "folder" else None
     writer = _ShardWriter(fs, out, cfg.shard_size)
     skipped: list[dict[str, str]] = []
-    renamed: dict[str, str] = {}
+    renamed = {key: name for name, key in listing.renamed}
     bad_shards: list[dict[str, str]] = []
-    written_keys: set[str] = set()
     with tqdm(total=total, unit="img", desc="pack", dynamic_ncols=True) as bar:
-        for source in sources:
-            # folder sources: the file each key came from, to list the keys the key rule renamed
-            names: dict[str, str] = {}
-            for k, f in zip(source.keys, source.files, strict=False):
-                names.setdefault(k, f.rsplit(".", 1)[0])  # the first file keeps a key
+        for source in listing.shards:
             records = iter_shard(source)
             while True:
                 try:
@@ -112,18 +109,7 @@ def _pack(cfg: PackConfig, sources: list[ImageShard]) -> dict[str, Any]:
                 if record.error is not None:
                     skipped.append({"key": record.key, "reason": record.error})
                     continue
-                key = wds_key(record.key)
-                if key in written_keys:
-                    why = "duplicate key" if key == record.key else f"duplicate key (as {key})"
-                    skipped.append({"key": record.key, "reason": why})
-                    continue
-                if key != record.key:
-                    renamed[key] = record.key
-                original = names.get(record.key)
-                if original is not None and original != key:
-                    renamed[key] = original
-                written_keys.add(key)
-                writer.add(key, record.data, record.label)
+                writer.add(record.key, record.data, record.label)
     shards = writer.close()
     _remove_stale(fs, out, len(shards))
 
@@ -150,16 +136,10 @@ def _pack(cfg: PackConfig, sources: list[ImageShard]) -> dict[str, Any]:
         "images": index["images"],
         "skipped": len(skipped),
         "skipped_examples": [f"{s['key']}: {s['reason']}" for s in skipped[:10]],
+        "renamed": len(renamed),
         "bad_shards": bad_shards,
         "exit_code": 1 if bad_shards else 0,
     }
-
-
-def wds_key(key: str) -> str:
-    """The key as WebDataset will read it back: ``shards.folders.image_key`` (no dot anywhere).
-
-    Every source's keys already follow that rule; this is a guard for the member names."""
-    return image_key(key)
 
 
 def image_extension(data: bytes) -> str:

@@ -33,8 +33,12 @@ class ImageShard:
     keys: tuple[str, ...] = ()  # folder sources only: the keys of this shard, in order
     files: tuple[str, ...] = ()  # folder sources only: relative file path of each key
     labels: tuple[int, ...] = ()  # folder sources only: label of each key (-1 = none)
-    # folder sources only: "" or why the key is skipped (a duplicate), one per key; () = none
+    # folder sources only: "" or why the key is skipped (a duplicate, a hidden file), one per
+    # key; () = none
     errors: tuple[str, ...] = ()
+    # (key, the earlier shard that has it) for each key of this shard that an earlier shard of
+    # the source already has: skipped (shards.images.source_keys, the duplicate rule)
+    duplicates: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:

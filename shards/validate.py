@@ -3,6 +3,7 @@
 Checks: manifest and schema version; every shard has a receipt; every file's size and sha256
 against its receipt; Parquet footers (schema version, fingerprint) and row counts; token range
 < codebook size; every seed present for every key (same keys, same order in each seed's file);
+each key in one row only (``shards.key_index.KeyIndex``);
 Parquet and WebDataset agree (keys, labels, tokens, views, image digests); with ``images=`` the
 token keys follow the image shard's keys in order, minus the images the receipt lists as skipped,
 and every image's sha256 equals its rows' ``image_sha256`` (docs/design.md §3). Without
@@ -24,8 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 from engine.errors import UserError
 from shards import schema
 from shards.dataset import TokenDatasetDir
-from shards.errors import MissingShards, TokenDatasetMismatch
-from shards.images import iter_shard, list_shards
+from shards.errors import DuplicateKeys, MissingShards, TokenDatasetMismatch
+from shards.images import iter_shard, list_shards, source_keys
 from shards.key_index import KeyIndex
 from shards.reader import TokenDataset, open_token_dataset
 from shards.records import BadShard
@@ -142,14 +143,22 @@ def _check_chunk(path: str, shards: list[int], checksum: bool) -> list[str]:
 _OPENED: dict = {}  # the dataset a check process has open
 
 
-def check_images(ds: TokenDataset, images: str, shard_size: int) -> list[str]:
+def check_images(
+    ds: TokenDataset, images: str, shard_size: int, index: KeyIndex | None
+) -> list[str]:
     """Token shard i against image shard i: same keys in the same order (minus skips), and the
-    same image bytes (sha256 of each image == its rows' ``image_sha256``)."""
+    same image bytes (sha256 of each image == its rows' ``image_sha256``). ``index``: the
+    dataset's key index, None when it could not be built (the problems found before say why)."""
     image_shards = list_shards(images, shard_size=shard_size)
     problems = []
     if len(image_shards) != ds.num_shards:
         # another packing of the images (a team's own copy): match rows by key instead
-        return check_images_by_key(ds, image_shards)
+        if index is None:
+            return [
+                "images packed otherwise are matched by key, which needs every token shard "
+                "readable and each key once: fix the problems above, then validate again"
+            ]
+        return check_images_by_key(ds, image_shards, index)
     for shard in image_shards:
         if shard.index not in ds.receipts:
             continue
@@ -182,13 +191,13 @@ def check_images(ds: TokenDataset, images: str, shard_size: int) -> list[str]:
     return problems
 
 
-def check_images_by_key(ds: TokenDataset, image_shards: Sequence) -> list[str]:
+def check_images_by_key(ds: TokenDataset, image_shards: Sequence, index: KeyIndex) -> list[str]:
     """A copy of the images packed otherwise: every image that has a row must have its bytes
-    (digest); images missing from the copy, or without a row, are reported, not problems."""
-    index = KeyIndex.from_dataset(ds)
+    (digest); images missing from the copy, or without a row, are reported, not problems. A key
+    the copy has in two shards binds the first one's image (the duplicate rule of stage 3)."""
     rows: dict[int, dict] = {}
     problems, changed, matched, extra = [], [], 0, 0
-    for shard in image_shards:
+    for shard in source_keys(image_shards).shards:
         try:
             records = list(iter_shard(shard))
         except BadShard as err:
@@ -261,11 +270,17 @@ def validate(
             continue
         readable.append(i)
     problems += check_shards(ds, readable, checksum)
+    index = None
+    if not problems:  # every shard reads whole: its keys can be indexed, and each must be once
+        try:
+            index = KeyIndex.from_dataset(ds)
+        except DuplicateKeys as err:
+            problems.append(str(err))
     if images:
         source = ds.manifest.get("images")
         recorded = source.get("shard_size") if isinstance(source, dict) else None
         size = shard_size or int(recorded or 256)
-        problems += check_images(ds, images, size)
+        problems += check_images(ds, images, size, index)
     return problems + check_token_sets(ds, images, shard_size, checksum)
 
 

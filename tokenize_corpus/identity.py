@@ -3,7 +3,8 @@
 - :func:`job_identity`: the settings every token depends on (tokenizer fingerprint,
   augmentation, seeds, resolved precision, formats, schema version);
 - :func:`image_shard_identity`: the image shard's kind, listing and checksum (the file's sha256,
-  or :class:`RecordsDigest` over a folder slice's records);
+  or :class:`RecordsDigest` over a folder slice's records), and the keys it skips because an
+  earlier shard has them;
 - the comparisons a rerun makes with them: :func:`identity_changes`,
   :func:`image_shard_changes`, :func:`added_seeds`.
 
@@ -27,11 +28,12 @@ from shards.storage import dataset_fs, file_sha256
 from shards.views import AugConfig
 
 # Image-shard fields compared on resume, by shard kind (the URL is not: a moved copy of the same
-# bytes is the same input).
+# bytes is the same input). ``duplicates_sha256``: the keys an earlier shard has, which this
+# shard skips (shards.images.source_keys); present only when there are some.
 COMPARED = {
-    "folder": ("kind", "listing_sha256", "records", "records_sha256"),
-    "webdataset": ("kind", "size", "sha256"),
-    "parquet": ("kind", "size", "sha256"),
+    "folder": ("kind", "listing_sha256", "records", "records_sha256", "duplicates_sha256"),
+    "webdataset": ("kind", "size", "sha256", "duplicates_sha256"),
+    "parquet": ("kind", "size", "sha256", "duplicates_sha256"),
 }
 
 
@@ -114,6 +116,9 @@ def image_shard_identity(shard: ImageShard, records: RecordsDigest | None = None
     resume check; folder slices only, file shards are hashed as files).
     """
     info: dict[str, Any] = {"kind": shard.kind}
+    if shard.duplicates:  # an earlier shard gaining or losing a key changes this shard's rows
+        text = "\n".join(f"{key}\0{where}" for key, where in shard.duplicates)
+        info["duplicates_sha256"] = hashlib.sha256(text.encode()).hexdigest()
     if shard.kind == "folder":
         if records is None:
             records = RecordsDigest()

@@ -10,6 +10,7 @@ each step promises are docs/design.md §4.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from engine.errors import ConfigError
 from engine.lock import hold
 from shards.dataset import TokenDatasetDir
 from shards.errors import DataIntegrityError
+from shards.images import source_keys
 from shards.manifest import build_manifest
 from shards.reader import TokenDataset, open_token_dataset
 from shards.schema import MANIFEST_NAME
@@ -86,12 +88,16 @@ def tokenize(cfg: TokenizeConfig) -> dict:
             pre.tokenizer["codebook_size"],
             *pre.tokenizer["grid"],
         )
+        # one key, one image: a key an earlier shard has is skipped (docs/design.md §4, step 1)
+        keys = source_keys(pre.shards)
+        pre = dataclasses.replace(pre, shards=keys.shards)
         dataset = TokenDatasetDir(pre.out_dir)
         with hold(pre.out_dir):
             try:
                 summary = _run(cfg, pre, dataset, cluster)
             except ClusterLost as lost:
                 summary = _lost(cfg, pre, str(lost))
+    summary["keys_renamed"] = len(keys.renamed)  # names the key rule changed (shards.images)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     _log_summary(summary)
     return summary

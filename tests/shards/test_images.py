@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from shards.archives import DUPLICATE_IN_PARQUET, DUPLICATE_IN_TAR
 from shards.errors import ImageSourceError
 from shards.folders import image_key
 from shards.images import iter_shard, list_classes, list_shards
@@ -65,14 +66,15 @@ def test_image_folder_keys_labels_and_shards(image_folder):
     assert [s.name for s in shards] == ["shard-000000", "shard-000001"]
     assert all(s.kind == "folder" for s in shards)
     recs = records(shards)
-    assert [(r.key, r.label) for r in recs] == [
-        ("cat/deep/y", 0),
-        ("cat/z", 0),
-        ("dog/a", 1),
-        ("dog/b", 1),
+    assert [(r.key, r.label, r.error) for r in recs] == [
+        ("_git/x", -1, "hidden file"),  # listed as skipped, never read
+        ("cat/_hidden", 0, "hidden file"),
+        ("cat/deep/y", 0, None),
+        ("cat/z", 0, None),
+        ("dog/a", 1, None),
+        ("dog/b", 1, None),
     ]
-    assert recs[0].data == (image_folder / "cat/deep/y.PNG").read_bytes()
-    assert all(r.error is None for r in recs)
+    assert recs[2].data == (image_folder / "cat/deep/y.PNG").read_bytes()
     assert list_classes(str(image_folder)) == ("cat", "dog")
     assert list_shards(str(image_folder), shard_size=3) == shards  # deterministic
 
@@ -206,7 +208,7 @@ def test_tar_bad_members_become_error_records(tmp_path):
             ("other.jpg", b"3"),
             ("dup.jpg", b"4"),  # same key again, not adjacent
             ("twice.jpg", b"5"),
-            ("twice.jpg", b"6"),  # same member twice in one sample
+            ("twice.jpg", b"6"),  # a type the sample has: a new sample of the same key
             ("badlabel.jpg", b"7"),
             ("badlabel.cls", b"seven"),
             ("multi.dot.name.png", b"8"),
@@ -218,13 +220,14 @@ def test_tar_bad_members_become_error_records(tmp_path):
         ("text", "no image member (has: .txt)"),
         ("dup", None),
         ("other", None),
-        ("dup", "duplicate key (members not adjacent in the tar)"),
-        ("twice", "duplicate member .jpg"),
+        ("dup", DUPLICATE_IN_TAR),
+        ("twice", None),  # the first one keeps the key
+        ("twice", DUPLICATE_IN_TAR),
         ("badlabel", "unreadable label in .cls"),
         ("multi", None),  # WebDataset's rule: the key ends at the first dot of the name
     }
     by_key = {r.key: r for r in records(list_shards(url)) if r.error is None}
-    assert by_key["ok"].label == 3 and by_key["dup"].data == b"2"
+    assert by_key["ok"].label == 3 and by_key["dup"].data == b"2" and by_key["twice"].data == b"5"
 
 
 def test_truncated_tar_yields_complete_records_then_raises(tmp_path):
@@ -269,11 +272,12 @@ def test_member_names_are_never_filesystem_paths(tmp_path, monkeypatch):
         tar.addfile(info)
     before = sorted(p for p in tmp_path.rglob("*"))
     recs = records(list_shards(url))
-    assert [(r.key, r.data) for r in recs] == [  # the key rule: no dots (image_key)
-        ("__/__/etc/passwd", b"x"),
+    assert [(r.key, r.data) for r in recs] == [  # the key rule: no "..", no "/" at the start
+        ("etc/passwd", b"x"),
         (image_key(str(target)), b"y"),
-        ("__/" + image_key(target.name), b"z"),
+        (target.name, b"z"),
     ]
+    assert image_key(str(target)) == str(target).lstrip("/").replace(".", "_")
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert not target.with_suffix(".jpg").exists()
 
@@ -312,8 +316,8 @@ def test_parquet_hf_layout(tmp_path):
         ImageRecord("n01_2", b"b", 1),
         ImageRecord("train-00000-of-00002/2", b"c", -1),
         ImageRecord("x", b"", 2, "no image bytes"),
-        ImageRecord("n01_1", b"d", 5),
-        ImageRecord("n01_1", b"", 6, "duplicate key"),
+        ImageRecord("n01_1", b"d", 5),  # another file: source_keys marks it (test_keys.py)
+        ImageRecord("n01_1", b"", 6, DUPLICATE_IN_PARQUET),
     ]
 
 

@@ -1,20 +1,41 @@
-"""KeyIndex: key -> (token shard, row), duplicates counted, unknown keys -1; verify's messages."""
+"""KeyIndex: key -> (token shard, row), a key twice refused, unknown keys -1; verify's messages."""
 
 import numpy as np
+import pytest
 from support import token_datasets as helpers
 
-from shards.errors import CorruptTokenShard, unwrap_worker_message
+from shards.errors import CorruptTokenShard, DuplicateKeys, unwrap_worker_message
 from shards.key_index import KeyIndex, shard_keys
 from shards.reader import open_token_dataset
 
 
 def test_lookup_finds_every_key_and_only_those():
-    index = KeyIndex([["a", "b", "c"], [], ["d", "b"]])
-    assert index.rows == 4 and index.duplicates == 1  # "b" twice: shard 0 keeps it
+    index = KeyIndex([["a", "b", "c"], [], ["d", "e"]])
+    assert index.rows == 5
     shard, row = index.lookup(["d", "b", "zz", "a", "c"])
     assert shard.tolist() == [2, 0, -1, 0, 0] and row.tolist() == [0, 1, -1, 0, 2]
     assert KeyIndex([]).lookup(["x"])[0].tolist() == [-1]
-    assert index.nbytes == 4 * 16
+    assert index.nbytes == 5 * 16
+
+
+def test_a_key_with_two_rows_is_refused_not_picked():
+    """Neither the first nor the last row: two rows for one image is damaged data."""
+    with pytest.raises(
+        DuplicateKeys, match=r"'b' twice \(token shard 0 row 1 and token shard 2 row 1\)"
+    ):
+        KeyIndex([["a", "b", "c"], [], ["d", "b"]], "ds")
+    with pytest.raises(
+        DuplicateKeys, match=r"'a' twice \(token shard 0 row 0 and token shard 0 row 2\)"
+    ):
+        KeyIndex([["a", "b", "a"]])
+
+
+def test_keys_that_only_share_a_hash_are_not_duplicates(monkeypatch):
+    import shards.key_index
+
+    monkeypatch.setattr(shards.key_index, "key_hash", lambda key: 7)  # every key collides
+    index = KeyIndex([["a"], ["b"]])
+    assert index.rows == 1  # the caller finds a row by its full key (module docstring)
 
 
 def test_index_of_a_token_dataset(tmp_path):
