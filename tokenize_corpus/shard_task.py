@@ -49,20 +49,13 @@ def decoded_views(
     Each image is decoded once and its views are rendered from that decode (docs/design.md §2):
     every seed's parameters, the pixels of seeds ``first`` onwards (the earlier ones are already
     stored when seeds are appended). ``digest`` is fed every record for the receipt's checksum.
+    A duplicate key, a hidden file or a name with no key comes as an error record (the key rule
+    of ``shards.images``): skipped with its reason like an image that does not decode.
     """
-    seen: set[str] = set()
     for record in iter_shard(shard):
         digest.update(record)
         if record.error:
             yield ("skip", record.key, record.error)
-            continue
-        if record.key in seen:
-            yield ("skip", record.key, "duplicate key (first occurrence kept)")
-            continue
-        seen.add(record.key)
-        if not record.key or "." in record.key:
-            # WebDataset splits member names at the key's first dot: such a key cannot be stored.
-            yield ("skip", record.key, "key is empty or contains '.'")
             continue
         try:
             image = decode_image(record.data)
