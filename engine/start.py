@@ -33,7 +33,7 @@ import torch
 from engine.config import StageConfig, save_config, to_dict
 from engine.device import resolve_device
 from engine.distributed import Distributed
-from engine.errors import ConfigError, UserError
+from engine.errors import UserError
 from engine.launch import launch_from_env
 from engine.lock import check_output, hold
 from engine.metrics import MetricsWriter
@@ -81,18 +81,9 @@ class Run(Generic[C]):
 
 def check_run_settings(cfg: StageConfig) -> None:
     """The settings every training stage shares, checked before anything is written: an
-    ``out_dir`` that can be a folder, a positive ``train.batch_size`` (and ``train.epochs`` or
-    ``train.steps``, where the stage has them) and a ``train.warmup_epochs`` that is not
-    negative."""
+    ``out_dir`` that can be a folder (numbers were checked against their ranges when the config
+    was built, see ``engine.config.Range``)."""
     check_output(str(cfg.out_dir), "this run's outputs")  # type: ignore[attr-defined]
-    train = cfg.train  # type: ignore[attr-defined]
-    for key in ("batch_size", "epochs", "steps"):
-        value = getattr(train, key, None)
-        if value is not None and value < 1:
-            raise ConfigError(f"train.{key}={value}: it must be at least 1")
-    warmup = getattr(train, "warmup_epochs", None)
-    if warmup is not None and warmup < 0:
-        raise ConfigError(f"train.warmup_epochs={warmup}: it must be 0 or more")
 
 
 def start_run(cfg: C, *, data_parallel: bool = True) -> Run[C]:

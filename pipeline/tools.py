@@ -46,13 +46,18 @@ TOOLS: dict[str, Tool] = {
             "<token dataset> [images=<image source>] [shard_size=<n>] [checksum=false]",
             (
                 ("<token dataset>", "the folder stage 2 wrote (holds manifest.json)"),
-                ("images=", "the image source it was made from: also checks key alignment"),
+                (
+                    "images=",
+                    "the image source it was made from: also checks keys and image bytes "
+                    "(default: the source the manifest records, when it is reachable here)",
+                ),
                 ("shard_size=", "images per shard of a folder image source (default: manifest)"),
                 ("checksum=false", "skip the per-file sha256 checks (faster)"),
             ),
             "{tokenize} 'images={pack_shards}'",
             paths=1,
-            failure="the dataset has problems (each printed as a PROBLEM line)",
+            failure="the data is damaged: missing, truncated, corrupt or edited files, or images "
+            "that differ from the ones tokenized (each printed as a PROBLEM line)",
         ),
         Tool(
             "inspect",

@@ -289,6 +289,14 @@ class TokenDatasetDir:
         """Remove manifest.json: the dataset is incomplete until a run finishes it again."""
         self.remove(schema.MANIFEST_NAME)
 
+    def manifest_is(self, receipts: list[dict], info: dict) -> bool:
+        """Whether manifest.json holds exactly what ``receipts`` and ``info`` give (False when
+        it is missing, damaged or was edited: a rerun of stage 2 then rewrites it)."""
+        try:
+            return self.read_bytes(schema.MANIFEST_NAME) == dumps(build_manifest(receipts, info))
+        except FileNotFoundError:
+            return False
+
     def write_manifest(self, receipts: list[dict], info: dict) -> dict:
         """Assemble manifest.json from ``receipts`` and the job's ``info``
         (``shards.manifest.build_manifest``), publish it with the dataset card; return it."""

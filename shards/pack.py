@@ -32,7 +32,7 @@ import fsspec
 from tqdm import tqdm
 
 from engine.atomic import publish
-from engine.config import StageConfig, save_config
+from engine.config import Count, StageConfig, save_config
 from engine.errors import ConfigError
 from engine.layout import DEMO, RUNS
 from engine.lock import check_output, hold
@@ -51,7 +51,7 @@ class PackConfig(StageConfig):
 
     images: str = ""  # folder, tars or parquet files (local or fsspec URL)
     out_dir: str = RUNS.pack
-    shard_size: int = 256
+    shard_size: Count = 256  # images per tar
 
     presets: ClassVar[dict[str, dict]] = {"demo": {"images": DEMO.corpus, "out_dir": DEMO.pack}}
 
@@ -70,8 +70,6 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
         raise ConfigError(
             "images= is required: pass a folder of images, tar shards or parquet files"
         )
-    if cfg.shard_size < 1:
-        raise ConfigError(f"shard_size={cfg.shard_size}: pass a number of images >= 1")
     # every check before anything is written: a refused run leaves out_dir as it was
     check_output(cfg.out_dir, "the image shards")
     sources = list_shards(cfg.images, shard_size=cfg.shard_size)

@@ -270,13 +270,21 @@ def _finish(
             )
             summary["next"] = [_command(cfg)]
             return summary
-    if results or plan.renumber or dataset.manifest() is None:
+    repair = not results and not plan.renumber and dataset.exists(MANIFEST_NAME)
+    if results or plan.renumber or not dataset.manifest_is(receipts, info):
+        if repair:
+            log.warning("%s did not match the shard receipts; rewrote it from them", MANIFEST_NAME)
         # a worker killed mid-write (Dask reran its task elsewhere) leaves a temporary file
         dataset.remove_partial_files()
         dataset.write_bytes(VERSIONS_NAME, dumps(versions))
         dataset.write_manifest(receipts, info)
     summary["manifest"] = dataset.url_of(MANIFEST_NAME)
     summary["exit_code"] = 0
+    if images == 0:
+        summary["exit_code"] = 1
+        summary["message"] = _nothing_tokenized(receipts, pre.images)
+        summary["next"] = []
+        return summary
     root = pre.dataset_root or pre.out_dir
     pick = f" token_set={cfg.token_set}" if cfg.token_set else ""
     summary["next"] = [
@@ -299,6 +307,21 @@ def _shares_views(pre: Preflight, name: str, receipts: list[dict], info: dict) -
     if not problems:
         info["token_set"] = views_record(name, default, named)
     return problems
+
+
+def _nothing_tokenized(receipts: list[dict], images: str) -> str:
+    """The message of a run in which every record was skipped: how many, why, examples."""
+    skipped = [tuple(s) for r in receipts for s in r["skipped"]]
+    reasons: dict[str, int] = {}
+    for _, reason in skipped:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    table = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda x: -x[1]))
+    examples = "; ".join(f"{key}: {reason}" for key, reason in skipped[:3])
+    return (
+        f"no image of images={images} could be tokenized: all {len(skipped)} records were "
+        f"skipped ({table or 'no records'}; e.g. {examples or '-'}); check that images= points "
+        "at the images (the dataset lists every skip in its receipts)"
+    )
 
 
 def _name(index: int) -> str:

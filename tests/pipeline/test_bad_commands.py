@@ -36,6 +36,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     (root / "garbage.safetensors").write_bytes(b"not safetensors either")
     (root / "broken.yaml").write_text("train: [epochs: 3\n")
     (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "binary.yaml").write_bytes(bytes(range(256)) * 4)
     (root / "bad_manifest").mkdir()
     (root / "bad_manifest" / "manifest.json").write_text("{not json")
     make_corpus(root / "corpus", shards=1, per_shard=4)
@@ -56,6 +57,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         "garbage_st": str(root / "garbage.safetensors"),
         "broken_yaml": str(root / "broken.yaml"),
         "list_yaml": str(root / "list.yaml"),
+        "binary_yaml": str(root / "binary.yaml"),
         "bad_manifest": str(root / "bad_manifest"),
         "missing": str(root / "missing"),
         "shards": str(root / "corpus" / "img-000000.tar"),
@@ -140,7 +142,33 @@ ROWS = [
     ("tokenize-address-with-slurm", "run stage=tokenize images=<shards> tokenizer=<tokenizer> "
      "cluster.kind=slurm cluster.address=tcp://127.0.0.1:1 out_dir=<out>/t10 aug.size=32",
      ["cluster.address"]),
+    # numbers out of their range, and values that only the cluster would have found
+    ("tokenize-seed-beyond-int32", "run stage=tokenize images=<shards> tokenizer=<tokenizer> "
+     "seeds=[2147483648] out_dir=<out>/t11 aug.size=32", ["seeds[0]=2147483648", "2147483647"]),
+    ("tokenize-seed-huge", "run stage=tokenize images=<shards> tokenizer=<tokenizer> "
+     "seeds=[100000000000000000000000] out_dir=<out>/t12 aug.size=32", ["seeds[0]"]),
+    ("tokenize-seed-negative", "run stage=tokenize images=<shards> tokenizer=<tokenizer> "
+     "seeds=[0,-1] out_dir=<out>/t13 aug.size=32", ["seeds[1]=-1"]),
+    ("tokenize-memory-limit-a-word", "run stage=tokenize images=<shards> tokenizer=<tokenizer> "
+     "cluster.memory_limit=lots out_dir=<out>/t14 aug.size=32", ["cluster.memory_limit"]),
+    ("tokenize-no-workers", "run stage=tokenize images=<shards> tokenizer=<tokenizer> "
+     "cluster.n_workers=0 out_dir=<out>/t15 aug.size=32", ["cluster.n_workers=0"]),
+    ("tokenize-config-binary", "run stage=tokenize config=<binary_yaml>", ["<binary_yaml>"]),
     # --- stage=pretrain
+    ("pretrain-blr-negative", "run stage=pretrain preset=demo tokens=<stage3_tokens> "
+     "train.blr=-1 out_dir=<out>/r14", ["train.blr=-1"]),
+    ("pretrain-num-workers-negative", "run stage=pretrain preset=demo tokens=<stage3_tokens> "
+     "train.num_workers=-1 out_dir=<out>/r15", ["train.num_workers=-1"]),
+    ("pretrain-heads-not-dividing", "run stage=pretrain preset=demo tokens=<stage3_tokens> "
+     "model.width=64 model.heads=3 out_dir=<out>/r16", ["heads=3"]),
+    ("pretrain-epochs-zero", "run stage=pretrain preset=demo tokens=<stage3_tokens> "
+     "train.epochs=0 out_dir=<out>/r17", ["train.epochs=0", ">= 1"]),
+    ("pretrain-blr-nan", "run stage=pretrain preset=demo tokens=<stage3_tokens> "
+     "train.blr=nan out_dir=<out>/r19", ["train.blr", "finite"]),
+    ("vqkd-betas-one-value", "run stage=vqkd preset=demo images=<shards> train.betas=[0.9] "
+     "out_dir=<out>/v11", ["train.betas needs 2 values"]),
+    ("pretrain-seed-negative", "run stage=pretrain preset=demo tokens=<stage3_tokens> "
+     "train.seed=-3 out_dir=<out>/r18", ["train.seed=-3"]),
     ("pretrain-tokens-empty", "run stage=pretrain preset=demo tokens= out_dir=<out>/r1",
      ["tokens"]),
     ("pretrain-tokens-missing", "run stage=pretrain preset=demo tokens=<missing> "
