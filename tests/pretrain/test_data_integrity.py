@@ -134,7 +134,7 @@ def test_forged_codebook_size_is_refused_by_the_footers_and_the_token_range(corp
     manifest["codebook_size"] = manifest["tokenizer"]["codebook_size"] = 2
     forge_manifest(tokens, manifest)
     with pytest.raises(TokenDatasetMismatch, match="written for codebook_size=16.*says 2"):
-        dataset(corpus["images"], str(tokens))
+        dataset(corpus["images"], str(tokens), vocab_size=2)
     with pytest.raises(CorruptTokenShard, match=r"has token \d+ >= codebook size 2"):
         open_token_dataset(str(tokens)).read_columns(0)
     assert any(">= codebook size 2" in p for p in validate(str(tokens)))

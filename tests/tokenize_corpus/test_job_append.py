@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from support import stage2 as helpers
 
+from shards.manifest import SEAL, seal_problem
 from shards.views import AugConfig
 from tokenize_corpus.config import ClusterConfig, TokenizeConfig
 from tokenize_corpus.errors import ResumeRefused
@@ -73,6 +74,9 @@ def test_appending_seeds_computes_only_them_and_equals_a_fresh_run(setup, tmp_pa
     versions = manifest.pop("versions")
     expected = json.loads(scratch["manifest.json"])
     assert [v["seeds"] for v in expected.pop("versions")] == [[0, 1, 2, 3]]
+    # the seals differ with the version logs; each seals its own manifest
+    assert seal_problem(json.loads(after["manifest.json"])) is None
+    assert manifest.pop(SEAL) != expected.pop(SEAL)
     assert manifest == expected
     assert [v["seeds"] for v in versions] == [[0, 1], [0, 1, 2, 3]]
     assert versions[1]["added"] == {"seeds": [2, 3], "shards": 0} and versions[1]["at"]
