@@ -122,9 +122,8 @@ class FinetuneTrain:
     min_lr: NonNegativeFloat = 1e-6  # the cosine's floor
     layer_decay: Positive = 0.65  # block l of L gets lr * layer_decay^(L - l)
     weight_decay: NonNegativeFloat = 0.05  # not on biases, norms and position tables
-    label_smoothing: Fraction = (
-        0.1  # cross-entropy label smoothing (mixup/cutmix: in the soft labels)
-    )
+    # cross-entropy label smoothing (mixup/cutmix: in the soft labels)
+    label_smoothing: Fraction = 0.1
     num_workers: NonNegative = 0  # DataLoader workers
 
 
@@ -142,7 +141,8 @@ class FinetuneConfig(StageConfig):
     mixup: NonNegativeFloat = 0.0  # reference: 0.8
     cutmix: NonNegativeFloat = 0.0  # reference: 1.0
     randaugment: bool = False  # reference: rand-m9-mstd0.5 (torchvision RandAugment(2, 9) here)
-    crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)  # RandomResizedCrop area range of training views
+    # RandomResizedCrop area range of training views
+    crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)
     random_init: RandomInit = field(default_factory=RandomInit)
     train: FinetuneTrain = field(default_factory=FinetuneTrain)
     log: LogSpec = field(default_factory=LogSpec)

@@ -52,11 +52,8 @@ class AugConfig:
     scale: tuple[Positive, Positive] = (0.2, 1.0)
     ratio: tuple[Positive, Positive] = (3 / 4, 4 / 3)
     flip: bool = True  # horizontal, p = 0.5
-    jitter: tuple[NonNegativeFloat, ...] = (
-        0.4,
-        0.4,
-        0.4,
-    )  # brightness, contrast, saturation; () or 0 = off
+    # brightness, contrast, saturation; () or 0 = off
+    jitter: tuple[NonNegativeFloat, ...] = (0.4, 0.4, 0.4)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     eval_seed0: bool = False  # seed 0 renders the centre-crop evaluation view
 

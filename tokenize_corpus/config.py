@@ -15,9 +15,18 @@ Presets:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from engine.config import StageConfig
+from engine.config import (
+    Count,
+    Fraction,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    Range,
+    Seed,
+    StageConfig,
+)
 from engine.layout import DEMO, RUNS
 from engine.metrics import LogSpec
 from engine.schedule import scaled_lr
@@ -25,6 +34,8 @@ from shards.views import AugConfig
 
 # Encoder size names; the numbers live beside the model (tokenize_corpus.vqkd.VQKD_SIZES).
 ModelSize = Literal["tiny", "small", "base"]
+# token ids are stored as uint16: at most 65536 codes
+CodebookSize = Annotated[int, Range(2, 2**16)]
 
 
 @dataclass(frozen=True)
@@ -32,17 +43,17 @@ class ModelSection:
     """Tokenizer shape: a named size plus explicit overrides (null = the size's value)."""
 
     size: ModelSize = "base"
-    image_size: int = 224
-    patch_size: int = 16
-    width: int | None = None
-    depth: int | None = None
-    heads: int | None = None
-    decoder_depth: int | None = None
-    code_dim: int = 32
-    codebook_size: int = 8192
-    ema_decay: float = 0.99
-    kmeans_iters: int = 10  # k-means init on the first batch (synchronised across ranks)
-    dead_code_steps: int = 0  # restart codes unused for this many steps; 0 = never
+    image_size: Count = 224
+    patch_size: Count = 16
+    width: Count | None = None
+    depth: Count | None = None
+    heads: Count | None = None
+    decoder_depth: Count | None = None
+    code_dim: Count = 32
+    codebook_size: CodebookSize = 8192
+    ema_decay: Fraction = 0.99
+    kmeans_iters: NonNegative = 10  # k-means init on the first batch (synchronised across ranks)
+    dead_code_steps: NonNegative = 0  # restart codes unused for this many steps; 0 = never
 
 
 @dataclass(frozen=True)
@@ -51,7 +62,8 @@ class TeacherSection:
 
     name: str = "clip:ViT-B-16/openai"
     weights: str = ""  # a local weight file; "" = the library's own loader
-    input_size: int = 0  # pixels the teacher sees (CNN teachers only); 0 = its native resolution
+    # pixels the teacher sees (CNN teachers only); 0 = its native resolution
+    input_size: NonNegative = 0
 
 
 @dataclass(frozen=True)
@@ -65,24 +77,25 @@ class TrainSection:
 
     REFERENCE_BATCH: ClassVar[int] = 128
 
-    epochs: int = 100
-    batch_size: int = 512  # global, over all DDP ranks
-    blr: float = 5e-5  # learning rate per 128 images: lr = blr * batch_size / 128
-    seed: int = 0
+    epochs: Count = 100
+    batch_size: Count = 512  # global, over all DDP ranks
+    blr: Positive = 5e-5  # learning rate per 128 images: lr = blr * batch_size / 128
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # autocast of the teacher and the encoder (weights, optimiser, task layer and codebook stay
     # fp32); auto: bf16 where the hardware is fast at it, else fp32. config.yaml records the result
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    warmup_epochs: float = 10.0  # linear warmup; the peak is reached at the last warmup step
-    min_lr: float = 1e-5
-    betas: tuple[float, ...] = (0.9, 0.99)
-    eps: float = 1e-8
-    weight_decay: float = 1e-4  # not on biases, norms and other 1-D parameters
-    crop_scale: tuple[float, ...] = (0.08, 1.0)  # RandomResizedCrop area range
-    num_workers: int = 4  # DataLoader workers per rank
+    # linear warmup; the peak is reached at the last warmup step
+    warmup_epochs: NonNegativeFloat = 10.0
+    min_lr: NonNegativeFloat = 1e-5
+    betas: tuple[Fraction, Fraction] = (0.9, 0.99)
+    eps: Positive = 1e-8
+    weight_decay: NonNegativeFloat = 1e-4  # not on biases, norms and other 1-D parameters
+    crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)  # RandomResizedCrop area range
+    num_workers: NonNegative = 4  # DataLoader workers per rank
     resume: bool = False  # continue from out_dir/checkpoint.pth
-    eval_every: int = 1  # epochs between evaluation passes (the last epoch always evaluates)
-    log_every: int = 10  # steps between metrics.jsonl step records
+    eval_every: Count = 1  # epochs between evaluation passes (the last epoch always evaluates)
+    log_every: Count = 10  # steps between metrics.jsonl step records
 
 
 @dataclass(frozen=True)
@@ -90,7 +103,7 @@ class EvalSection:
     """The evaluation pass: centre-crop views of the first images of a source."""
 
     images: str = ""  # "" = the training images
-    max_images: int = 10000
+    max_images: Count = 10000
 
 
 @dataclass(frozen=True)
@@ -157,15 +170,15 @@ class ClusterConfig:
     # the scheduler, rank 1 this run, the other ranks workers)
     kind: ClusterKind = "local"
     address: str | None = None  # kind=address: "tcp://host:8786" (setting it implies kind=address)
-    n_workers: int = 2  # kind=local: worker processes (one task at a time each)
+    n_workers: Count = 2  # kind=local: worker processes (one task at a time each)
     memory_limit: str = "auto"  # kind=local: per worker, e.g. "4GiB"; "0" = no limit
     # torch intra-op threads per worker; 0 = 1 for kind=local, else the cores of a worker
-    threads_per_worker: int = 0
-    retries: int = 2  # Dask retries of a failed shard task (BadShard is never retried)
+    threads_per_worker: NonNegative = 0
+    retries: NonNegative = 2  # Dask retries of a failed shard task (BadShard is never retried)
     dashboard: bool = True  # serve the Dask dashboard (needs bokeh) and log its link
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per worker when there are GPUs
-    jobs: int = 2  # kind=slurm|pbs: worker jobs kept running while shards remain
-    job_cores: int = 4  # kind=slurm|pbs: CPU cores each worker job asks for
+    jobs: Count = 2  # kind=slurm|pbs: worker jobs kept running while shards remain
+    job_cores: Count = 4  # kind=slurm|pbs: CPU cores each worker job asks for
     job_memory: str = "16GiB"  # kind=slurm|pbs: memory each worker job asks for, e.g. 32GB
     # kind=slurm|pbs: time limit of each worker job ([D-]HH:MM:SS); workers leave a little before
     # it (staggered) and are replaced while shards remain
@@ -181,15 +194,18 @@ class ClusterConfig:
     # worker job logs, the job script and the scheduler file; "" = <out_dir>/logs (must be a
     # folder the compute nodes share)
     log_dir: str = ""
-    gpus_per_job: int = 0  # kind=slurm|pbs: GPUs per worker job; one Dask worker per GPU
+    gpus_per_job: NonNegative = 0  # kind=slurm|pbs: GPUs per worker job; one Dask worker per GPU
     # kind=slurm|pbs: the network interface the scheduler and workers talk over (e.g. ib0);
     # "" = the host's main address
     interface: str = ""
     # a worker that cannot reach its scheduler this long exits, and its job ends (e.g. when
     # the run was killed)
     death_timeout: str = "60s"
-    # kind=address|slurm-runner: a run with no worker this long ends (exit 1; a rerun resumes)
-    no_worker_timeout: str = "10m"
+    # kind=local|address|slurm-runner: a run that has had no working worker this long ends
+    # (exit 1; a rerun resumes). Above a cold worker start (torch, CUDA and the tokenizer read
+    # from a shared disk: a minute or two at worst), short enough that a dead cluster does not
+    # hold the run and its allocation for long. slurm|pbs jobs may wait in a queue: not used
+    no_worker_timeout: str = "5m"
 
     @property
     def effective_kind(self) -> ClusterKind:
@@ -232,11 +248,12 @@ class TokenizeConfig(StageConfig):
     # "" = the dataset's own tokens; a name (e.g. dino) adds this tokenizer's targets for the same
     # views as the named token set out_dir/token_sets/<name> (out_dir must hold a finished dataset)
     token_set: str = ""
-    seeds: tuple[int, ...] = (0, 1, 2, 3)  # one view per seed per image
+    seeds: tuple[Seed, ...] = (0, 1, 2, 3)  # one view per seed per image
     aug: AugConfig = field(default_factory=AugConfig)  # aug.size must equal the tokenizer's
     formats: tuple[str, ...] = ("parquet", "webdataset")  # token files to write
-    batch_size: int = 64  # views per tokenizer forward
-    shard_size: int = 256  # images per shard, for folder sources (tar/parquet: one shard per file)
+    batch_size: Count = 64  # views per tokenizer forward
+    # images per shard, for folder sources (tar/parquet: one shard per file)
+    shard_size: Count = 256
     # encoder autocast (task layer + codebook lookup stay fp32); auto: bf16 where the workers'
     # hardware is fast at it (CUDA, AVX512-BF16/AMX CPUs), else fp32; part of the dataset identity
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
