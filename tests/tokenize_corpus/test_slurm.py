@@ -286,7 +286,7 @@ def test_the_example_batch_scripts_give_the_local_rows(
     [
         (["cluster.queue=nosuch"], r"cluster.queue=nosuch: SLURM has no such partition; it has debug, long"),
         (["cluster.job_memory=lots"], r"cluster.job_memory='lots' is not a size"),
-        (["cluster.jobs=0"], r"cluster.jobs=0: a batch run needs at least one worker job"),
+        (["cluster.jobs=0"], r"cluster.jobs=0 is out of range: it must be >= 1"),
         (["cluster.walltime=forever"], r"cluster.walltime='forever' is not a time limit"),
         (["cluster.gpus_per_job=1"], r"SLURM refuses the worker job script \(.*gres"),
         (["cluster.job_cores=64"], r"SLURM refuses the worker job script \(.*processors"),

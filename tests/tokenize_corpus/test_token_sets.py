@@ -19,6 +19,7 @@ from engine.config import build_config
 from engine.errors import ConfigError, UserError
 from shards.errors import TokenDatasetMismatch, TokenSetNotFound
 from shards.inspect import summary, token_counts
+from shards.manifest import seal
 from shards.reader import open_token_dataset
 from shards.token_sets import compare_views, resolve, token_sets
 from shards.validate import validate
@@ -215,7 +216,8 @@ def test_stage_2_refuses_a_set_that_cannot_share_the_views(setup, tmp_path) -> N
 
 
 def _rewrite_consistently(named: Path, relative: str, table: pa.Table) -> None:
-    """An adversary's edit: replace a token file and fix its receipt and the manifest to match."""
+    """An adversary's edit: replace a token file and fix its receipt and the manifest (and its
+    seal) to match."""
     target = named / relative
     pq.write_table(table, target)
     data = target.read_bytes()
@@ -227,7 +229,7 @@ def _rewrite_consistently(named: Path, relative: str, table: pa.Table) -> None:
             for file in receipt["files"]:
                 if file["path"] == relative:
                     file.update(entry)
-        path.write_text(json.dumps(doc))
+        path.write_text(json.dumps(seal(doc) if path.name == "manifest.json" else doc))
 
 
 def test_a_tampered_or_foreign_set_is_caught(setup, tmp_path) -> None:
