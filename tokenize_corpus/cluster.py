@@ -23,12 +23,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
 import dask
 from dask.utils import parse_timedelta
 from distributed import Client, Future, LocalCluster, as_completed
+from distributed.core import Status
 from tqdm.auto import tqdm
 
 from engine.errors import ConfigError
@@ -52,6 +54,11 @@ log = logging.getLogger(__name__)
 DASK_LOGGERS = ("distributed", "dask", "bokeh", "tornado", "dask_jobqueue")
 # How often a wait for workers says what it waits for.
 WAIT_REPORT_SECONDS = 30.0
+# How often IdleWatch looks at the workers; a worker counts as working once two looks in a row
+# find it up (one that dies within seconds of starting, look after look, runs nothing).
+IDLE_LOOK_SECONDS = 2.0
+# A local nanny in one of these states starts no worker again.
+NANNY_GAVE_UP = (Status.closed, Status.failed)
 
 
 class ClusterLost(RuntimeError):
@@ -170,19 +177,24 @@ class DaskCluster:
             "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
             "logging.distributed": self.log_level,  # what the worker processes log
         }
-        with dask.config.set(settings):
-            local = LocalCluster(
-                n_workers=cluster.n_workers,
-                threads_per_worker=1,  # one shard at a time per worker
-                processes=True,
-                memory_limit=memory,
-                dashboard_address=":0" if cluster.dashboard else None,  # never 8787
-                silence_logs=set_dask_logging(self.log_level),
-            )
+        try:
+            with dask.config.set(settings):
+                local = LocalCluster(
+                    n_workers=cluster.n_workers,
+                    threads_per_worker=1,  # one shard at a time per worker
+                    processes=True,
+                    memory_limit=memory,
+                    dashboard_address=":0" if cluster.dashboard else None,  # never 8787
+                    silence_logs=set_dask_logging(self.log_level),
+                )
+        except (RuntimeError, OSError) as err:  # a worker died while starting (the log says why)
+            raise ClusterLost(f"the local Dask cluster could not start a worker ({err})") from None
         self._stack.enter_context(local)
         client = self._stack.enter_context(Client(local))
-        client.register_plugin(IgnoreCtrlC())
+        with contextlib.suppress(OSError):  # a worker died meanwhile: the next ones get it
+            client.register_plugin(IgnoreCtrlC())
         log.info("%d workers up in %.1f s", cluster.n_workers, time.perf_counter() - tick)
+        self._watch_idle(client, local)
         return client
 
     def _start_address(self) -> Client:
@@ -196,8 +208,7 @@ class DaskCluster:
                 "address, or leave cluster.address unset to start a local cluster"
             ) from None
         self._stack.enter_context(client)
-        self._watch = IdleWatch(client, parse_timedelta(self.cfg.no_worker_timeout), self._give_up)
-        self._watch.start()
+        self._watch_idle(client)
         return client
 
     def _start_batch(self) -> Client:
@@ -229,9 +240,12 @@ class DaskCluster:
 
     def _start_runner_client(self) -> Client:
         client = self._stack.enter_context(Client(self._runner))
-        self._watch = IdleWatch(client, parse_timedelta(self.cfg.no_worker_timeout), self._give_up)
-        self._watch.start()
+        self._watch_idle(client)
         return client
+
+    def _watch_idle(self, client: Client, local: LocalCluster | None = None) -> None:
+        timeout = parse_timedelta(self.cfg.no_worker_timeout)
+        self._watch = IdleWatch(client, timeout, self._give_up, local).start()
 
     def _give_up(self, why: str) -> None:
         """A watch found no worker can be had: cancel what is pending so every wait ends."""
@@ -272,12 +286,31 @@ class DaskCluster:
 
 
 class IdleWatch:
-    """Ends a run that has had no worker for ``timeout`` seconds (an external cluster, srun)."""
+    """Ends a run that has had no working worker for ``timeout`` seconds (kinds ``local``,
+    ``address``, ``slurm-runner``); on a ``local`` cluster it also starts again the workers
+    whose nanny gave up.
 
-    def __init__(self, client: Client, timeout: float, on_failure: Callable[[str], None]) -> None:
+    A worker is working when two looks in a row find it up and running (not paused by memory).
+    A local nanny gives up on its worker when the worker dies while starting (the nanny closes),
+    and the LocalCluster closes a nanny whose worker has been gone for
+    ``distributed.deploy.lost-worker-timeout`` (15 s) without starting another one: workers
+    killed again and again would otherwise leave the run waiting, without a word, for ever.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        timeout: float,
+        on_failure: Callable[[str], None],
+        local: LocalCluster | None = None,
+    ) -> None:
         self.client = client
         self.timeout = timeout
         self.on_failure = on_failure
+        self.local = local
+        self._n_workers = len(local.worker_spec) if local is not None else 0
+        self._next_name = self._n_workers  # local workers are named 0, 1, ...
+        self._starting: set[int] = set()  # names of new local workers not up yet
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="idle-watch", daemon=True)
 
@@ -291,13 +324,49 @@ class IdleWatch:
 
     def _run(self) -> None:
         since = time.monotonic()
-        while not self._stop.wait(2.0):
-            with contextlib.suppress(Exception):
-                if self.client.scheduler_info().get("workers"):
-                    since = time.monotonic()
-                elif time.monotonic() - since > self.timeout:
-                    self.on_failure(f"the cluster has had no worker for {self.timeout:.0f} s")
-                    return
+        up: set[str] = set()
+        while not self._stop.wait(IDLE_LOOK_SECONDS):
+            if self.local is not None:
+                with contextlib.suppress(Exception):  # the cluster is closing
+                    self.local.loop.add_callback(self._refill)
+            try:
+                workers = self.client.scheduler_info()["workers"]
+            except Exception:  # the scheduler is unreachable: no worker either
+                workers = {}
+            before, up = up, {a for a, w in workers.items() if w.get("status") == "running"}
+            if up & before:
+                since = time.monotonic()
+            elif time.monotonic() - since > self.timeout:
+                self.on_failure(
+                    f"the Dask cluster has had no working worker for {self.timeout:.0f} s"
+                )
+                return
+
+    def _refill(self) -> None:
+        """Start a new local worker for each one whose nanny gave up. Runs on the cluster's event
+        loop, where the LocalCluster keeps its own books; the new worker gets a name never used,
+        as the old nanny may still be closing a worker of the old name."""
+        local = self.local
+        assert local is not None
+        self._starting -= local.workers.keys()
+        gone = [
+            name
+            for name in local.worker_spec
+            if (name in local.workers and local.workers[name].status in NANNY_GAVE_UP)
+            or (name not in local.workers and name not in self._starting)
+        ]
+        for name in gone:
+            new, self._next_name = self._next_name, self._next_name + 1
+            log.warning(
+                "local worker %s was not restarted by its nanny; starting worker %s instead",
+                name,
+                new,
+            )
+            local.worker_spec[new] = local.worker_spec.pop(name)
+            self._starting.add(new)
+        if gone:
+            # closes the nannies of the old names and starts the new ones
+            local.scale(self._n_workers)
 
 
 # ---- what runs on the cluster ------------------------------------------------------------------
@@ -305,17 +374,34 @@ class IdleWatch:
 
 def cluster_precision(requested: str, device: str, cluster: DaskCluster) -> str:
     """``requested`` resolved on every worker (they may be on other machines); one answer."""
-    cluster.wait_for_workers()
     client = cluster.client()
-    answers = set(client.run(worker_device_precision, requested, device).values())
+    answers: set[str] = set()
+    while not answers:
+        cluster.wait_for_workers()
+        replies = client.run(worker_device_precision, requested, device, on_error="return")
+        for reply in replies.values():
+            if isinstance(reply, OSError):  # that worker died while asked; the others answer
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            answers.add(reply)
     if len(answers) > 1:
         raise ConfigError(
             f"precision={requested} resolves to {sorted(answers)} on different workers (some "
             "have fast half precision, some not); set precision=fp32 or bf16 explicitly"
         )
-    if not answers:
-        raise ClusterLost(f"the Dask cluster at {client.scheduler.address} has no workers")
     return answers.pop()
+
+
+def finished_result(future: Future) -> Any:
+    """The result of a finished task; None if it failed or was cancelled (a lost cluster
+    cancels what is pending, which may come between a look at the status and the fetch)."""
+    if future.status != "finished":
+        return None
+    try:
+        return future.result()
+    except CancelledError:
+        return None
 
 
 def check_receipts(
@@ -349,12 +435,13 @@ def check_receipts(
         bar = tqdm(as_completed(futures), total=len(futures), desc="check", unit="shard")
         for future in bar:
             shard = names[future.key]
-            if future.status != "finished":
+            verdict = finished_result(future)
+            if verdict is None:
                 if cluster.lost:
                     raise ClusterLost(cluster.lost)
                 verdicts[shard.index] = f"could not be checked ({future.exception()})"
             else:
-                verdicts[shard.index] = future.result()
+                verdicts[shard.index] = verdict
             future.release()
     return verdicts
 
@@ -405,19 +492,18 @@ def run_tasks(
             bar = tqdm(as_completed(futures), total=len(futures), desc="tokenize", unit="shard")
             for future in bar:
                 shard = names[future.key]
-                if future.status == "cancelled":
-                    failed[shard.index] = f"not run: {cluster.lost or 'cancelled'}"
-                elif future.status == "error":
+                result = finished_result(future)
+                if future.status == "error":
                     err = future.exception()
                     failed[shard.index] = f"{type(err).__name__}: {err}"
                     log.error("%s (%s) failed: %s", shard.name, shard.url, failed[shard.index])
+                elif result is None:
+                    failed[shard.index] = f"not run: {cluster.lost or 'cancelled'}"
+                elif "failed" in result:
+                    failed[shard.index] = result["failed"]
                 else:
-                    result = future.result()
-                    if "failed" in result:
-                        failed[shard.index] = result["failed"]
-                    else:
-                        results[shard.index] = result
-                        bar.set_postfix(images=sum(r["rows"] for r in results.values()))
+                    results[shard.index] = result
+                    bar.set_postfix(images=sum(r["rows"] for r in results.values()))
                 future.release()
     finally:
         with contextlib.suppress(Exception):
