@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
-from dask.utils import parse_timedelta
+from dask.utils import parse_bytes, parse_timedelta
 from distributed import Client, Future, LocalCluster, as_completed
 from distributed.core import Status
 from tqdm.auto import tqdm
@@ -95,11 +95,17 @@ def check_settings(cluster: ClusterConfig, submitting: bool = True) -> None:
         )
     if kind == "address" and not cluster.address:
         raise ConfigError("cluster.kind=address needs cluster.address=tcp://<host>:<port>")
-    if cluster.n_workers < 1 or cluster.threads_per_worker < 0 or cluster.retries < 0:
-        raise ConfigError(
-            "cluster.n_workers must be >= 1, cluster.threads_per_worker >= 0 (0 = its default) "
-            "and cluster.retries >= 0"
-        )
+    limit = cluster.memory_limit.strip().lower()
+    if limit not in ("auto", "0", "none", ""):
+        try:
+            size = parse_bytes(limit)
+        except ValueError:
+            size = 0
+        if size <= 0:
+            raise ConfigError(
+                f"cluster.memory_limit={cluster.memory_limit!r} is not a size; write it like 4GiB "
+                "(per worker), auto (share this machine's memory) or 0 (no limit)"
+            )
     for key in ("death_timeout", "no_worker_timeout"):
         try:
             parse_timedelta(getattr(cluster, key))
