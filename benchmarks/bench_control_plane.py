@@ -16,7 +16,8 @@ Each operation then runs in a fresh process, so its peak RSS (``ru_maxrss``) is 
               driver's wall time and memory; the receipts are checked by tasks on the workers
               (hashing every image and token byte there), and nothing is tokenized
   manifest    ``TokenDatasetDir.write_manifest`` (manifest.json + the card) from every receipt
-  validate    ``pipeline validate DIR`` (checksums, footers, both formats read and compared)
+  validate    ``pipeline validate DIR images=none`` (checksums, footers, both formats read and
+              compared; no image read)
   inspect     ``pipeline inspect DIR`` (codebook usage over every token, plots)
   pretrain    stage 3's start: ``open_token_dataset`` + ``MIMDataset`` (checks before the first
               step) with the tars (aligned) and with the folder (``pretrain_by_key``: the key
@@ -215,7 +216,8 @@ def operation(name: str, paths: dict[str, str]) -> dict:
     if name in ("validate", "inspect"):
         from pipeline.cli import main
 
-        extra = [f"out={paths['tokens']}-inspect"] if name == "inspect" else []
+        # validate: the token files only (images=none; reading every image is another figure)
+        extra = [f"out={paths['tokens']}-inspect"] if name == "inspect" else ["images=none"]
         real, sys.stdout = sys.stdout, io.StringIO()
         try:
             code = main([name, paths["tokens"], *extra])

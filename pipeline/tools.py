@@ -49,7 +49,8 @@ TOOLS: dict[str, Tool] = {
                 (
                     "images=",
                     "the image source it was made from: also checks keys and image bytes "
-                    "(default: the source the manifest records, when it is reachable here)",
+                    "(default: the source the manifest records, when it is reachable here; "
+                    "none: check the token files only)",
                 ),
                 ("shard_size=", "images per shard of a folder image source (default: manifest)"),
                 ("checksum=false", "skip the per-file sha256 checks (faster)"),
