@@ -8,7 +8,11 @@ time (BENCHMARKS.md, "Stage 2: tokenizing on Dask" and "Stage 2 throughput by pr
 
 Precisions are measured interleaved in one run (forward-only for each, then the 1-worker job for
 each, then forward-only again), so their ratio is not skewed by a shared machine's drift; the
-first precision listed is the one the 2-worker run and the rerun use.
+first precision listed is the one the 2-worker run and the rerun use. Forward-only times
+``Tokenizer.encode`` and, as the bar it should reach, timm's plain ViT of the encoder's shape
+(``--model base``: ``vit_base_patch16_224``, random weights) under the same autocast, thread
+count, batch and image size: one batch of each per precision in turn, the orders alternating
+from batch to batch, medians over both slots, and their ratio per precision.
 
 The ImageNet sample is packed into WebDataset shards with ``shards.pack`` (the first ``--images``
 files, linked into a scratch folder). The tokenizer has random weights (speed does not depend on
@@ -31,15 +35,17 @@ import time
 from pathlib import Path
 
 import smoke
+import timm
 import torch
+from torch import nn
 
 from engine.layout import imagenet_sample_dir
-from engine.precision import resolve_precision
+from engine.precision import autocast, resolve_precision
 from shards.pack import PackConfig, pack
 from shards.views import AugConfig
 from tokenize_corpus.config import ClusterConfig, TokenizeConfig
 from tokenize_corpus.job import tokenize
-from tokenize_corpus.tokenizer import load_tokenizer, save_tokenizer
+from tokenize_corpus.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 from tokenize_corpus.vqkd import VQKD, VQKD_SIZES, VQKDModelConfig
 
 DEFAULT_SAMPLE = imagenet_sample_dir()  # $IMAGENET_SAMPLE, see engine/layout.py
@@ -51,20 +57,56 @@ SMOKE = [
 ]  # fmt: skip
 
 
-def forward_only(
-    tokenizer_path: str, batch_size: int, threads: int, batches: int, precision: str = "fp32"
-) -> float:
-    """Views/s of ``Tokenizer.encode`` alone on random pixels (1 warm-up batch not timed)."""
-    torch.set_num_threads(threads)
+def bare_vit(tokenizer: Tokenizer) -> nn.Module:
+    """timm's plain ViT with the tokenizer encoder's shape, random weights.
+
+    For the base tokenizer the overrides are timm's own values: ``vit_base_patch16_224`` as is.
+    """
+    c = tokenizer.config
+    return timm.create_model(
+        "vit_base_patch16_224", pretrained=False, img_size=c.image_size,
+        patch_size=c.patch_size, embed_dim=c.width, depth=c.depth, num_heads=c.heads,
+    ).eval()  # fmt: skip
+
+
+def forward_only(tokenizer_path: str, args: argparse.Namespace) -> dict[str, dict[str, list]]:
+    """Views/s of single batches of ``Tokenizer.encode`` and of :func:`bare_vit` on random pixels.
+
+    ``--forward-batches`` rounds; in each, every precision in turn times one batch of each
+    model, the order of precisions and of the two models flipping every round (one warm-up
+    batch of each first, not timed). Returns ``{precision: {"encode": [...], "bare": [...],
+    "encode_cpu": [...], "bare_cpu": [...]}}``; ``_cpu`` counts the thread's CPU time instead of
+    the wall clock: with one torch thread the forward runs on this thread, and its CPU time
+    leaves out the time other processes on a shared machine held the core.
+    """
+    torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(tokenizer_path)
+    bare = bare_vit(tokenizer)
     size = tokenizer.image_size
-    pixels = torch.rand(batch_size, 3, size, size)  # [B, 3, S, S]
+    pixels = torch.rand(args.batch_size, 3, size, size)  # [B, 3, S, S]
+
+    def run_bare(precision: str) -> None:
+        with autocast(precision, "cpu"):
+            bare(pixels)
+
+    runs = {"encode": lambda p: tokenizer.encode(pixels, precision=p), "bare": run_bare}
+    precisions = list(zip(args.precisions, [resolved(p) for p in args.precisions], strict=True))
+    views = {p: {k: [] for name in runs for k in (name, f"{name}_cpu")} for p in args.precisions}
     with torch.inference_mode():
-        tokenizer.encode(pixels, precision=precision)
-        start = time.perf_counter()
-        for _ in range(batches):
-            tokenizer.encode(pixels, precision=precision)
-    return batches * batch_size / (time.perf_counter() - start)
+        for _, p in precisions:
+            for run_one in runs.values():
+                run_one(p)
+        for r in range(args.forward_batches):
+            flip = -1 if r % 2 else 1
+            for requested, p in precisions[::flip]:
+                for name, run_one in list(runs.items())[::flip]:
+                    start, cpu = time.perf_counter(), time.thread_time()
+                    run_one(p)
+                    views[requested][name].append(args.batch_size / (time.perf_counter() - start))
+                    views[requested][f"{name}_cpu"].append(
+                        args.batch_size / (time.thread_time() - cpu)
+                    )
+    return views
 
 
 def pack_sample(sample: Path, count: int, shard_size: int, out: Path) -> str:
@@ -137,30 +179,35 @@ def resolved(precision: str) -> str:
 def precision_runs(images: str, tokenizer: str, scratch: Path, args: argparse.Namespace) -> dict:
     """Forward-only and the 1-worker job at every precision, interleaved (see the docstring)."""
     precisions = args.precisions
-    fwd = {p: [] for p in precisions}
-    for p in precisions:
-        fwd[p].append(
-            forward_only(
-                tokenizer, args.batch_size, args.threads, args.forward_batches, resolved(p)
-            )
-        )
+    before = forward_only(tokenizer, args)
     jobs = {p: run(images, tokenizer, scratch / f"tokens1-{p}", args, 1, p) for p in precisions}
-    for p in reversed(precisions):
-        fwd[p].append(
-            forward_only(
-                tokenizer, args.batch_size, args.threads, args.forward_batches, resolved(p)
-            )
-        )
+    after = forward_only(tokenizer, args)
     out = {}
     for p in precisions:
-        one, forward = jobs[p], sum(fwd[p]) / len(fwd[p])
+        one = jobs[p]
+        samples = {k: before[p][k] + after[p][k] for k in before[p]}
+        medians = {k: statistics.median(v) for k, v in samples.items()}
+        forward, bare_median = medians["encode"], medians["bare"]
         # End to end per worker: views over the summed task time of one worker (tokenizer load
         # included), against forward-only at the same batch size, threads and precision.
         e2e = one["views_this_run"] / one["task_seconds"]
+        encode_phase = one["views_this_run"] / one["encode_seconds"]
         out[p] = {
             "resolved": one["precision"],
             "forward_only_views_per_s": round(forward, 2),
-            "forward_only_before_after": [round(v, 2) for v in fwd[p]],
+            "forward_only_before_after": [
+                round(statistics.median(v[p]["encode"]), 2) for v in (before, after)
+            ],
+            "bare_vit_views_per_s": round(bare_median, 2),
+            "forward_only_over_bare_vit": round(forward / bare_median, 3),
+            "forward_only_over_bare_vit_cpu_time": round(
+                medians["encode_cpu"] / medians["bare_cpu"], 3
+            ),
+            "forward_only_and_bare_vit_samples": {
+                k: [round(x, 3) for x in v] for k, v in samples.items()
+            },
+            "encode_phase_views_per_s_1_worker": round(encode_phase, 2),
+            "encode_phase_over_bare_vit": round(encode_phase / bare_median, 3),
             "end_to_end_views_per_s_1_worker": round(e2e, 2),
             "end_to_end_over_forward_only": round(e2e / forward, 3),
             "end_to_end_views_per_s_1_worker_wall": round(
@@ -184,7 +231,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--model", default="base", choices=["tiny", "small", "base"])
     parser.add_argument("--image-size", type=int, default=224, help="the tokenizer's and views'")
-    parser.add_argument("--forward-batches", type=int, default=3)
+    parser.add_argument(
+        "--forward-batches", type=int, default=3,
+        help="timed batches of encode and of the bare ViT per precision, before and after the jobs",
+    )  # fmt: skip
     parser.add_argument(
         "--precisions", type=lambda s: s.split(","), default=["auto", "fp32"],
         help="comma list; the first is used for the 2-worker run and the rerun",
@@ -222,6 +272,7 @@ def main() -> None:
         manifest = json.loads((first / "manifest.json").read_text())
         result = {
             "config": {**vars(args), "sample": str(args.sample), "out": str(args.out)},
+            "bare_vit": "timm vit_base_patch16_224 with the tokenizer encoder's shape",
             "views": rerun["views"],
             "precisions": per_precision,
             "run_seconds_1_worker_pairs": ones,
