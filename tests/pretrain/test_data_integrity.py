@@ -24,8 +24,8 @@ from pretrain.data import MIMDataset
 from pretrain.errors import PretrainDataError
 from shards import schema
 from shards.errors import CorruptTokenShard, ImageDigestMismatch, TokenDatasetMismatch
-from shards.pack import PackConfig, pack
 from shards.manifest import SEAL, seal
+from shards.pack import PackConfig, pack
 from shards.reader import open_token_dataset
 from shards.validate import main as validate_main
 from shards.validate import validate
